@@ -1,0 +1,208 @@
+"""Sharing plans and parameter / FLOP accounting (plain Python, no JAX).
+
+A model applies N layers but owns only M unique parameter sets per component. A
+:class:`Plan` is the static table ``slots[i]`` in ``[0, M)`` saying which parameter set
+applied layer ``i`` uses. Orders (Takase & Kiyono 2021, DESIGN.md):
+
+* ``sequence``:  ``slots[i] = i // (N / M)``  (needs M | N; ALBERT ``num_hidden_groups``)
+* ``cycle``:     ``slots[i] = i % M``
+* ``cycle_rev``: ``cycle`` for the first ``M * (ceil(N / M) - 1)`` layers, then reversed
+* ``table``:     an explicit user table (e.g. Subformer's sandwich ``0 1 1 1 1 2``)
+
+Each component of a block (``attention``, ``mlp``, ``norms``, ``cross_attention``) may
+carry its own plan, so ALBERT's ablations are configs, not code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+ORDERS = ("sequence", "cycle", "cycle_rev", "table")
+COMPONENTS = ("attention", "mlp", "norms", "cross_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static map from N applied layers to M unique parameter sets of one component."""
+
+  num_layers: int
+  num_unique: int
+  order: str
+  slots: tuple[int, ...]
+
+  @property
+  def tied(self) -> bool:
+    """True when every applied layer uses the single parameter set (no stacked axis)."""
+    return self.num_unique == 1
+
+
+def parse_table(table: str | Sequence[int] | None, field: str) -> tuple[int, ...] | None:
+  """Parses an explicit slot table given as ``"0 1 1 2"``, ``"0,1,1,2"`` or a sequence."""
+  if table is None or (isinstance(table, str) and not table.strip()):
+    return None
+  if isinstance(table, str):
+    items = table.replace(",", " ").split()
+    try:
+      return tuple(int(t) for t in items)
+    except ValueError:
+      raise ValueError(
+          f"{field}={table!r} is not a slot table; expected integers separated by spaces "
+          "or commas, e.g. '0 1 1 2'") from None
+  return tuple(int(t) for t in table)
+
+
+def make_plan(num_layers: int, num_unique: int, order: str,
+              table: str | Sequence[int] | None = None, field: str = "sharing") -> Plan:
+  """Builds a :class:`Plan`, raising ValueError that names ``field`` on bad input."""
+  if not isinstance(num_layers, int) or num_layers < 1:
+    raise ValueError(f"num_layers={num_layers!r} must be an integer >= 1")
+  if order not in ORDERS:
+    raise ValueError(f"{field}.order={order!r} is not a sharing order; valid: {', '.join(ORDERS)}")
+  parsed = parse_table(table, f"{field}.table")
+  if order == "table":
+    if parsed is None:
+      raise ValueError(f"{field}.order='table' needs {field}.table, a list of {num_layers} slot "
+                       "indices such as '0 1 1 2'")
+    if len(parsed) != num_layers:
+      raise ValueError(f"{field}.table has {len(parsed)} entries {parsed}; it needs exactly "
+                       f"num_layers={num_layers}")
+    m = max(parsed) + 1
+    if num_unique not in (0, -1, m):
+      raise ValueError(f"{field}.num_unique={num_unique} disagrees with {field}.table, which uses "
+                       f"slots 0..{m - 1}; set num_unique to {m} (or 0 to infer it)")
+    bad = [s for s in parsed if s < 0]
+    if bad:
+      raise ValueError(f"{field}.table entries {bad} are out of range; valid slots are 0..{m - 1}")
+    missing = sorted(set(range(m)) - set(parsed))
+    if missing:
+      raise ValueError(f"{field}.table {parsed} never uses slots {missing}; slots must be "
+                       f"0..M-1 with every slot used")
+    return Plan(num_layers, m, order, parsed)
+  if parsed is not None:
+    raise ValueError(f"{field}.table={table!r} is only read when {field}.order='table' "
+                     f"(order is {order!r}); clear it or set order='table'")
+  if not isinstance(num_unique, int) or not 1 <= num_unique <= num_layers:
+    raise ValueError(f"{field}.num_unique={num_unique!r} must be an integer in "
+                     f"[1, num_layers={num_layers}]")
+  n, m = num_layers, num_unique
+  if order == "sequence":
+    if n % m:
+      divisors = [d for d in range(1, n + 1) if n % d == 0]
+      raise ValueError(f"{field}.num_unique={m} does not divide num_layers={n}, which "
+                       f"order='sequence' needs; valid num_unique: {divisors} "
+                       "(or use order='cycle' / 'cycle_rev' / 'table')")
+    slots = tuple(i // (n // m) for i in range(n))
+  elif order == "cycle":
+    slots = tuple(i % m for i in range(n))
+  else:  # cycle_rev
+    head = m * (math.ceil(n / m) - 1)
+    slots = tuple(i % m if i < head else m - 1 - (i % m) for i in range(n))
+  return Plan(n, m, order, slots)
+
+
+def component_plans(sharing: Mapping, num_layers: int, components: Iterable[str],
+                    field: str = "model.sharing") -> dict[str, Plan]:
+  """Per-component plans from a sharing config.
+
+  ``sharing`` holds the default ``num_unique`` / ``order`` / ``table``; a sub-dict named
+  after a component overrides any of those keys for that component (``None`` or missing
+  means inherit). Unknown sub-dicts raise ValueError.
+  """
+  known = {"num_unique", "order", "table"}
+  for key in sharing:
+    if key not in known and key not in COMPONENTS:
+      raise ValueError(f"{field}.{key} is not a sharing key; valid keys: "
+                       f"{', '.join(sorted(known))} and components {', '.join(COMPONENTS)}")
+  plans = {}
+  for comp in components:
+    if comp not in COMPONENTS:
+      raise ValueError(f"component {comp!r} is unknown; valid: {', '.join(COMPONENTS)}")
+    raw = sharing.get(comp) or {}
+    for key in raw:
+      if key not in known:
+        raise ValueError(f"{field}.{comp}.{key} is not a sharing key; valid: "
+                         f"{', '.join(sorted(known))}")
+    override = {k: v for k, v in raw.items() if v is not None and v != ""}
+    def pick(key, override=override):
+      value = override.get(key)
+      return sharing.get(key) if value is None else value
+    order = pick("order")
+    table = pick("table")
+    # A per-component table implies order='table' unless an order is given explicitly.
+    if override.get("table") and override.get("order") is None:
+      order = "table"
+    num_unique = pick("num_unique")
+    if order == "table" and override.get("num_unique") is None and sharing.get("order") != "table":
+      num_unique = 0  # a component's own table defines its M
+    sub = f"{field}.{comp}" if override else field
+    plans[comp] = make_plan(num_layers, num_unique, order, table, field=sub)
+  return plans
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentUse:
+  """A stacked parameter subtree and the plans that apply it (several when tied)."""
+
+  path: tuple[str, ...]      # prefix of the component's parameters in the param tree
+  label: str                 # component name shown to users, e.g. "attention"
+  plans: tuple[Plan, ...]    # every stack that applies these parameters
+
+
+def _numel(shape: Sequence[int]) -> int:
+  return math.prod(int(d) for d in shape)
+
+
+def account(param_shapes: Mapping[tuple[str, ...], Sequence[int]],
+            uses: Sequence[ComponentUse],
+            attention_flops_per_token: int = 0,
+            output_matmul_params: int = 0) -> dict:
+  """Unique / applied parameters and training FLOPs per token.
+
+  ``param_shapes`` maps each parameter path to its shape. Parameters under a
+  ``ComponentUse.path`` are stacked over the component's M slots (no axis when M == 1) and
+  count ``sum(plan.num_layers) / M`` times when applied; all others count once. Training
+  FLOPs are ``6 x`` applied matmul parameters (leaves named ``kernel``, plus
+  ``output_matmul_params`` for an output projection tied to the embedding) plus the given
+  attention-score FLOPs (which the caller derives from sequence lengths).
+  """
+  rows = []
+  claimed: set[tuple[str, ...]] = set()
+  applied_matmul = output_matmul_params
+  for use in uses:
+    leaves = {p: s for p, s in param_shapes.items() if p[:len(use.path)] == use.path}
+    if not leaves:
+      continue
+    m = use.plans[0].num_unique
+    if any(p.num_unique != m for p in use.plans):
+      raise ValueError(f"{'/'.join(use.path)} is applied by plans with different num_unique "
+                       f"{[p.num_unique for p in use.plans]}")
+    unique = sum(_numel(s) for s in leaves.values())
+    kernels = sum(_numel(s) for p, s in leaves.items() if p[-1] == "kernel")
+    applications = sum(p.num_layers for p in use.plans)
+    rows.append({
+        "component": use.label,
+        "path": "/".join(use.path),
+        "slots": m,
+        "applications": applications,
+        "unique_params": unique,
+        "applied_params": unique // m * applications,
+    })
+    applied_matmul += kernels // m * applications
+    claimed.update(leaves)
+  rest = {p: s for p, s in param_shapes.items() if p not in claimed}
+  other = sum(_numel(s) for s in rest.values())
+  applied_matmul += sum(_numel(s) for p, s in rest.items() if p[-1] == "kernel")
+  rows.append({"component": "other", "path": "(embeddings, heads, final norms)", "slots": 1,
+               "applications": 1, "unique_params": other, "applied_params": other})
+  return {
+      "unique_params": sum(r["unique_params"] for r in rows),
+      "applied_params": sum(r["applied_params"] for r in rows),
+      "applied_matmul_params": applied_matmul,
+      "flops_per_token": 6 * applied_matmul + attention_flops_per_token,
+      "components": rows,
+  }
