@@ -77,6 +77,28 @@ def model_config() -> ml_collections.ConfigDict:
   return m
 
 
+def parse_arg(arg: str | None, **defaults):
+  """big_vision-style ``get_config`` argument: ``"base"`` or ``"variant=base,runlocal"``.
+
+  A bare word sets the first default key (or a bool default to True); ``key=value`` pairs
+  are converted to the default's type. Unknown keys raise ValueError.
+  """
+  result = dict(defaults)
+  first = next(iter(defaults))
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      if isinstance(defaults.get(key), bool):
+        result[key] = True
+        continue
+      key, value = first, item
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} is unknown; valid: {', '.join(defaults)}")
+    kind = type(defaults[key])
+    result[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return ml_collections.ConfigDict(result)
+
+
 def _check_choice(field: str, value, valid: tuple) -> None:
   if value not in valid:
     raise ValueError(f"{field}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
@@ -180,14 +202,6 @@ class ModelSpec:
       dec = sharing_lib.component_plans(m["sharing"], n_dec,
                                         ("attention", "mlp", "norms", "cross_attention"),
                                         sharing_field)
-      if m["tie_encoder_decoder"]:
-        for comp in ("attention", "mlp"):
-          if enc[comp].num_unique != dec[comp].num_unique:
-            raise ValueError(
-                f"{f('tie_encoder_decoder')}=True needs the same number of unique {comp} sets "
-                f"in encoder ({enc[comp].num_unique}) and decoder ({dec[comp].num_unique}); "
-                f"with num_layers={m['num_layers']} and num_decoder_layers={n_dec} choose an "
-                "order/num_unique valid for both")
       stacks = {"encoder": enc, "decoder": dec}
     plans = tuple((name, tuple(p.items())) for name, p in stacks.items())
     return cls(

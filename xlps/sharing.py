@@ -68,13 +68,14 @@ def make_plan(num_layers: int, num_unique: int, order: str,
     if len(parsed) != num_layers:
       raise ValueError(f"{field}.table has {len(parsed)} entries {parsed}; it needs exactly "
                        f"num_layers={num_layers}")
-    m = max(parsed) + 1
-    if num_unique not in (0, -1, m):
-      raise ValueError(f"{field}.num_unique={num_unique} disagrees with {field}.table, which uses "
-                       f"slots 0..{m - 1}; set num_unique to {m} (or 0 to infer it)")
-    bad = [s for s in parsed if s < 0]
+    if isinstance(num_unique, int) and num_unique > 0:
+      m = num_unique
+    else:
+      m = max(parsed) + 1
+    bad = [x for x in parsed if not 0 <= x < m]
     if bad:
-      raise ValueError(f"{field}.table entries {bad} are out of range; valid slots are 0..{m - 1}")
+      raise ValueError(f"{field}.table entries {bad} are out of range; with "
+                       f"{field}.num_unique={m} valid slots are 0..{m - 1}")
     missing = sorted(set(range(m)) - set(parsed))
     if missing:
       raise ValueError(f"{field}.table {parsed} never uses slots {missing}; slots must be "
@@ -129,7 +130,7 @@ def component_plans(sharing: Mapping, num_layers: int, components: Iterable[str]
       value = override.get(key)
       return sharing.get(key) if value is None else value
     order = pick("order")
-    table = pick("table")
+    table = pick("table") if order == "table" or override.get("table") else None
     # A per-component table implies order='table' unless an order is given explicitly.
     if override.get("table") and override.get("order") is None:
       order = "table"

@@ -1,0 +1,102 @@
+"""Parameter and FLOP accounting: tied counts are flat in N; ALBERT / BERT sizes."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import albert, default, transformer
+from xlps import models
+
+
+def with_depth(config, n, m=None, order="sequence"):
+  config = config.copy_and_resolve_references()
+  config.model.num_layers = n
+  if m is not None:
+    config.model.sharing.num_unique = m
+    config.model.sharing.order = order
+  return config
+
+
+def test_tied_unique_params_flat_in_depth():
+  base = default.get_config("tied,runlocal")
+  counts = [models.summarize(with_depth(base, n, 1)) for n in (1, 6, 48)]
+  assert len({c["unique_params"] for c in counts}) == 1
+  applied = [c["applied_params"] for c in counts]
+  assert applied[0] < applied[1] < applied[2]
+  # Applied parameters grow by exactly one layer's worth per applied layer.
+  per_layer = (applied[1] - applied[0]) / 5
+  assert applied[2] - applied[0] == pytest.approx(47 * per_layer)
+  flops = [c["flops_per_token"] for c in counts]
+  assert flops[2] - flops[0] == pytest.approx(47 / 5 * (flops[1] - flops[0]))
+
+
+def test_unshared_counts_n_blocks():
+  base = default.get_config("tied,runlocal")
+  one = models.summarize(with_depth(base, 1, 1))
+  tied6 = models.summarize(with_depth(base, 6, 1))
+  unshared6 = models.summarize(with_depth(base, 6, 6))
+  block = sum(r["unique_params"] for r in one["components"] if r["component"] != "other")
+  assert unshared6["unique_params"] == one["unique_params"] + 5 * block
+  assert unshared6["applied_params"] == unshared6["unique_params"] == tied6["applied_params"]
+  assert unshared6["flops_per_token"] == tied6["flops_per_token"]
+
+
+def test_counts_match_real_parameter_trees():
+  # The accounting (from eval_shape) equals the leaves of an actually initialised model.
+  config = transformer.get_config("cycle_rev,runlocal")
+  params = nn.unbox(models.init_params(config))
+  assert models.summarize(config)["unique_params"] == sum(
+      int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def test_per_component_slots_in_summary():
+  config = albert.get_config("base")
+  config.model.sharing.mlp.num_unique = 12
+  config.model.sharing.mlp.order = "sequence"
+  summary = models.summarize(config)
+  assert summary["slots"]["attention"] == [0] * 12
+  assert summary["slots"]["mlp"] == list(range(12))
+  rows = {r["component"]: r for r in summary["components"]}
+  assert rows["mlp"]["unique_params"] == 12 * rows["mlp"]["applied_params"] // 12
+  assert rows["attention"]["unique_params"] * 12 == rows["attention"]["applied_params"]
+
+
+# Paper figures (Lan et al. 2019, Table 1) count the model with its pooler.
+@pytest.mark.parametrize("variant,paper,tolerance", [
+    ("base", 12e6, 0.02), ("large", 18e6, 0.02), ("xlarge", 60e6, 0.02),
+    ("bert_base", 108e6, 0.02),
+    ("xxlarge", 235e6, 0.06),  # the paper's 235M is ~5% above the released model (223M)
+])
+def test_albert_paper_sizes(variant, paper, tolerance):
+  config = albert.get_config(variant)
+  config.model.pooler = True
+  unique = models.summarize(config)["unique_params"]
+  assert abs(unique - paper) / paper < tolerance, unique
+
+
+def test_albert_base_exact_hf_counts():
+  # Hand-derived from HF's AlbertModel / AlbertForMaskedLM layouts (vocab 30000, E 128, H 768).
+  embeddings = 30000 * 128 + 512 * 128 + 2 * 128 + 2 * 128
+  mapping = 128 * 768 + 768
+  layer = 4 * (768 * 768 + 768) + 2 * 768 + (768 * 3072 + 3072) + (3072 * 768 + 768) + 2 * 768
+  mlm_head = 768 * 128 + 128 + 2 * 128 + 30000
+  config = albert.get_config("base")
+  assert models.summarize(config)["unique_params"] == embeddings + mapping + layer + mlm_head
+  config.model.pooler = True
+  pooler = 768 * 768 + 768
+  assert models.summarize(config)["unique_params"] == (
+      embeddings + mapping + layer + mlm_head + pooler)
+  # AlbertModel (embeddings + shared layer + pooler, no MLM head) is albert-base-v2's 11,683,584.
+  assert embeddings + mapping + layer + pooler == 11_683_584
+
+
+def test_tied_encoder_decoder_counts():
+  untied = transformer.get_config("vanilla,runlocal")
+  tied = transformer.get_config("tied,runlocal")
+  su, st = models.summarize(untied), models.summarize(tied)
+  rows = {r["component"]: r for r in su["components"]}
+  saved = rows["decoder/attention"]["unique_params"] + rows["decoder/mlp"]["unique_params"]
+  assert st["unique_params"] == su["unique_params"] - saved
+  assert st["applied_params"] == su["applied_params"]
+  assert st["flops_per_token"] == su["flops_per_token"]
