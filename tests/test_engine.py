@@ -34,7 +34,7 @@ def loss_and_grads(m, params, batch, dropout=False):
     logits = module.apply({"params": p}, batch, deterministic=not dropout, rngs=rngs)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 3]), logits
 
-  (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+  (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   return value, logits, grads
 
 
@@ -121,8 +121,8 @@ def test_dropout_masks_differ_per_layer_and_site():
   params = nn.unbox(models.init_params(spec))
   batch = models.example_batch(spec)
   module = models.build(spec)
-  run = lambda k: module.apply({"params": params}, batch, deterministic=False,  # noqa: E731
-                               rngs={"dropout": jax.random.PRNGKey(k)})
+  run = jax.jit(lambda k: module.apply({"params": params}, batch, deterministic=False,
+                                       rngs={"dropout": jax.random.PRNGKey(k)}))
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.allclose(run(0), run(1))
 

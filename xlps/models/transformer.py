@@ -162,7 +162,8 @@ class EncoderMLM(_Family):
     tokens = batch["input_ids"]
     valid = batch.get("attention_mask")
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
-    mask = layers.make_attention_mask(valid, valid)
+    # Padding is masked as keys only (as BERT / HF do): padded queries still attend.
+    mask = layers.make_attention_mask(jnp.ones_like(valid), valid)
     embedder = Embedder(s, name="embedder")
     x = embedder(tokens, batch.get("position_ids"), batch.get("token_type_ids"),
                  self._embed_key(deterministic))
@@ -208,7 +209,7 @@ class EncoderDecoder(_Family):
       encoder = Stack(s, _counts(enc_plans), name="encoder")
       decoder = Stack(s, _counts(dec_plans), name="decoder")
     x = embedder(src, None, None, self._embed_key(deterministic))
-    x = encoder(x, enc_plans, layers.make_attention_mask(src_valid, src_valid),
+    x = encoder(x, enc_plans, layers.make_attention_mask(jnp.ones_like(src_valid), src_valid),
                 deterministic=deterministic)
     encoded = self._final_norm(x, "encoder_norm")
     self.sow("intermediates", "encoder_hidden_states", encoded)
