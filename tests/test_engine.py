@@ -9,21 +9,7 @@ import pytest
 from xlps import config as config_lib
 from xlps import models
 
-
-def tiny(family="decoder_lm", num_layers=6, **overrides):
-  m = config_lib.model_config()
-  m.family = family
-  m.vocab_size, m.d_model, m.num_heads, m.d_ff, m.max_len = 32, 16, 4, 32, 8
-  m.num_layers = num_layers
-  sharing = overrides.pop("sharing", {})
-  for key, value in overrides.items():
-    m[key] = value
-  for key, value in sharing.items():
-    if isinstance(value, dict):
-      m.sharing[key].update(value)
-    else:
-      m.sharing[key] = value
-  return m
+from helpers import tiny
 
 
 def loss_and_grads(m, params, batch, dropout=False):

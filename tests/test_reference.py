@@ -17,27 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xlps import config as config_lib
 from xlps import models
+
+from helpers import tiny
 
 ATOL = 1e-4
 NEG = -1e30  # masked attention logits (a very large negative)
-
-
-def tiny(family, num_layers, **overrides):
-  m = config_lib.model_config()
-  m.family = family
-  m.vocab_size, m.d_model, m.num_heads, m.d_ff, m.max_len = 32, 16, 4, 32, 8
-  m.num_layers = num_layers
-  sharing = overrides.pop("sharing", {})
-  for key, value in overrides.items():
-    m[key] = value
-  for key, value in sharing.items():
-    if isinstance(value, dict):
-      m.sharing[key].update(value)
-    else:
-      m.sharing[key] = value
-  return m
 
 
 def random_params(spec, seed):
