@@ -13,12 +13,14 @@ Usage (from the repository root):
 
   .venv/bin/python bench/compile_time.py                       # defaults
   .venv/bin/python bench/compile_time.py --depths 6,24 --repeats 1 --out bench/compile_time.md
+  .venv/bin/python bench/compile_time.py --remat_policy full --execute   # also run each step once
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import statistics
@@ -89,14 +91,18 @@ def measure_single(args) -> dict:
   spec = models.spec_of(m)
   module = models.build(spec)
 
-  # Jitted init: eager init dispatches op by op (seconds per process). Its compile also
-  # warms up the XLA backend, so the timed compile below excludes one-time start-up cost.
-  params = jax.jit(lambda: nn.unbox(models.init_params(spec)))()
-  leaves = jax.tree_util.tree_leaves(params)
-  leaf_count = sum(int(x.size) for x in leaves)
+  # Lowering and compiling need only shapes and dtypes, so the parameters are the abstract
+  # result of init_params (jax.eval_shape: no init compile, no memory); real parameters are
+  # made only for --execute. The batch is concrete (example_batch).
+  init = lambda: nn.unbox(models.init_params(spec))  # noqa: E731
+  params = jax.jit(init)() if args.execute else jax.eval_shape(init)
+  leaf_count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
   unique = models.summarize(spec, seq_len=args.seq_len)["unique_params"]
   batch = models.example_batch(spec, args.batch_size, args.seq_len, seed=1)
   jax.block_until_ready((params, batch))
+  # Warm up the backend with an unrelated small program so the timed compile does not
+  # include XLA's one-time start-up cost in this fresh process.
+  jax.jit(lambda a: jnp.tanh(a @ a.T).sum()).lower(jnp.ones((8, 8))).compile()
 
   def loss_fn(p, b):
     logits = module.apply({"params": p}, {"inputs": b["inputs"]}, deterministic=True)
@@ -186,6 +192,7 @@ def main(argv=None) -> int:
     raise SystemExit(f"--seq_len={args.seq_len} exceeds --max_len={args.max_len}")
   depths = [int(x) for x in args.depths.split(",") if x.strip()]
   start = time.perf_counter()
+  load_start = os.getloadavg()
 
   import jax  # only for the version string in the report
   header = [
@@ -217,7 +224,8 @@ def main(argv=None) -> int:
     for label, scan, m_unique, order in VARIANTS:
       m_eff = min(m_unique, n)
       if not scan and n > args.unrolled_max_depth:
-        rows.append([label, str(n), str(m_eff), "", "skipped", "skipped", "skipped", "", ""])
+        rows.append([label, str(n), str(m_eff), "", f"skipped (N > {args.unrolled_max_depth})",
+                     "skipped", "skipped", "", ""])
         print(f"[{time.perf_counter() - start:6.1f}s] {label} N={n}: skipped "
               f"(> --unrolled_max_depth={args.unrolled_max_depth})", file=sys.stderr)
         continue
@@ -237,7 +245,11 @@ def main(argv=None) -> int:
   table = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
   table += ["| " + " | ".join(r) + " |" for r in rows]
   elapsed = time.perf_counter() - start
-  report = "\n".join(header + table + ["", f"Total benchmark wall time: {elapsed:.1f} s.", ""])
+  load_end = os.getloadavg()
+  footer = ["", f"Total benchmark wall time: {elapsed:.1f} s. 1-min load average at start "
+            f"{load_start[0]:.2f}, at end {load_end[0]:.2f} (on {os.cpu_count()} cores; "
+            "other processes on the machine inflate and spread the times).", ""]
+  report = "\n".join(header + table + footer)
   print(report)
   if args.out:
     with open(args.out, "w") as f:
