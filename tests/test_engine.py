@@ -126,3 +126,22 @@ def test_remat_policies_agree():
     np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(out[2]), jax.tree.leaves(ref[2])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", ["decoder_lm", "encoder_mlm", "encoder_decoder"])
+def test_every_param_has_logical_axes(family):
+  m = tiny(family=family, num_layers=4, embed_dim=8, type_vocab_size=2, pooler=True,
+           tie_embeddings=family != "decoder_lm",
+           sharing={"num_unique": 2, "mlp": {"num_unique": 1}})
+  boxed = models.init_params(m)
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  for leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned)
+    assert len(leaf.names) == leaf.value.ndim
+  stacked = [x.names for x in leaves if "layers" in x.names]
+  assert stacked and all(names[0] == "layers" for names in stacked)
+  stack = "decoder" if family == "decoder_lm" else "encoder"
+  mlp = boxed[stack]["layers"]["mlp"]["wi"]["kernel"]
+  assert mlp.names == ("embed", "mlp")  # the fully tied component has no layer axis
+  assert boxed[stack]["layers"]["attention"]["query"]["kernel"].names == (
+      "layers", "embed", "heads", "kv")
