@@ -6,6 +6,10 @@ Variants (``configs/transformer.py:VARIANT``):
 ``universal``   N = 12 applied layers, one set per side (Universal Transformer, no ACT)
 ``tied``        ``vanilla`` with the decoder reusing the encoder's attention and FFN
 Add ``runlocal`` for a CPU-sized model (``configs/transformer.py:cycle,runlocal``).
+Trains on the algorithmic ``reverse`` task by default (no translation corpus ships with
+the machine; point ``config.data`` at a prepared TFDS dataset on a pod).
+
+    python -m launch.train --config=configs/transformer.py:cycle_rev,runlocal --workdir=/tmp/t
 
     python -m launch.summary --config=configs/transformer.py:cycle_rev
     python -m launch.summary --config=configs/transformer.py:vanilla \
@@ -15,6 +19,7 @@ Add ``runlocal`` for a CPU-sized model (``configs/transformer.py:cycle,runlocal`
 import ml_collections
 
 from xlps import config as config_lib
+from xlps import train as train_lib
 
 VARIANTS = ("vanilla", "sequence", "cycle", "cycle_rev", "universal", "tied")
 
@@ -24,9 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.variant not in VARIANTS:
     raise ValueError(f"configs/transformer.py variant {arg.variant!r} is unknown; valid: "
                      f"{', '.join(VARIANTS)}")
-  config = ml_collections.ConfigDict()
-  config.seed = 0                      # parameter init / dropout seed
-  m = config_lib.model_config()
+  config = train_lib.base_config()
+  m = config.model
   m.family = "encoder_decoder"
   m.vocab_size = 32000                 # WMT En-De shared BPE vocabulary size
   m.d_model = 512
@@ -49,7 +53,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     m.num_layers = 12
     m.sharing = config_lib.sharing_config(num_unique=6, order=arg.variant)
+
+  config.data.name = "algorithmic"
+  config.data.task = "reverse"
+  config.data.seq_len = 96
+
+  t = config.train
+  t.num_steps = 5000
+  t.batch_size = 64
+  t.learning_rate = 7e-4
+  t.warmup_steps = 400
   if arg.runlocal:
-    m.vocab_size, m.d_model, m.num_heads, m.d_ff, m.max_len = 256, 64, 2, 128, 64
-  config.model = m
+    m.vocab_size, m.d_model, m.num_heads, m.d_ff, m.max_len = 260, 64, 2, 128, 96
+    t.num_steps, t.batch_size, t.warmup_steps = 100, 16, 10
+    t.log_every_steps, t.eval_every_steps, t.checkpoint_every_steps = 10, 50, 50
   return config

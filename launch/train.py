@@ -1,0 +1,107 @@
+"""Trains a config; the same command on the same workdir resumes.
+
+    python -m launch.train --config=configs/default.py --workdir=/tmp/xlps_default
+    python -m launch.train --config=configs/default.py --workdir=/tmp/xlps_default \
+        --config.train.num_steps=2000          # continue a finished run
+
+Multi-host: ``--distributed`` on every host of a pod (``launch/tpu_pod.sh``), or
+``launch/local_multiprocess.sh`` for N local CPU processes.
+"""
+
+import logging as py_logging
+import pathlib
+import sys
+
+from absl import app, flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plots go here.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize(): from the flags below when given, "
+    "else from the cluster's environment (TPU pod, SLURM, ...).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+class _QuietOrbax(py_logging.Filter):
+  """Drops Orbax's per-save INFO chatter from the console (warnings still pass)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+
+
+def plot_losses(history: list[dict], path: pathlib.Path, baseline: float | None) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], label="train")
+  evals = [h for h in history if "eval_loss" in h]
+  if evals:
+    ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation")
+  if baseline:
+    ax.axhline(baseline, color="gray", linestyle="--", label="unigram baseline")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def report(result: dict) -> str:
+  s = result["summary"]
+  lines = ["", "== xlps training summary ==",
+           f"params: {s['unique_params']:,} unique, {s['applied_params']:,} applied "
+           f"(unrolled-equivalent)",
+           f"steps: {result['step']}  wall time: {result['wall_time']:.0f} s"
+           + ("  (stopped by SIGTERM)" if result["interrupted"] else "")]
+  ev = result["last_eval"]
+  if "eval_loss" in ev:
+    line = f"validation loss {ev['eval_loss']:.4f} (perplexity {ev['eval_perplexity']:.2f})"
+    if result["unigram_entropy"]:
+      u = result["unigram_entropy"]
+      line += f" vs unigram baseline {u:.4f} (perplexity {2.718281828 ** u:.2f})"
+    lines.append(line)
+  for key, value in ev.items():
+    if key.endswith("sequence_accuracy"):
+      lines.append(f"{key}: {value:.4f}")
+  hist = result["history"]
+  if hist:
+    lines.append(f"throughput: {hist[-1]['tokens_per_sec']:.0f} tokens/s, MFU "
+                 f"{100 * hist[-1]['mfu']:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
+                 f"({result['peak_flops_source']})")
+  wd = pathlib.Path(result["workdir"])
+  lines += [f"checkpoints: {wd / 'checkpoints'}", f"metrics: {wd / 'metrics.jsonl'} "
+            f"(TensorBoard: {wd / 'tensorboard'})", f"loss curve: {wd / 'loss.png'}"]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for handler in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
+    handler.addFilter(_QuietOrbax())
+  import jax
+  if _DISTRIBUTED.value or _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  from xlps import train
+  try:
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0 and result["history"]:
+    plot_losses(result["history"], pathlib.Path(_WORKDIR.value) / "loss.png",
+                result["unigram_entropy"])
+    print(report(result))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,341 @@
+"""Data pipelines: determinism, exact resume, sharding, dataset contents, packing, MLM
+masking, the TFDS path (mocked) and the errors for bad input."""
+
+import concurrent.futures
+import json
+import os
+import re
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from xlps import config as config_lib
+from xlps import data
+from xlps.data import builders, tokenizers
+
+BYTES = tokenizers.ByteTokenizer()
+
+
+def make_config(data_dir, family="decoder_lm", batch_size=8, seed=0, **data_overrides):
+  config = ml_collections.ConfigDict()
+  config.seed = seed
+  config.model = config_lib.model_config()
+  config.model.family = family
+  config.data = data.data_config()
+  config.data.data_dir = str(data_dir)
+  config.data.update(data_overrides)
+  config.train = ml_collections.ConfigDict({"batch_size": batch_size})
+  return config
+
+
+SMALL_ALGORITHMIC = dict(name="algorithmic", train_min_len=1, train_max_len=8, test_max_len=12,
+                         num_train_examples=300, num_eval_examples=64, seq_len=32)
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory):
+  """One TFDS data dir per test session (per xdist worker): datasets are prepared once."""
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  """A text_files corpus: 41 files whose documents are tagged <docNNN>."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  for i in range(41):
+    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(20, 120)))
+    (root / f"f{i:03d}.txt").write_text(f"<doc{i:03d}> {words}\n")
+  return root
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def doc_tags(batch):
+  """The <docNNN> tags of the documents that start in a decoder_lm batch."""
+  return {int(m) for row in batch["inputs"] for m in re.findall(rb"<doc(\d{3})>",
+                                                                 BYTES.decode(row))}
+
+
+def test_data_config_has_every_key_with_documented_defaults():
+  d = data.data_config()
+  assert (d.name, d.tokenizer, d.seq_len, d.eval_batches, d.worker_count) == (
+      "stdlib", "byte", 128, 8, 0)
+  assert (d.train_min_len, d.train_max_len, d.test_max_len) == (1, 20, 40)
+
+
+def test_stdlib_batches_deterministic_per_seed(tfds_dir):
+  a = take(data.build(make_config(tfds_dir)).train_iter(), 3)
+  b = take(data.build(make_config(tfds_dir)).train_iter(), 3)
+  c = take(data.build(make_config(tfds_dir, seed=1)).train_iter(), 3)
+  assert_same(a, b)
+  assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
+  for k, v in a[0].items():
+    assert v.shape == (8, 128) and v.dtype == (np.float32 if k == "weights" else np.int32)
+
+
+@pytest.mark.parametrize("family,overrides,skip", [
+    # The row shuffle window spans 64 mean stdlib files (~1100 rows of 1024): 150 batches of
+    # 8 cross a window boundary.
+    ("decoder_lm", dict(seq_len=1024), 150),
+    ("encoder_mlm", dict(seq_len=64), 5),
+    ("encoder_decoder", SMALL_ALGORITHMIC, 50),  # 50 x 8 > 300 examples: crosses an epoch
+])
+def test_train_iter_resumes_exactly_after_json_round_trip(tfds_dir, family, overrides, skip):
+  pipeline = data.build(make_config(tfds_dir, family=family, **overrides))
+  it = pipeline.train_iter()
+  take(it, skip)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 4)
+  resumed = pipeline.train_iter()
+  resumed.set_state(state)
+  assert_same(take(resumed, 4), expected)
+
+
+def test_processes_read_disjoint_shards_that_cover_the_train_split(tfds_dir, corpus):
+  glob = str(corpus / "*.txt")
+  single = data.build(make_config(tfds_dir, name="text_files", glob=glob, seq_len=256,
+                                  eval_batches=0))
+  train_tags = set(range(41)) - set().union(*map(doc_tags, single.eval_batches("validation")))
+  seen = []
+  for index in range(2):
+    pipeline = data.build(make_config(tfds_dir, name="text_files", glob=glob, seq_len=256),
+                          process_index=index, process_count=2)
+    seen.append(set().union(*map(doc_tags, take(pipeline.train_iter(), 40))))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] <= train_tags
+  assert len(seen[0]) == len(seen[1]) == len(train_tags) // 2  # remainder dropped
+
+
+def test_eval_batches_are_global_batches_split_across_processes(tfds_dir):
+  whole = list(data.build(make_config(tfds_dir)).eval_batches("validation"))
+  parts = [list(data.build(make_config(tfds_dir), process_index=i, process_count=2)
+                .eval_batches("validation")) for i in range(2)]
+  assert len(whole) == len(parts[0]) == len(parts[1]) == 8
+  for w, p0, p1 in zip(whole, *parts):
+    assert p0["inputs"].shape == (4, 128)
+    np.testing.assert_array_equal(w["inputs"], np.concatenate([p0["inputs"], p1["inputs"]]))
+  again = list(data.build(make_config(tfds_dir)).eval_batches("validation"))
+  assert_same(whole, again)
+  with pytest.raises(ValueError, match=r"eval split 'test' is unknown; valid: validation"):
+    data.build(make_config(tfds_dir)).eval_batches("test")
+
+
+def test_eval_pads_the_last_batch_with_weight_zero_rows(tfds_dir):
+  pipeline = data.build(make_config(tfds_dir, family="encoder_decoder", batch_size=24,
+                                    eval_batches=0, **SMALL_ALGORITHMIC))
+  batches = list(pipeline.eval_batches("test"))
+  assert len(batches) == 3  # 64 examples in batches of 24
+  assert all(b["inputs"].shape == (24, 32) for b in batches)
+  assert batches[-1]["weights"][16:].sum() == 0 and (batches[-1]["weights"][:16].sum(1) > 0).all()
+
+
+def decode_seq2seq(batch):
+  for inputs, targets in zip(batch["inputs"], batch["targets"]):
+    if targets.any():
+      tokens = list(targets[targets != 0])
+      assert tokens[-1] == tokenizers.EOS and tokenizers.EOS not in tokens[:-1]
+      yield BYTES.decode(inputs).decode(), BYTES.decode(tokens).decode()
+
+
+@pytest.mark.parametrize("task", builders.TASKS)
+def test_algorithmic_targets_are_correct_and_test_long_is_longer(tfds_dir, task):
+  pipeline = data.build(make_config(tfds_dir, family="encoder_decoder", task=task,
+                                    eval_batches=0, **SMALL_ALGORITHMIC))
+  assert pipeline.eval_splits == ("test", "test_long") and pipeline.unigram_entropy is None
+  lengths = {}
+  for split in ("train", *pipeline.eval_splits):
+    batches = (take(pipeline.train_iter(), 10) if split == "train"
+               else list(pipeline.eval_batches(split)))
+    lengths[split] = []
+    for source, target in (pair for b in batches for pair in decode_seq2seq(b)):
+      if task == "addition":
+        a, b = source.split("+")
+        assert int(target) == int(a) + int(b)
+        lengths[split].append(max(len(a), len(b)))
+      else:
+        assert target == (source if task == "copy" else source[::-1])
+        lengths[split].append(len(source))
+  assert len(lengths["test"]) == len(lengths["test_long"]) == 64
+  assert 1 <= min(lengths["train"]) and max(lengths["train"]) <= 8 and max(lengths["test"]) <= 8
+  assert min(lengths["test_long"]) >= 9 and max(lengths["test_long"]) <= 12
+
+
+def test_algorithmic_decoder_lm_weights_only_the_target(tfds_dir):
+  pipeline = data.build(make_config(tfds_dir, task="reverse", **SMALL_ALGORITHMIC))
+  batch = next(pipeline.train_iter())
+  for inputs, targets, weights, seg in zip(batch["inputs"], batch["targets"], batch["weights"],
+                                           batch["segment_ids"]):
+    sep = list(inputs).index(tokenizers.EOS)  # "source EOS target EOS"
+    source = BYTES.decode(inputs[:sep]).decode()
+    target = targets[weights > 0]
+    assert BYTES.decode(target).decode() == source[::-1] and target[-1] == tokenizers.EOS
+    assert weights[:sep].sum() == 0 and seg.sum() == 2 * sep + 1
+    np.testing.assert_array_equal(inputs[1:seg.sum()], targets[:seg.sum() - 1])
+
+
+def test_stdlib_splits_are_disjoint_by_file_and_entropy_is_sensible(tfds_dir):
+  builder = builders.prepare(builders.XlpsStdlib, builders.stdlib_config(), str(tfds_dir))
+  paths = {s: {r["path"].decode() for r in builder.as_data_source(split=s)}
+           for s in ("train", "validation")}
+  assert paths["train"] and paths["validation"] and not paths["train"] & paths["validation"]
+  assert paths["train"] | paths["validation"] <= set(builders.stdlib_files())
+  assert all(builders.is_validation_file(p) for p in paths["validation"])
+  assert not any(p.startswith("test/") or "site-packages" in p for p in paths["train"])
+  pipeline = data.build(make_config(tfds_dir))
+  assert 2.0 < pipeline.unigram_entropy < 6.0
+  assert pipeline.vocab_size == tokenizers.BYTE_VOCAB_SIZE == 260
+  assert "stdlib" in pipeline.describe()
+
+
+def test_packing_keeps_documents_apart(tfds_dir):
+  batches = take(data.build(make_config(tfds_dir, seq_len=64, batch_size=16)).train_iter(), 20)
+  starts = 0
+  for b in batches:
+    for inputs, targets, seg, pos, w in zip(b["inputs"], b["targets"], b["segment_ids"],
+                                            b["positions"], b["weights"]):
+      assert seg[0] == 1 and pos[0] == 0 and np.all(np.diff(seg) >= 0)
+      new = np.diff(seg) == 1  # segment boundaries restart the positions
+      np.testing.assert_array_equal(pos[1:][new], 0)
+      np.testing.assert_array_equal(pos[1:][~new & (seg[1:] > 0)],
+                                    pos[:-1][~new & (seg[1:] > 0)] + 1)
+      inner = w[:-1] > 0  # a weighted target is the next input of the same segment
+      np.testing.assert_array_equal(targets[:-1][inner], inputs[1:][inner])
+      assert np.all(seg[1:][inner] == seg[:-1][inner])
+      assert w[inputs == tokenizers.EOS].sum() == 0  # EOS is followed by another document
+      assert np.all(w[seg == 0] == 0)
+      starts += int(np.sum(inputs[pos == 0] == tokenizers.BOS))
+  assert starts > 0
+
+
+def test_mlm_masks_about_15_percent_80_10_10(tfds_dir):
+  pipeline = data.build(make_config(tfds_dir, family="encoder_mlm", batch_size=64))
+  batches = take(pipeline.train_iter(), 8)
+  b = {k: np.concatenate([x[k] for x in batches]) for k in batches[0]}
+  regular = b["labels"] >= tokenizers.NUM_SPECIAL
+  selected = b["weights"] > 0
+  assert not np.any(selected & ~regular)
+  assert 0.14 < selected.sum() / regular.sum() < 0.16
+  kept = b["input_ids"] == b["labels"]
+  assert np.all(kept[~selected])  # labels are the original ids
+  masked = b["input_ids"][selected] == tokenizers.MASK
+  same = kept[selected]
+  assert 0.77 < masked.mean() < 0.83 and 0.08 < same.mean() < 0.12
+  assert 0.08 < 1 - masked.mean() - same.mean() < 0.12
+  np.testing.assert_array_equal(b["attention_mask"], (b["labels"] != 0).astype(np.int32))
+  assert not b["token_type_ids"].any() and tokenizers.MASK not in b["labels"]
+
+
+def test_tfds_named_dataset_via_mock_data(tmp_path):
+  with tfds.testing.mock_data(num_examples=64):
+    pipeline = data.build(make_config(tmp_path, name="tfds", tfds_name="lm1b", eval_split="test",
+                                      seq_len=32))
+    batch = next(pipeline.train_iter())
+    evals = list(pipeline.eval_batches("test"))
+  assert pipeline.eval_splits == ("test",) and "lm1b" in pipeline.describe()
+  assert batch["inputs"].shape == (8, 32) and batch["weights"].sum() > 0
+  assert evals and evals[0]["inputs"].shape == (8, 32)
+  assert 0.5 < pipeline.unigram_entropy < 6.0
+
+
+def test_text_files_accepts_any_bytes_with_the_byte_tokenizer(tfds_dir, tmp_path):
+  (tmp_path / "a.txt").write_bytes(b"caf\xe9 latin-1 \xff\xfe text\n" * 20)
+  pipeline = data.build(make_config(tfds_dir, name="text_files", glob=str(tmp_path / "*.txt"),
+                                    seq_len=16, batch_size=2))
+  rows = b"".join(BYTES.decode(r) for r in next(pipeline.train_iter())["inputs"])
+  assert b"\xe9" in rows
+  assert pipeline.eval_splits == ("validation",) and list(pipeline.eval_batches("validation"))
+
+
+def test_concurrent_preparation_prepares_once(tmp_path):
+  config = builders.AlgorithmicConfig.make("copy", 1, 4, 6, 50, 10)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(lambda _: builders.prepare(builders.XlpsAlgorithmic, config,
+                                                       str(tmp_path)), range(2)))
+  assert all(len(b.as_data_source(split="train")) == 50 for b in results)
+  assert os.listdir(tmp_path / "xlps_algorithmic" / config.name) == ["1.0.0"]
+
+
+def test_sentencepiece_trained_on_the_train_split(tfds_dir, tmp_path):
+  pytest.importorskip("sentencepiece", reason="the optional `sentencepiece` package is missing")
+  for name in ("json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py",
+               "shlex.py", "glob.py", "fnmatch.py"):
+    (tmp_path / name.replace("/", "_")).write_bytes((builders.stdlib_root() / name).read_bytes())
+  config = make_config(tmp_path / "tfds", name="text_files", glob=str(tmp_path / "*.py"),
+                       tokenizer="sentencepiece", sp_vocab_size=400, seq_len=64)
+  pipeline = data.build(config)
+  assert pipeline.vocab_size == 400 and "sentencepiece" in pipeline.describe()
+  assert 2.0 < pipeline.unigram_entropy < np.log(400)
+  corpus = b"".join(p.read_bytes() for p in tmp_path.glob("*.py"))
+  batch = next(pipeline.train_iter())
+  assert 0 < batch["inputs"].max() < 400
+  for inputs, seg in zip(batch["inputs"], batch["segment_ids"]):
+    for s in set(seg[seg > 0]):  # each segment decodes to a piece of the corpus
+      assert pipeline.tokenizer.decode(inputs[seg == s]).strip() in corpus
+  models = os.listdir(tmp_path / "tfds" / "xlps_sentencepiece")
+  assert len([m for m in models if m.endswith(".model")]) == 1
+  assert data.build(config).vocab_size == 400  # reuses the cached model
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(name="text_files", glob="/nonexistent/*.txt"), r"data.glob=.* matched no files"),
+    (dict(name="nope"), r"data.name='nope' is not valid; choose one of: stdlib, algorithmic"),
+    (dict(name="algorithmic", task="sort"), r"data.task='sort' is not valid.*copy, reverse"),
+    (dict(tokenizer="wordpiece"), r"data.tokenizer='wordpiece' is not valid.*byte, sentencepiece"),
+    (dict(seqlen=64), r"config.data.seqlen is not a data key"),
+    (dict(seq_len=1), r"data.seq_len=1 must be an integer >= 2"),
+    (dict(name="algorithmic", task="addition", seq_len=40),
+     r"data.seq_len=40 is too small for task 'addition'.*seq_len >= 123"),
+    (dict(name="tfds", tfds_name="lm1b"), r"tfds_name='lm1b' .*could not be read from data_dir"),
+    (dict(name="tfds"), r"tfds_name='' is empty"),
+    (dict(test_max_len=20), r"data.test_max_len=20 must be an integer >= 21"),
+])
+def test_bad_data_config_raises_a_clear_value_error(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    data.build(make_config(tmp_path, **overrides))
+
+
+def test_bad_batch_size_and_family_raise_clear_value_errors(tmp_path):
+  with pytest.raises(ValueError, match=r"batch_size=6 \(global\) is not divisible by "
+                                       r"process_count=4"):
+    data.build(make_config(tmp_path, batch_size=6), process_index=0, process_count=4)
+  with pytest.raises(ValueError, match=r"family='encoder_decoder' does not fit data.name='stdlib'"):
+    data.build(make_config(tmp_path, family="encoder_decoder"))
+
+
+def test_bad_text_files_raise_naming_the_file(tmp_path):
+  (tmp_path / "empty.txt").write_bytes(b"")
+  with pytest.raises(ValueError, match=r"empty.txt' is empty"):
+    data.build(make_config(tmp_path, name="text_files", glob=str(tmp_path / "*.txt")))
+  (tmp_path / "empty.txt").unlink()
+  (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
+  with pytest.raises(ValueError, match=r"latin.txt' is not UTF-8"):
+    data.build(make_config(tmp_path, name="text_files", glob=str(tmp_path / "*.txt"),
+                           tokenizer="sentencepiece"))
+
+
+def test_grain_worker_processes_give_the_in_process_stream_and_resume(tfds_dir):
+  config = make_config(tfds_dir, family="encoder_decoder", **SMALL_ALGORITHMIC)
+  expected = take(data.build(config).train_iter(), 6)
+  config.data.worker_count = 1
+  pipeline = data.build(config)
+  it = pipeline.train_iter()
+  assert_same(take(it, 3), expected[:3])
+  state = json.loads(json.dumps(it.get_state()))
+  resumed = pipeline.train_iter()
+  resumed.set_state(state)
+  assert_same(take(resumed, 3), expected[3:])
+  it.close()
+  resumed.close()

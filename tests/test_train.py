@@ -1,0 +1,181 @@
+"""Training end to end: every family learns; resume is exact; bad input is a clear error."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import albert, default, transformer
+from xlps import checkpoint as checkpoint_lib
+from xlps import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shrink(config, data_dir, steps=12):
+  """Tiny model and short run for CPU tests."""
+  m = config.model
+  m.d_model, m.num_heads, m.num_kv_heads, m.d_ff = 32, 2, 0, 64
+  m.embed_dim = min(m.embed_dim, 16) if m.embed_dim else 0
+  m.num_layers, m.max_len = 3, 32
+  if m.family == "encoder_decoder":
+    m.num_decoder_layers = 3
+    m.sharing.num_unique = 1
+  config.data.data_dir = str(data_dir)
+  config.data.seq_len = 32
+  config.data.eval_batches = 2
+  t = config.train
+  t.num_steps, t.batch_size, t.learning_rate, t.warmup_steps = steps, 8, 3e-3, 2
+  t.log_every_steps, t.eval_every_steps, t.checkpoint_every_steps = 1, steps, 4
+  t.decay_steps = steps
+  return config
+
+
+def losses(workdir):
+  """step -> train_loss, the last record of each step (a restarted run re-logs steps)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    out[record["step"]] = record["train_loss"]
+  return out
+
+
+def final_params(workdir, reference_state):
+  ckpt = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+  state, _, meta = ckpt.restore(ckpt.latest_step(), checkpoint_lib.abstract_like(reference_state))
+  ckpt.close()
+  return state, meta
+
+
+def mlm_config():
+  c = albert.get_config("base")
+  c.model.vocab_size = 300
+  return c
+
+
+@pytest.mark.parametrize("make", [
+    lambda: default.get_config("tied"),
+    mlm_config,
+    lambda: transformer.get_config("tied,runlocal"),
+], ids=["decoder_lm", "encoder_mlm", "encoder_decoder"])
+def test_each_family_learns(make, tmp_path, data_dir):
+  config = shrink(make(), data_dir, steps=30)
+  if config.model.family == "encoder_decoder":
+    config.data.name, config.data.task = "algorithmic", "copy"
+    config.data.train_max_len, config.data.test_max_len = 8, 12
+    config.data.num_train_examples, config.data.num_eval_examples = 2000, 64
+  config.model.dropout_rate = 0.0
+  config.train.learning_rate = 1e-2
+  result = train.train_and_evaluate(config, tmp_path / "wd")
+  curve = [losses(tmp_path / "wd")[s] for s in range(1, 31)]
+  assert np.mean(curve[-5:]) < 0.8 * np.mean(curve[:5]), curve
+  assert result["step"] == 30 and "eval_loss" in result["last_eval"]
+
+
+def test_resume_is_exact(tmp_path, data_dir):
+  config = shrink(default.get_config("tied"), data_dir, steps=8)
+  config.model.dropout_rate = 0.1  # dropout keys must also continue exactly
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  config.train.num_steps = 4
+  train.train_and_evaluate(config, tmp_path / "split")
+  config.train.num_steps = 8  # extend: resumes from step 4
+  resumed = train.train_and_evaluate(config, tmp_path / "split")
+  assert losses(tmp_path / "full") == losses(tmp_path / "split")  # bitwise equal floats
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
+    np.testing.assert_array_equal(a, b)
+  state, meta = final_params(tmp_path / "split", full["state"])
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  assert meta["sharing"]["attention"] == [0, 0, 0]
+  assert meta["config"]["model"]["num_layers"] == 3 and "jax" in meta["versions"]
+
+
+def cli(workdir, data_dir, steps, *extra):
+  return [sys.executable, "-m", "launch.train", "--config=configs/default.py:runlocal",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          "--config.data.seq_len=32", "--config.model.max_len=32", "--config.data.eval_batches=2",
+          f"--config.train.num_steps={steps}", f"--config.train.decay_steps={steps}",
+          "--config.train.batch_size=8", "--config.train.log_every_steps=1",
+          "--config.train.checkpoint_every_steps=2", f"--config.train.eval_every_steps={steps}",
+          "--config.model.dropout_rate=0.1", *extra]
+
+
+def wait_for_checkpoint(workdir, proc, min_step, timeout=240):
+  """Waits until a finalized checkpoint >= min_step exists (Orbax renames when complete)."""
+  ckpts = pathlib.Path(workdir) / "checkpoints"
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    steps = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+    if steps and max(steps) >= min_step:
+      return max(steps)
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
+  steps = 40
+  ref = subprocess.run(cli(tmp_path / "ref", data_dir, steps), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  proc = subprocess.Popen(cli(tmp_path / "killed", data_dir, steps), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  killed_at = wait_for_checkpoint(tmp_path / "killed", proc, 4)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert killed_at < steps
+  again = subprocess.run(cli(tmp_path / "killed", data_dir, steps), cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Resumed from" in again.stderr
+  ref_losses, got = losses(tmp_path / "ref"), losses(tmp_path / "killed")
+  assert ref_losses == got
+  finals = []
+  for wd in ("ref", "killed"):
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / wd / "checkpoints", async_save=False)
+    assert ckpt.latest_step() == steps
+    finals.append(ckpt.restore(steps)[0])
+    ckpt.close()
+  leaves = [jax.tree_util.tree_leaves_with_path(f) for f in finals]
+  assert len(leaves[0]) == len(leaves[1]) > 10
+  for (path, a), (_, b) in zip(*leaves):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
+  proc = subprocess.Popen(cli(tmp_path / "wd", data_dir, 400), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  wait_for_checkpoint(tmp_path / "wd", proc, 2)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=240)
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM at step" in err or "stopped by SIGTERM" in out
+  logged = max(losses(tmp_path / "wd"))
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "wd" / "checkpoints", async_save=False)
+  assert ckpt.latest_step() == logged < 400  # the step it stopped at was saved
+  ckpt.close()
+
+
+def test_unwritable_workdir_is_clear(tmp_path, data_dir):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  config = shrink(default.get_config("tied"), data_dir)
+  with pytest.raises(ValueError, match=r"workdir=.*file/wd.* cannot be written"):
+    train.train_and_evaluate(config, blocker / "wd")
+
+
+def test_readme_main_job_summary(tmp_path, data_dir):
+  out = subprocess.run(cli(tmp_path / "wd", data_dir, 6), cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for needle in ("unique", "validation loss", "unigram baseline", "tokens/s", "checkpoints:",
+                 "metrics:"):
+    assert needle in out.stdout, (needle, out.stdout)
+  assert (tmp_path / "wd" / "loss.png").stat().st_size > 1000
+  assert list((tmp_path / "wd" / "tensorboard").glob("events.out.tfevents.*"))

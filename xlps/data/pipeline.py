@@ -1,0 +1,232 @@
+"""grain pipelines from record sources to the batches of each model family.
+
+Training: the process's shard of the train split -> shuffle (a new permutation each epoch,
+seeded by ``config.seed``) -> repeat forever -> tokenize -> (text) pack documents into rows
+with grain's concat-then-split and window-shuffle the rows (long documents fill many
+consecutive rows) -> family features -> batch. Every stage is a grain ``IterDataset``,
+so the iterator's state is a small JSON-serialisable dict and resuming is exact.
+
+Evaluation: every process walks the whole eval split in a fixed order, groups rows into
+*global* batches and keeps its own slice, so all processes yield the same number of
+batches and together cover the split once; the last batch is padded with weight-0 rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from xlps.data import tokenizers as tok_lib
+
+_SHUFFLE_WINDOW_DOCS = 64          # packed rows are shuffled in windows of ~this many documents
+_SHUFFLE_WINDOW_MAX_TOKENS = 1 << 22  # ... but at most this many tokens (memory, resume time)
+_STATS_MAX_DOCS = 20000             # token statistics: at most this many train documents
+
+
+def shard(ds: grain.MapDataset, index: int, count: int, what: str) -> grain.MapDataset:
+  """Process ``index``'s contiguous 1/``count`` of ``ds``; the remainder is dropped so that
+  every process has the same number of records (as ShardOptions(drop_remainder=True))."""
+  per = len(ds) // count
+  if per == 0:
+    raise ValueError(f"{what} has {len(ds)} records, fewer than process_count={count}")
+  return ds[index * per:(index + 1) * per]
+
+
+class _JsonSafePackIterator(grain.DatasetIterator):
+  """grain's concat-then-split iterator with a state that survives ``json`` round trips.
+
+  Its state holds ``(start, stop)`` tuples and compares them with a tuple sentinel, so
+  the lists that JSON gives back silently corrupt the resumed stream (grain 0.2.18).
+  """
+
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    if "remainder_slices" in state:
+      state = dict(state, remainder_slices={k: tuple(v)
+                                            for k, v in state["remainder_slices"].items()})
+    self._parent.set_state(state)
+
+
+class _PackDataset(grain.IterDataset):
+  """Concatenates ``tokens`` of consecutive documents and splits them into rows of ``length``
+  (with ``tokens_segment_ids`` from 1 and ``tokens_positions`` restarting per segment)."""
+
+  def __init__(self, parent: grain.IterDataset, length: int):
+    super().__init__(parent)
+    self._length = length
+
+  def __iter__(self) -> grain.DatasetIterator:
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        self._parent, length_struct={"tokens": self._length})
+    return _JsonSafePackIterator(packed.__iter__())
+
+
+def lm_features(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """decoder_lm features from a packed row of seq_len + 1 tokens."""
+  tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
+  weights = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
+  return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": seg[:-1],
+          "positions": pos[:-1], "weights": weights.astype(np.float32)}
+
+
+def mlm_features(row: Mapping[str, np.ndarray], rng: np.random.Generator, probability: float,
+                 first_regular_id: int, vocab_size: int) -> dict[str, np.ndarray]:
+  """BERT masking of a packed row: each regular token is selected with ``probability``;
+  selected tokens become MASK (80%), a random regular token (10%) or stay (10%)."""
+  tokens = row["tokens"]
+  selected = (tokens >= first_regular_id) & (rng.random(tokens.shape) < probability)
+  action = rng.random(tokens.shape)
+  random_ids = rng.integers(first_regular_id, vocab_size, tokens.shape, dtype=np.int32)
+  input_ids = np.where(selected & (action < 0.8), tok_lib.MASK, tokens)
+  input_ids = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, input_ids)
+  return {"input_ids": input_ids.astype(np.int32),
+          "attention_mask": (row["tokens_segment_ids"] > 0).astype(np.int32),
+          "token_type_ids": np.zeros_like(tokens), "labels": tokens,
+          "weights": selected.astype(np.float32)}
+
+
+def seq2seq_features(source: np.ndarray, target: np.ndarray, family: str,
+                     seq_len: int) -> dict[str, np.ndarray]:
+  """encoder_decoder: 0-padded source / target + EOS; decoder_lm: ``source EOS target EOS``
+  in one row of seq_len + 1 tokens, shifted, with weights on the target part only."""
+  target = np.append(target, tok_lib.EOS).astype(np.int32)
+  if family == "encoder_decoder":
+    inputs, targets = np.zeros((2, seq_len), np.int32)
+    inputs[:len(source)], targets[:len(target)] = source, target
+    return {"inputs": inputs, "targets": targets, "weights": (targets != 0).astype(np.float32)}
+  row = np.zeros(seq_len + 1, np.int32)
+  n = len(source) + 1 + len(target)
+  row[:n] = np.concatenate([source, [tok_lib.EOS], target])
+  steps = np.arange(seq_len)
+  segment_ids = (steps < n - 1).astype(np.int32)
+  weights = (steps >= len(source)) & (steps < n - 1)
+  return {"inputs": row[:-1], "targets": row[1:], "segment_ids": segment_ids,
+          "positions": steps.astype(np.int32) * segment_ids, "weights": weights.astype(np.float32)}
+
+
+def token_statistics(docs: Sequence[Mapping], text_key: str, tokenizer) -> tuple[float, float]:
+  """(entropy in nats/token of the target-token unigram distribution, i.e. document tokens
+  + EOS; mean tokens per document) over an evenly spread sample of the documents."""
+  counts = np.zeros(tokenizer.vocab_size, np.int64)
+  sample = sample_indices(len(docs))
+  for i in sample:
+    counts += np.bincount(tokenizer.encode(docs[i][text_key]), minlength=tokenizer.vocab_size)
+    counts[tok_lib.EOS] += 1
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum()), float(counts.sum() / len(sample))
+
+
+def sample_indices(n: int) -> np.ndarray:
+  """An evenly spread, deterministic sample of at most ``_STATS_MAX_DOCS`` indices."""
+  return np.unique(np.linspace(0, n - 1, min(n, _STATS_MAX_DOCS)).astype(np.int64))
+
+
+def shuffle_window(mean_doc_tokens: float, seq_len: int, local_batch: int) -> int:
+  """Rows per shuffle window: long documents fill many consecutive packed rows, so rows are
+  shuffled over about ``_SHUFFLE_WINDOW_DOCS`` documents' worth to mix documents in a batch."""
+  tokens = min(_SHUFFLE_WINDOW_DOCS * mean_doc_tokens, _SHUFFLE_WINDOW_MAX_TOKENS)
+  return max(local_batch, math.ceil(tokens / seq_len))
+
+
+class Pipeline:
+  """Batches for one model family from one dataset, for one process of ``process_count``.
+
+  Attributes: ``vocab_size``, ``eval_splits``, ``unigram_entropy`` (text datasets: the
+  byte/token-unigram baseline loss in nats/token; None for algorithmic tasks) and
+  ``tokenizer`` (``encode`` / ``decode``, e.g. for generation).
+  """
+
+  def __init__(self, *, splits, tokenizer, family: str, seq_len: int, batch_size: int,
+               process_index: int, process_count: int, seed: int, mlm_probability: float,
+               eval_batches: int, worker_count: int):
+    self._splits = splits
+    self.tokenizer = tokenizer
+    self._family = family
+    self._seq_len = seq_len
+    self._global_batch = batch_size
+    self._local_batch = batch_size // process_count
+    self._process_index = process_index
+    self._process_count = process_count
+    self._seed = seed % 2**32
+    self._mlm_probability = mlm_probability
+    self._eval_batches = eval_batches
+    self._worker_count = worker_count
+    self.vocab_size: int = tokenizer.vocab_size
+    self.eval_splits: tuple[str, ...] = tuple(splits.evals)
+    self.unigram_entropy: float | None = None
+    self._shuffle_window = 0
+    if splits.kind == "text":
+      self.unigram_entropy, doc_tokens = token_statistics(splits.train, splits.text_key,
+                                                          tokenizer)
+      self._shuffle_window = shuffle_window(doc_tokens, seq_len, self._local_batch)
+
+  def _rows(self, ds: grain.MapDataset) -> grain.IterDataset:
+    """Family features, one row (packed sequence or example) per element."""
+    # Locals only: the lambdas are pickled into grain worker processes.
+    encode, key, seq_len, family = (self.tokenizer.encode, self._splits.text_key, self._seq_len,
+                                    self._family)
+    if self._splits.kind == "seq2seq":
+      return ds.map(lambda r: seq2seq_features(encode(r["source"]), encode(r["target"]), family,
+                                               seq_len)).to_iter_dataset()
+    docs = ds.map(lambda r: {"tokens": np.concatenate(
+        [[tok_lib.BOS], encode(r[key]), [tok_lib.EOS]]).astype(np.int32)}).to_iter_dataset()
+    if family == "decoder_lm":
+      return _PackDataset(docs, seq_len + 1).map(lm_features)
+    masking = dict(probability=self._mlm_probability,
+                   first_regular_id=self.tokenizer.first_regular_id,
+                   vocab_size=self.tokenizer.vocab_size)
+    return _PackDataset(docs, seq_len).random_map(
+        lambda row, rng: mlm_features(row, rng, **masking), seed=self._seed)
+
+  def train_iter(self) -> grain.DatasetIterator:
+    """Endless, deterministic, checkpointable (``get_state`` / ``set_state``) batches."""
+    ds = grain.MapDataset.source(self._splits.train)
+    ds = shard(ds, self._process_index, self._process_count, "the train split")
+    rows = self._rows(ds.shuffle(seed=self._seed).repeat())
+    if self._shuffle_window:
+      rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=self._shuffle_window,
+                                                         seed=self._seed)
+    batches = rows.batch(self._local_batch, drop_remainder=True)
+    if self._worker_count:
+      # Copy out of the workers' shared memory, which is then released at once (batches kept
+      # alive until interpreter exit make grain's shared-memory destructors fail noisily).
+      batches = batches.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._worker_count)).map(
+              lambda batch: {k: np.array(v) for k, v in batch.items()})
+    return iter(batches)
+
+  def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of the first ``data.eval_batches`` global batches of ``split``
+    (all of it for 0), always in the same order, padded with weight-0 rows."""
+    if split not in self._splits.evals:
+      raise ValueError(f"eval split {split!r} is unknown; valid: {', '.join(self.eval_splits)}")
+    return self._local_eval_batches(iter(self._rows(
+        grain.MapDataset.source(self._splits.evals[split]))))
+
+  def _local_eval_batches(self, rows: Iterator[dict]) -> Iterator[dict[str, np.ndarray]]:
+    lo = self._process_index * self._local_batch
+    for _ in itertools.islice(itertools.count(), self._eval_batches or None):
+      group = list(itertools.islice(rows, self._global_batch))
+      if not group:
+        return
+      padding = {k: np.zeros_like(v) for k, v in group[0].items()}
+      local = (group + [padding] * (self._global_batch - len(group)))[lo:lo + self._local_batch]
+      yield {k: np.stack([row[k] for row in local]) for k in local[0]}
+
+  def describe(self) -> str:
+    """One line for logs."""
+    entropy = ("" if self.unigram_entropy is None else
+               f", unigram entropy {self.unigram_entropy:.3f} nats/token")
+    return (f"data: {self._splits.summary}; {self.tokenizer.name} tokenizer (vocab "
+            f"{self.vocab_size}); {self._family} seq_len {self._seq_len}; batch "
+            f"{self._global_batch} = {self._process_count} x {self._local_batch} (process "
+            f"{self._process_index}){entropy}")
