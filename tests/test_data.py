@@ -339,3 +339,21 @@ def test_grain_worker_processes_give_the_in_process_stream_and_resume(tfds_dir):
   assert_same(take(resumed, 3), expected[3:])
   it.close()
   resumed.close()
+
+
+@pytest.mark.parametrize("family", ["decoder_lm", "encoder_mlm"])
+def test_global_batch_depends_on_num_shards_not_on_process_count(tfds_dir, family):
+  # Two processes reading one shard each give, together, exactly the batches of one process
+  # reading both shards: a run can resume on a different number of processes unchanged.
+  config = make_config(tfds_dir, family=family, batch_size=8, seq_len=32, num_shards=2)
+  single = data.build(config).train_iter()
+  parts = [data.build(config, process_index=p, process_count=2).train_iter() for p in (0, 1)]
+  for _ in range(3):
+    whole = next(single)
+    halves = [next(it) for it in parts]
+    for key in whole:
+      np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+  with pytest.raises(ValueError, match=r"data.num_shards=3 must be a multiple of "
+                     r"process_count=2 that divides train.batch_size=8"):
+    data.build(make_config(tfds_dir, batch_size=8, num_shards=3), process_index=0,
+               process_count=2)

@@ -46,8 +46,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "metadata"))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(),
+                       "metadata": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -66,9 +69,15 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any = None) -> tuple[Any, Any, dict]:
     """Restores step ``step`` onto the shardings carried by ``abstract_state``.
 
-    Without ``abstract_state`` the state comes back as saved (a tree of dicts), for
-    inspection and conversion tools.
+    Without ``abstract_state`` the state comes back as a tree of dicts on one device,
+    whatever topology saved it: for inspection and conversion tools.
     """
+    if abstract_state is None:
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      abstract_state = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          self._manager.item_metadata(step)["state"],
+          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore(),

@@ -244,7 +244,7 @@ class MetricWriter:
 def _check_workdir(workdir: pathlib.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_test"
+    probe = workdir / f".write_test.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
@@ -392,6 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       ckpt.save(step, state, data_state, metadata, force=True)
   finally:
     signal.signal(signal.SIGTERM, previous)
+    train_iter.close()
     ckpt.close()
     writer.close()
   return {"step": step, "state": state, "summary": summary, "history": history,

@@ -57,6 +57,9 @@ def data_config() -> ml_collections.ConfigDict:
   d.num_eval_examples = 1000    # algorithmic: size of test and of test_long
   d.eval_batches = 8         # number of eval batches per split (0 = whole split)
   d.worker_count = 0         # grain worker processes (0 = in-process); resume with the same value
+  d.num_shards = 0            # train-data shards (a multiple of the process count); 0 = one per
+                              # process. Fix it to keep the exact data order across restarts
+                              # on a different number of processes.
   return d
 
 
@@ -95,6 +98,12 @@ def _validate(config, process_index: int, process_count: int) -> None:
   if config.train.batch_size % process_count:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} (global) is not divisible "
                      f"by process_count={process_count}; use a multiple of {process_count}")
+  _check_int("data.num_shards", d.num_shards, 0)
+  shards = d.num_shards or process_count
+  if shards % process_count or config.train.batch_size % shards:
+    raise ValueError(f"config.data.num_shards={d.num_shards} must be a multiple of "
+                     f"process_count={process_count} that divides train.batch_size="
+                     f"{config.train.batch_size} (0 = one shard per process)")
   kind = "seq2seq" if d.name == "algorithmic" else "text"
   if config.model.family not in _FAMILIES_OF_KIND[kind]:
     raise ValueError(f"config.model.family={config.model.family!r} does not fit "
@@ -153,7 +162,8 @@ def build(config: ml_collections.ConfigDict, *, process_index: int = 0,
     _mark_absl_flags_parsed()
   return Pipeline(splits=splits, tokenizer=tokenizer, family=config.model.family,
                   seq_len=d.seq_len, batch_size=config.train.batch_size,
-                  process_index=process_index, process_count=process_count, seed=config.seed,
+                  process_index=process_index, process_count=process_count,
+                  num_shards=d.num_shards or process_count, seed=config.seed,
                   mlm_probability=float(d.mlm_probability), eval_batches=d.eval_batches,
                   worker_count=d.worker_count)
 

@@ -137,6 +137,37 @@ def shuffle_window(mean_doc_tokens: float, seq_len: int, local_batch: int) -> in
   return max(local_batch, math.ceil(tokens / seq_len))
 
 
+class ShardedIterator:
+  """Concatenates the batches of several shard iterators; its state is theirs, in order."""
+
+  def __init__(self, iterators: list):
+    self._iterators = iterators
+
+  def __iter__(self) -> "ShardedIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(it) for it in self._iterators]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {"shards": [it.get_state() for it in self._iterators]}
+
+  def set_state(self, state: dict) -> None:
+    if len(state["shards"]) != len(self._iterators):
+      raise ValueError(f"the data iterator state has {len(state['shards'])} shards but this "
+                       f"process reads {len(self._iterators)}; resume with the same "
+                       "data.num_shards / process count")
+    for it, s in zip(self._iterators, state["shards"]):
+      it.set_state(s)
+
+  def close(self) -> None:
+    """Stops grain worker processes, if any."""
+    for it in self._iterators:
+      if hasattr(it, "close"):
+        it.close()
+
+
 class Pipeline:
   """Batches for one model family from one dataset, for one process of ``process_count``.
 
@@ -146,7 +177,8 @@ class Pipeline:
   """
 
   def __init__(self, *, splits, tokenizer, family: str, seq_len: int, batch_size: int,
-               process_index: int, process_count: int, seed: int, mlm_probability: float,
+               process_index: int, process_count: int, num_shards: int, seed: int,
+               mlm_probability: float,
                eval_batches: int, worker_count: int):
     self._splits = splits
     self.tokenizer = tokenizer
@@ -156,6 +188,9 @@ class Pipeline:
     self._local_batch = batch_size // process_count
     self._process_index = process_index
     self._process_count = process_count
+    self._num_shards = num_shards
+    per_process = num_shards // process_count
+    self._shards = tuple(range(process_index * per_process, (process_index + 1) * per_process))
     self._seed = seed % 2**32
     self._mlm_probability = mlm_probability
     self._eval_batches = eval_batches
@@ -167,7 +202,7 @@ class Pipeline:
     if splits.kind == "text":
       self.unigram_entropy, doc_tokens = token_statistics(splits.train, splits.text_key,
                                                           tokenizer)
-      self._shuffle_window = shuffle_window(doc_tokens, seq_len, self._local_batch)
+      self._shuffle_window = shuffle_window(doc_tokens, seq_len, batch_size // num_shards)
 
   def _rows(self, ds: grain.MapDataset) -> grain.IterDataset:
     """Family features, one row (packed sequence or example) per element."""
@@ -187,22 +222,30 @@ class Pipeline:
     return _PackDataset(docs, seq_len).random_map(
         lambda row, rng: mlm_features(row, rng, **masking), seed=self._seed)
 
-  def train_iter(self) -> grain.DatasetIterator:
-    """Endless, deterministic, checkpointable (``get_state`` / ``set_state``) batches."""
+  def train_iter(self) -> "ShardedIterator":
+    """Endless, deterministic, checkpointable (``get_state`` / ``set_state``) batches.
+
+    Each of this process's data shards yields ``batch_size / num_shards`` rows per batch;
+    the process's batch is their concatenation in shard order. The global batch therefore
+    depends on ``num_shards`` only, not on how many processes read the shards.
+    """
+    return ShardedIterator([iter(self._shard_batches(s)) for s in self._shards])
+
+  def _shard_batches(self, index: int) -> grain.IterDataset:
     ds = grain.MapDataset.source(self._splits.train)
-    ds = shard(ds, self._process_index, self._process_count, "the train split")
+    ds = shard(ds, index, self._num_shards, "the train split")
     rows = self._rows(ds.shuffle(seed=self._seed).repeat())
     if self._shuffle_window:
       rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=self._shuffle_window,
                                                          seed=self._seed)
-    batches = rows.batch(self._local_batch, drop_remainder=True)
+    batches = rows.batch(self._global_batch // self._num_shards, drop_remainder=True)
     if self._worker_count:
       # Copy out of the workers' shared memory, which is then released at once (batches kept
       # alive until interpreter exit make grain's shared-memory destructors fail noisily).
       batches = batches.mp_prefetch(
           grain.MultiprocessingOptions(num_workers=self._worker_count)).map(
               lambda batch: {k: np.array(v) for k, v in batch.items()})
-    return iter(batches)
+    return batches
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """This process's part of the first ``data.eval_batches`` global batches of ``split``

@@ -1,0 +1,67 @@
+"""Multi-host path on one machine: 2 processes x 4 CPU devices == 1 process x 8 devices."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from xlps import checkpoint as checkpoint_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def train_args(workdir, data_dir, steps):
+  return [sys.executable, "-m", "launch.train", "--config=configs/default.py:runlocal",
+          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
+          "--config.data.seq_len=32", "--config.model.max_len=32", "--config.data.eval_batches=2",
+          "--config.data.num_shards=2",  # same data order for 1 and 2 processes
+          "--config.mesh.data=4", "--config.mesh.fsdp=2",
+          f"--config.train.num_steps={steps}", "--config.train.decay_steps=8",
+          "--config.train.batch_size=8", "--config.train.log_every_steps=1",
+          "--config.train.checkpoint_every_steps=4", "--config.train.eval_every_steps=8",
+          "--config.model.dropout_rate=0.1"]
+
+
+def run_multiprocess(workdir, data_dir, steps, tmp_path):
+  env = dict(os.environ, LOG_PREFIX=str(tmp_path / f"proc_{steps}_"))
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "4", "--",
+                        *train_args(workdir, data_dir, steps)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  logs = "".join(p.read_text() for p in sorted(tmp_path.glob(f"proc_{steps}_*.log")))
+  assert out.returncode == 0, out.stdout + out.stderr + logs[-4000:]
+  return logs
+
+
+def losses(workdir):
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    out[record["step"]] = record["train_loss"]
+  return out
+
+
+def test_two_processes_train_checkpoint_resume_like_one(tmp_path, data_dir):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  ref = subprocess.run(train_args(tmp_path / "one", data_dir, 8), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-4000:]
+  run_multiprocess(tmp_path / "two", data_dir, 4, tmp_path)
+  logs = run_multiprocess(tmp_path / "two", data_dir, 8, tmp_path)  # resumes at step 4
+  assert "Resumed from" in logs
+  one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+  assert sorted(one) == sorted(two) == list(range(1, 9))  # only process 0 writes metrics
+  np.testing.assert_allclose([two[s] for s in range(1, 9)], [one[s] for s in range(1, 9)],
+                             rtol=1e-5)
+  states = []
+  for wd in ("one", "two"):
+    ckpt = checkpoint_lib.Checkpointer(tmp_path / wd / "checkpoints", async_save=False)
+    assert ckpt.latest_step() == 8
+    states.append(ckpt.restore(8)[0])
+    ckpt.close()
+  for a, b in zip(jax.tree.leaves(states[0]["params"]), jax.tree.leaves(states[1]["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
