@@ -179,3 +179,22 @@ def test_readme_main_job_summary(tmp_path, data_dir):
     assert needle in out.stdout, (needle, out.stdout)
   assert (tmp_path / "wd" / "loss.png").stat().st_size > 1000
   assert list((tmp_path / "wd" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_onto_a_different_mesh(tmp_path, data_dir):
+  config = shrink(default.get_config("tied"), data_dir, steps=8)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 8, 1, 1
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  config.train.num_steps = 4
+  train.train_and_evaluate(config, tmp_path / "moved")
+  config.train.num_steps = 8
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 4, 2
+  moved = train.train_and_evaluate(config, tmp_path / "moved")
+  kernel = moved["state"].params["decoder"]["layers"]["mlp"]["wi"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert {s.data.shape for s in kernel.addressable_shards} == {(32 // 4, 64 // 2)}
+  a, b = losses(tmp_path / "full"), losses(tmp_path / "moved")
+  assert sorted(a) == sorted(b)
+  np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(moved["state"].params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
