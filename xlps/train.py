@@ -323,7 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   start = ckpt.latest_step()
   if start is not None:
     state, data_state, _ = ckpt.restore(start, checkpoint_lib.abstract_like(state))
-    train_iter.set_state(data_state)
+    if data_state:  # an empty state (e.g. a converted checkpoint) starts the data afresh
+      train_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   step = int(state.step)
   metadata = _metadata(config, spec, summary)
