@@ -1,5 +1,8 @@
 """Shared test helpers."""
 
+import json
+import pathlib
+
 import ml_collections
 
 from xlps import config as config_lib
@@ -24,3 +27,13 @@ def tiny(family: str = "decoder_lm", num_layers: int = 6, **overrides) -> ml_col
     else:
       m.sharing[key] = value
   return m
+
+
+def logged_losses(workdir) -> dict[int, float]:
+  """step -> train_loss from metrics.jsonl, the last record of each step (a restarted run
+  re-logs the steps after its last checkpoint)."""
+  out = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    out[record["step"]] = record["train_loss"]
+  return out

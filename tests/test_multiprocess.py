@@ -1,6 +1,5 @@
 """Multi-host path on one machine: 2 processes x 4 CPU devices == 1 process x 8 devices."""
 
-import json
 import os
 import pathlib
 import subprocess
@@ -10,6 +9,8 @@ import jax
 import numpy as np
 
 from xlps import checkpoint as checkpoint_lib
+
+from helpers import logged_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,14 +38,6 @@ def run_multiprocess(workdir, data_dir, steps, tmp_path):
   return logs
 
 
-def losses(workdir):
-  out = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    out[record["step"]] = record["train_loss"]
-  return out
-
-
 def test_two_processes_train_checkpoint_resume_like_one(tmp_path, data_dir):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   ref = subprocess.run(train_args(tmp_path / "one", data_dir, 8), cwd=ROOT, env=env,
@@ -53,7 +46,7 @@ def test_two_processes_train_checkpoint_resume_like_one(tmp_path, data_dir):
   run_multiprocess(tmp_path / "two", data_dir, 4, tmp_path)
   logs = run_multiprocess(tmp_path / "two", data_dir, 8, tmp_path)  # resumes at step 4
   assert "Resumed from" in logs
-  one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+  one, two = logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
   assert sorted(one) == sorted(two) == list(range(1, 9))  # only process 0 writes metrics
   np.testing.assert_allclose([two[s] for s in range(1, 9)], [one[s] for s in range(1, 9)],
                              rtol=1e-5)

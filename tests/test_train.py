@@ -1,6 +1,5 @@
 """Training end to end: every family learns; resume is exact; bad input is a clear error."""
 
-import json
 import pathlib
 import signal
 import subprocess
@@ -14,6 +13,8 @@ import pytest
 from configs import albert, default, transformer
 from xlps import checkpoint as checkpoint_lib
 from xlps import train
+
+from helpers import logged_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,15 +36,6 @@ def shrink(config, data_dir, steps=12):
   t.log_every_steps, t.eval_every_steps, t.checkpoint_every_steps = 1, steps, 4
   t.decay_steps = steps
   return config
-
-
-def losses(workdir):
-  """step -> train_loss, the last record of each step (a restarted run re-logs steps)."""
-  out = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    out[record["step"]] = record["train_loss"]
-  return out
 
 
 def final_params(workdir, reference_state):
@@ -73,7 +65,7 @@ def test_each_family_learns(make, tmp_path, data_dir):
   config.model.dropout_rate = 0.0
   config.train.learning_rate = 1e-2
   result = train.train_and_evaluate(config, tmp_path / "wd")
-  curve = [losses(tmp_path / "wd")[s] for s in range(1, 31)]
+  curve = [logged_losses(tmp_path / "wd")[s] for s in range(1, 31)]
   assert np.mean(curve[-5:]) < 0.8 * np.mean(curve[:5]), curve
   assert result["step"] == 30 and "eval_loss" in result["last_eval"]
 
@@ -86,7 +78,7 @@ def test_resume_is_exact(tmp_path, data_dir):
   train.train_and_evaluate(config, tmp_path / "split")
   config.train.num_steps = 8  # extend: resumes from step 4
   resumed = train.train_and_evaluate(config, tmp_path / "split")
-  assert losses(tmp_path / "full") == losses(tmp_path / "split")  # bitwise equal floats
+  assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "split")  # bitwise
   for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
     np.testing.assert_array_equal(a, b)
   state, meta = final_params(tmp_path / "split", full["state"])
@@ -134,7 +126,7 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
                          capture_output=True, text=True, timeout=600)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resumed from" in again.stderr
-  ref_losses, got = losses(tmp_path / "ref"), losses(tmp_path / "killed")
+  ref_losses, got = logged_losses(tmp_path / "ref"), logged_losses(tmp_path / "killed")
   assert ref_losses == got
   finals = []
   for wd in ("ref", "killed"):
@@ -156,7 +148,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   out, err = proc.communicate(timeout=240)
   assert proc.returncode == 0, err[-3000:]
   assert "SIGTERM at step" in err or "stopped by SIGTERM" in out
-  logged = max(losses(tmp_path / "wd"))
+  logged = max(logged_losses(tmp_path / "wd"))
   ckpt = checkpoint_lib.Checkpointer(tmp_path / "wd" / "checkpoints", async_save=False)
   assert ckpt.latest_step() == logged < 400  # the step it stopped at was saved
   ckpt.close()
@@ -193,7 +185,7 @@ def test_resume_onto_a_different_mesh(tmp_path, data_dir):
   kernel = moved["state"].params["decoder"]["layers"]["mlp"]["wi"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
   assert {s.data.shape for s in kernel.addressable_shards} == {(32 // 4, 64 // 2)}
-  a, b = losses(tmp_path / "full"), losses(tmp_path / "moved")
+  a, b = logged_losses(tmp_path / "full"), logged_losses(tmp_path / "moved")
   assert sorted(a) == sorted(b)
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
   for x, y in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(moved["state"].params)):

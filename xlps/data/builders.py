@@ -208,6 +208,7 @@ def prepare(builder_cls: type[tfds.core.GeneratorBasedBuilder],
     # Constructed under the lock: the builder reads the prepared dataset info at init.
     builder = make()
     if not builder.is_prepared():
+      tfds.disable_progress_bar()  # a one-second job; its bars would swamp the training log
       builder.download_and_prepare(
           file_format="array_record",
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
