@@ -10,6 +10,7 @@ Multi-host: ``--distributed`` on every host of a pod (``launch/tpu_pod.sh``), or
 
 import logging as py_logging
 import pathlib
+import statistics
 import sys
 
 from absl import app, flags
@@ -72,9 +73,12 @@ def report(result: dict) -> str:
       lines.append(f"{key}: {value:.4f}")
   hist = result["history"]
   if hist:
-    lines.append(f"throughput: {hist[-1]['tokens_per_sec']:.0f} tokens/s, MFU "
-                 f"{100 * hist[-1]['mfu']:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
-                 f"({result['peak_flops_source']})")
+    tokens_per_sec = statistics.median(h["tokens_per_sec"] for h in hist)
+    mfu = statistics.median(h["mfu"] for h in hist)
+    lines.append(f"throughput (median over logged windows): {tokens_per_sec:.0f} tokens/s, "
+                 f"MFU {100 * mfu:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
+                 f"({result['peak_flops_source']}); train step compiled in "
+                 f"{result['compile_time']:.1f} s")
   wd = pathlib.Path(result["workdir"])
   lines += [f"checkpoints: {wd / 'checkpoints'}", f"metrics: {wd / 'metrics.jsonl'} "
             f"(TensorBoard: {wd / 'tensorboard'})", f"loss curve: {wd / 'loss.png'}"]
