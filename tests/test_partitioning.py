@@ -114,3 +114,12 @@ def test_mesh_errors_before_compiling():
   with pytest.raises(ValueError, match=r"\['attention'\]\['\w+'\]\['\w+'\] has shape .*"
                      r"sharded over mesh axes \('tensor',\) of total size 8"):
     run(m, {"tensor": 8}, steps=1)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  m = tiny(num_layers=2, dtype="bfloat16")
+  state, losses = run(m, {"data": 1}, steps=3)
+  _, ref_losses = run(tiny(num_layers=2), {"data": 1}, steps=3)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-2)  # bf16 rounding, same trajectory
