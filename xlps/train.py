@@ -285,7 +285,8 @@ def _eval(params, pipeline, eval_fn, mesh, rules, batch_sharding,
   return results
 
 
-def _metadata(config, spec: ModelSpec, summary: dict) -> dict:
+def checkpoint_metadata(config, spec: ModelSpec, summary: dict) -> dict:
+  """JSON stored with every checkpoint: the config, the slot tables, package versions."""
   return {"config": json.loads(config.to_json_best_effort()), "sharing": summary["slots"],
           "unique_params": summary["unique_params"], "versions": checkpoint_lib.package_versions()}
 
@@ -326,7 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       train_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   step = int(state.step)
-  metadata = _metadata(config, spec, summary)
+  metadata = checkpoint_metadata(config, spec, summary)
   writer = MetricWriter(workdir, enabled=is_main)
   flops, flops_source = peak_flops(t)
   if is_main:

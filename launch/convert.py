@@ -1,0 +1,53 @@
+"""Converts Hugging Face ALBERT / BERT checkpoints to and from xlps training checkpoints.
+
+    # HF save_pretrained directory -> WORKDIR/checkpoints (step 0) + WORKDIR/config.json
+    python -m launch.convert --hf=/path/to/albert --workdir=/tmp/albert_ft
+    # latest checkpoint of WORKDIR -> HF directory (AlbertForMaskedLM / BertForMaskedLM)
+    python -m launch.convert --workdir=/tmp/albert_ft --hf_out=/tmp/albert_hf \
+        [--config=configs/albert.py:base]   # default: the config stored in the checkpoint
+
+Training the converted workdir resumes from step 0 with the converted weights, a fresh
+optimizer state and fresh data order. Run from the repository root (the conversion
+starts from ``configs/albert.py``).
+"""
+
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HF = flags.DEFINE_string("hf", None, "HF save_pretrained directory to convert into --workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "xlps workdir (checkpoints: WORKDIR/checkpoints).")
+_HF_OUT = flags.DEFINE_string("hf_out", None, "Write WORKDIR's latest checkpoint here as HF.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "With --hf_out: the xlps config (default: the checkpoint's own).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if (_HF.value is None) == (_HF_OUT.value is None):
+    raise app.UsageError("give exactly one of --hf (HF -> xlps) and --hf_out (xlps -> HF)")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  from xlps import interop
+  from xlps.interop import huggingface
+  workdir = pathlib.Path(_WORKDIR.value)
+  try:
+    if _HF.value is not None:
+      config, params = huggingface.load_hf(_HF.value)
+      directory = interop.write_checkpoint(config, params, workdir)
+      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+      print(f"wrote {directory} (step 0) and {workdir / 'config.json'}")
+    else:
+      config, params, step = interop.read_checkpoint(workdir)
+      out = huggingface.save_hf(_CONFIG.value or config, params, _HF_OUT.value)
+      print(f"wrote {out} from step {step} of {workdir / 'checkpoints'}")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

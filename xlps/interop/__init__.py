@@ -1,0 +1,68 @@
+"""Interoperability: other libraries' checkpoints to and from xlps.
+
+``xlps.interop.huggingface`` converts ``transformers`` ALBERT / BERT models. The helpers
+here write converted parameters as an xlps training checkpoint (step 0, fresh optimizer
+state, empty data state) and read a checkpoint's parameters back.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xlps import checkpoint as checkpoint_lib
+from xlps import models
+from xlps import train as train_lib
+
+# The data iterator state of a converted checkpoint: empty, which the trainer reads as
+# "start the data afresh" (``train_and_evaluate`` skips ``set_state`` for a falsy state).
+FRESH_DATA_STATE: dict = {}
+
+
+def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
+                     workdir: str | os.PathLike) -> pathlib.Path:
+  """Saves ``params`` as step 0 of ``WORKDIR/checkpoints`` for ``train_and_evaluate``.
+
+  The optimizer state is ``train.make_optimizer(config.train)``'s fresh one and the RNG
+  key is the one ``train.init_state`` would draw from ``config.seed``. Returns the
+  checkpoint directory.
+  """
+  spec = train_lib.validate(config)
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  optimizer = train_lib.make_optimizer(config.train)
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                               opt_state=optimizer.init(params),
+                               rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+  metadata = train_lib.checkpoint_metadata(config, spec, models.summarize(spec))
+  ckpt = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+  try:
+    if ckpt.latest_step() is not None:
+      raise ValueError(f"{ckpt.directory} already holds checkpoints (steps "
+                       f"{ckpt.all_steps()}); convert into an empty workdir")
+    ckpt.save(0, state, FRESH_DATA_STATE, metadata, force=True)
+  finally:
+    ckpt.close()
+  return ckpt.directory
+
+
+def read_checkpoint(workdir: str | os.PathLike,
+                    step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, int]:
+  """``(config, params, step)`` of a checkpoint in ``WORKDIR/checkpoints`` (default: latest).
+
+  The config is the one stored in the checkpoint's metadata; params are a tree of dicts
+  on one device, whatever topology saved them.
+  """
+  ckpt = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"{ckpt.directory} holds no checkpoint")
+    state, _, metadata = ckpt.restore(step)
+  finally:
+    ckpt.close()
+  return ml_collections.ConfigDict(metadata["config"]), state["params"], step
