@@ -2,16 +2,19 @@
 
     # HF save_pretrained directory -> WORKDIR/checkpoints (step 0) + WORKDIR/config.json
     python -m launch.convert --hf=/path/to/albert --workdir=/tmp/albert_ft
+    # fine-tune it (the command the conversion prints; add --config.KEY=VALUE overrides)
+    python -m launch.train --config=configs/workdir.py:/tmp/albert_ft --workdir=/tmp/albert_ft
     # latest checkpoint of WORKDIR -> HF directory (AlbertForMaskedLM / BertForMaskedLM)
     python -m launch.convert --workdir=/tmp/albert_ft --hf_out=/tmp/albert_hf \
         [--config=configs/albert.py:base]   # default: the config stored in the checkpoint
 
-Training the converted workdir resumes from step 0 with the converted weights, a fresh
-optimizer state and fresh data order. Run from the repository root (the conversion
-starts from ``configs/albert.py``).
+Training starts from the converted step-0 checkpoint: the converted weights, a fresh
+optimizer state and a fresh data order. Run from the repository root (the conversion
+starts from ``configs/albert.py``; the printed command names ``configs/workdir.py``).
 """
 
 import pathlib
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -38,7 +41,9 @@ def main(argv):
       config, params = huggingface.load_hf(_HF.value)
       directory = interop.write_checkpoint(config, params, workdir)
       (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-      print(f"wrote {directory} (step 0) and {workdir / 'config.json'}")
+      print(f"wrote {directory} (step 0) and {workdir / 'config.json'}; train it with:")
+      print(shlex.join(["python", "-m", "launch.train", f"--config=configs/workdir.py:{workdir}",
+                        f"--workdir={workdir}"]))
     else:
       config, params, step = interop.read_checkpoint(workdir)
       out = huggingface.save_hf(_CONFIG.value or config, params, _HF_OUT.value)

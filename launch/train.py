@@ -9,12 +9,12 @@ Multi-host: ``--distributed`` on every host of a pod (``launch/tpu_pod.sh``), or
 """
 
 import logging as py_logging
-import pathlib
 import statistics
 import sys
 
 from absl import app, flags
 from absl import logging
+from etils import epath
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
@@ -35,12 +35,13 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
 
 
-def plot_losses(history: list[dict], path: pathlib.Path, baseline: float | None) -> None:
+def plot_losses(history: list[dict], path: epath.Path, baseline: float | None) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], label="train")
+  train = [h for h in history if "train_loss" in h]
+  ax.plot([h["step"] for h in train], [h["train_loss"] for h in train], label="train")
   evals = [h for h in history if "eval_loss" in h]
   if evals:
     ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="validation")
@@ -50,7 +51,8 @@ def plot_losses(history: list[dict], path: pathlib.Path, baseline: float | None)
   ax.set_ylabel("loss (nats/token)")
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with path.open("wb") as f:  # epath: also gs://
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)
 
 
@@ -71,7 +73,7 @@ def report(result: dict) -> str:
   for key, value in ev.items():
     if key.endswith("sequence_accuracy"):
       lines.append(f"{key}: {value:.4f}")
-  hist = result["history"]
+  hist = [h for h in result["history"] if "tokens_per_sec" in h]
   if hist:
     tokens_per_sec = statistics.median(h["tokens_per_sec"] for h in hist)
     mfu = statistics.median(h["mfu"] for h in hist)
@@ -79,7 +81,7 @@ def report(result: dict) -> str:
                  f"MFU {100 * mfu:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
                  f"({result['peak_flops_source']}); train step compiled in "
                  f"{result['compile_time']:.1f} s")
-  wd = pathlib.Path(result["workdir"])
+  wd = epath.Path(result["workdir"])
   lines += [f"checkpoints: {wd / 'checkpoints'}", f"metrics: {wd / 'metrics.jsonl'} "
             f"(TensorBoard: {wd / 'tensorboard'})", f"loss curve: {wd / 'loss.png'}"]
   return "\n".join(lines)
@@ -101,7 +103,7 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0 and result["history"]:
-    plot_losses(result["history"], pathlib.Path(_WORKDIR.value) / "loss.png",
+    plot_losses(result["history"], epath.Path(result["workdir"]) / "loss.png",
                 result["unigram_entropy"])
     print(report(result))
 

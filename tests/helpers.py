@@ -33,7 +33,13 @@ def logged_losses(workdir) -> dict[int, float]:
   """step -> train_loss from metrics.jsonl, the last record of each step (a restarted run
   re-logs the steps after its last checkpoint)."""
   out = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    out[record["step"]] = record["train_loss"]
+  for record in records(workdir):
+    if "train_loss" in record:
+      out[record["step"]] = record["train_loss"]
   return out
+
+
+def records(workdir) -> list[dict]:
+  """Every record of metrics.jsonl in order."""
+  lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [json.loads(line) for line in lines]

@@ -8,6 +8,8 @@ import pytest
 from configs import albert, default, transformer
 from xlps import models
 
+from helpers import tiny
+
 
 def with_depth(config, n, m=None, order="sequence"):
   config = config.copy_and_resolve_references()
@@ -100,3 +102,23 @@ def test_tied_encoder_decoder_counts():
   assert st["unique_params"] == su["unique_params"] - saved
   assert st["applied_params"] == su["applied_params"]
   assert st["flops_per_token"] == su["flops_per_token"]
+
+
+@pytest.mark.parametrize("family,overrides,by_hand", [
+    # d 16, 4 heads, d_ff 32, vocab 32, seq 8. One layer's kernels: q, k, v, out 4 x 16 x 16
+    # = 1024, FFN 16 x 32 + 32 x 16 = 1024, so 2048. Attention scores (PaLM): 12 x d_attn 16
+    # x seq 8 = 1536 per attention layer.
+    # 6 tied layers applied: 6 x (6 x 2048 + tied output 32 x 16 = 512) + 6 x 1536
+    ("decoder_lm", {}, 6 * (6 * 2048 + 512) + 6 * 1536),
+    # ALBERT shape, E 8, 2 layers: 6 x (E->H 8 x 16 + 2 x 2048 + head H->E 16 x 8 + tied
+    # output 32 x 8) + 2 x 1536
+    ("encoder_mlm", {"num_layers": 2, "embed_dim": 8},
+     6 * (8 * 16 + 2 * 2048 + 16 * 8 + 32 * 8) + 2 * 1536),
+    # 2 encoder layers, 3 decoder layers with cross-attention (4 x 16 x 16 = 1024 each), per
+    # target token with an equally long source: 6 x (2 x 2048 + 3 x (2048 + 1024) + 512)
+    # + (2 + 3 self + 3 cross) x 1536
+    ("encoder_decoder", {"num_layers": 2, "num_decoder_layers": 3},
+     6 * (2 * 2048 + 3 * (2048 + 1024) + 512) + 8 * 1536),
+], ids=["decoder_lm", "encoder_mlm", "encoder_decoder"])
+def test_flops_per_token_by_hand(family, overrides, by_hand):
+  assert models.summarize(tiny(family, **overrides), seq_len=8)["flops_per_token"] == by_hand

@@ -2,6 +2,7 @@
 masking, the TFDS path (mocked) and the errors for bad input."""
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from xlps import config as config_lib
 from xlps import data
-from xlps.data import builders, tokenizers
+from xlps.data import builders, sources, tokenizers
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -49,6 +50,51 @@ def corpus(tmp_path_factory):
     words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(20, 120)))
     (root / f"f{i:03d}.txt").write_text(f"<doc{i:03d}> {words}\n")
   return root
+
+
+@pytest.fixture(scope="session")
+def eval_corpus(tmp_path_factory):
+  """A text_files corpus of 300 small files, 20 of them validation documents."""
+  root = tmp_path_factory.mktemp("eval_corpus")
+  rng = np.random.default_rng(1)
+  for i in range(300):
+    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(5, 60)))
+    (root / f"f{i:03d}.txt").write_text(f"<doc{i:03d}> {words}\n")
+  return root
+
+
+def eval_overrides(kind, eval_corpus):
+  """(data overrides, eval split) of a small packed-text or seq2seq dataset."""
+  if kind == "text":
+    return dict(name="text_files", glob=str(eval_corpus / "*.txt"), seq_len=32), "validation"
+  return SMALL_ALGORITHMIC, "test"
+
+
+class CountingSource:
+  """A record source that remembers the indices read from it."""
+
+  def __init__(self, records):
+    self.records, self.read = records, set()
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, index):
+    self.read.add(int(index))
+    return self.records[index]
+
+
+def count_eval_reads(monkeypatch, source_name):
+  """Wraps the eval splits of ``sources.<source_name>`` in CountingSources; returns the list
+  of each build's wrapped eval splits."""
+  make, built = getattr(sources, source_name), []
+
+  def counting(*args, **kwargs):
+    splits = make(*args, **kwargs)
+    built.append({k: CountingSource(v) for k, v in splits.evals.items()})
+    return dataclasses.replace(splits, evals=built[-1])
+  monkeypatch.setattr(sources, source_name, counting)
+  return built
 
 
 def take(it, n):
@@ -119,27 +165,83 @@ def test_processes_read_disjoint_shards_that_cover_the_train_split(tfds_dir, cor
   assert len(seen[0]) == len(seen[1]) == len(train_tags) // 2  # remainder dropped
 
 
-def test_eval_batches_are_global_batches_split_across_processes(tfds_dir):
-  whole = list(data.build(make_config(tfds_dir)).eval_batches("validation"))
-  parts = [list(data.build(make_config(tfds_dir), process_index=i, process_count=2)
-                .eval_batches("validation")) for i in range(2)]
-  assert len(whole) == len(parts[0]) == len(parts[1]) == 8
-  for w, p0, p1 in zip(whole, *parts):
-    assert p0["inputs"].shape == (4, 128)
-    np.testing.assert_array_equal(w["inputs"], np.concatenate([p0["inputs"], p1["inputs"]]))
-  again = list(data.build(make_config(tfds_dir)).eval_batches("validation"))
-  assert_same(whole, again)
-  with pytest.raises(ValueError, match=r"eval split 'test' is unknown; valid: validation"):
-    data.build(make_config(tfds_dir)).eval_batches("test")
+def eval_parts(config, split, count):
+  """The eval batches of each of ``count`` processes, padded as train._eval does (with
+  ``padding_batch()`` up to the most batches any process has)."""
+  pipelines = [data.build(config, process_index=i, process_count=count) for i in range(count)]
+  parts = [list(p.eval_batches(split)) for p in pipelines]
+  most = max(map(len, parts))
+  return [part + [p.padding_batch()] * (most - len(part)) for p, part in zip(pipelines, parts)]
 
 
-def test_eval_pads_the_last_batch_with_weight_zero_rows(tfds_dir):
+@pytest.mark.parametrize("family,kind", [("decoder_lm", "text"), ("encoder_mlm", "text"),
+                                         ("encoder_decoder", "seq2seq")])
+def test_eval_global_batches_do_not_depend_on_the_process_count(tfds_dir, eval_corpus, family,
+                                                                kind):
+  overrides, split = eval_overrides(kind, eval_corpus)
+  for eval_batches in (0, 3):
+    config = make_config(tfds_dir, family=family, eval_batches=eval_batches, **overrides)
+    [whole] = eval_parts(config, split, 1)
+    assert (len(whole) == 3) if eval_batches else (len(whole) > 3)
+    for count in (2, 4):
+      parts = eval_parts(config, split, count)
+      assert parts[0][0]["weights"].shape == (8 // count, 32)
+      assert_same([{k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+                   for batches in zip(*parts)], whole)
+  assert_same(list(data.build(config).eval_batches(split)), whole)  # the same on every call
+  with pytest.raises(ValueError, match=rf"eval split 'nope' is unknown; valid: {split}"):
+    data.build(config).eval_batches("nope")
+
+
+@pytest.mark.parametrize("kind", ["text", "seq2seq"])
+def test_eval_covers_the_whole_split_once(tfds_dir, eval_corpus, kind):
+  overrides, split = eval_overrides(kind, eval_corpus)
+  if kind == "text":  # encoder_mlm: attention_mask marks each packed token (BOS text EOS)
+    config = make_config(tfds_dir, family="encoder_mlm", eval_batches=0, **overrides)
+    records = sources.text_files(config.data.glob, require_utf8=False).evals[split]
+    key, expected, rows = "attention_mask", sum(len(r["text"]) + 2 for r in records), None
+  else:  # one weighted row per example: its target and EOS
+    config = make_config(tfds_dir, family="encoder_decoder", eval_batches=0, **overrides)
+    records = sources.algorithmic(config.data, str(tfds_dir)).evals[split]
+    key, expected, rows = "weights", sum(len(r["target"]) + 1 for r in records), len(records)
+  for count in (1, 2, 4):
+    batches = [b for part in eval_parts(config, split, count) for b in part]
+    assert sum(b[key].sum() for b in batches) == expected, count
+    if rows:
+      assert sum((b[key].sum(1) > 0).sum() for b in batches) == rows, count
+
+
+@pytest.mark.parametrize("kind", ["text", "seq2seq"])
+def test_each_process_reads_only_its_share_of_the_eval_split(tfds_dir, eval_corpus, monkeypatch,
+                                                             kind):
+  overrides, split = eval_overrides(kind, eval_corpus)
+  built = count_eval_reads(monkeypatch, "text_files" if kind == "text" else "algorithmic")
+  family = "decoder_lm" if kind == "text" else "encoder_decoder"
+  for count in (2, 4):
+    for index in range(count):
+      for eval_batches in (0, 2):
+        config = make_config(tfds_dir, family=family, eval_batches=eval_batches, **overrides)
+        list(data.build(config, process_index=index, process_count=count).eval_batches(split))
+        source = built[-1][split]
+        n = len(source)
+        share = set(range(index * n // count, (index + 1) * n // count))
+        if eval_batches:  # the first rows of each of its shards
+          assert source.read < share and source.read, (count, index)
+        else:
+          assert source.read == share, (count, index)
+
+
+def test_eval_pads_exhausted_shards_with_weight_zero_rows(tfds_dir):
   pipeline = data.build(make_config(tfds_dir, family="encoder_decoder", batch_size=24,
                                     eval_batches=0, **SMALL_ALGORITHMIC))
   batches = list(pipeline.eval_batches("test"))
-  assert len(batches) == 3  # 64 examples in batches of 24
+  assert len(batches) == 3  # 64 examples in 24 shards of 2 or 3: 16 shards have a third
   assert all(b["inputs"].shape == (24, 32) for b in batches)
-  assert batches[-1]["weights"][16:].sum() == 0 and (batches[-1]["weights"][:16].sum(1) > 0).all()
+  real = batches[-1]["weights"].sum(1) > 0
+  assert real.sum() == 16 and not any(v[~real].any() for v in batches[-1].values())
+  padding = pipeline.padding_batch()
+  assert padding.keys() == batches[0].keys()
+  assert all(v.shape == (24, 32) and not v.any() for v in padding.values())
 
 
 def decode_seq2seq(batch):

@@ -14,7 +14,7 @@ from configs import albert, default, transformer
 from xlps import checkpoint as checkpoint_lib
 from xlps import train
 
-from helpers import logged_losses
+from helpers import logged_losses, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -190,3 +190,47 @@ def test_resume_onto_a_different_mesh(tmp_path, data_dir):
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)
   for x, y in zip(jax.tree.leaves(full["state"].params), jax.tree.leaves(moved["state"].params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+
+
+def test_logging_evaluation_and_checkpoints_are_independent(tmp_path, data_dir):
+  config = shrink(mlm_config(), data_dir, steps=6)
+  t = config.train
+  t.log_every_steps, t.eval_every_steps, t.checkpoint_every_steps = 3, 2, 5
+  t.keep_checkpoints = 5
+  train.train_and_evaluate(config, tmp_path / "wd")
+  rows = records(tmp_path / "wd")
+  assert [r["step"] for r in rows if "train_loss" in r] == [3, 6]
+  assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "wd" / "checkpoints", async_save=False)
+  assert ckpt.all_steps() == [5, 6]
+  ckpt.close()
+  # Throughput counts every position the model ran on (MLM weights only ~15% of them),
+  # once globally: batch 8 x seq_len 32 tokens per step.
+  for r in rows:
+    if "train_loss" in r:
+      assert r["tokens_per_sec"] / r["steps_per_sec"] == pytest.approx(8 * 32, rel=1e-9)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("data", "seq_len", 64, r"data.seq_len=64 exceeds model.max_len=32"),
+    ("train", "batch_size", 12, r"train.batch_size=12 must be a multiple of the mesh's data x "
+                                r"fsdp = 8 x 1 = 8"),
+    ("train", "eval_every_steps", 0, r"train.eval_every_steps=0 must be an integer >= 1"),
+    ("train", "warmup_steps", -1, r"train.warmup_steps=-1 must be an integer >= 0"),
+    ("train", "b2", 1.0, r"train.b2=1.0 must be a number >= 0 and < 1"),
+    ("train", "decay_steps", 2, r"train.decay_steps=2 must exceed train.warmup_steps=2"),
+    ("model", "vocab_size", 100, r"model.vocab_size=100 is smaller than the byte tokenizer's"),
+])
+def test_bad_config_refused_before_any_work(section, key, value, message, data_dir):
+  config = shrink(default.get_config("tied"), data_dir)
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    train.validate(config)
+
+
+def test_seq_len_beyond_max_len_never_trains(tmp_path, data_dir):
+  config = shrink(default.get_config("tied"), data_dir, steps=4)
+  config.data.seq_len = 40  # learned positions 32..39 do not exist
+  with pytest.raises(ValueError, match="data.seq_len=40 exceeds model.max_len=32"):
+    train.train_and_evaluate(config, tmp_path / "wd")
+  assert not (tmp_path / "wd" / "checkpoints").exists()

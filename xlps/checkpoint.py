@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "tensorflow-datasets", "ml-collections", "xlps")
@@ -42,7 +42,8 @@ class Checkpointer:
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
                save_interval_steps: int = 1, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    path = epath.Path(directory)  # gs://... stays remote (pathlib would make it gs:/...)
+    self.directory = path if "://" in os.fspath(directory) else path.absolute()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
         enable_async_checkpointing=async_save, create=True)

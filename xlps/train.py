@@ -14,8 +14,9 @@ import functools
 import json
 import math
 import os
-import pathlib
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -27,12 +28,15 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
+from etils import epath
 
 from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
 from xlps import data as data_lib
 from xlps import models
 from xlps import partitioning
+from xlps.data import tokenizers as tok_lib
 from xlps.config import ModelSpec
 
 # Peak dense FLOP/s per device by device kind (bf16; float32 on CPU is measured instead).
@@ -85,13 +89,31 @@ class TrainState:
   rng: jax.Array
 
 
+# Weight decay by what a parameter is (its leaf name), never by its rank: stacked slots
+# make biases and norm scales (M, d) and attention biases are (heads, head_dim). As in
+# BERT / HF (no decay on "bias" and "LayerNorm.weight"), matrices decay, biases and norms
+# do not.
+DECAYED_LEAVES = {"kernel": True, "embedding": True, "position_embedding": True,
+                  "type_embedding": True, "bias": False, "scale": False}
+
+
+def decay_mask(params: Any) -> Any:
+  """True for each parameter that AdamW's weight decay applies to (see DECAYED_LEAVES)."""
+  def decayed(path, _):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # skips box fields
+    if names[-1] not in DECAYED_LEAVES:
+      raise ValueError(f"parameter {'/'.join(names)} has no weight-decay rule; add "
+                       f"{names[-1]!r} to xlps.train.DECAYED_LEAVES")
+    return DECAYED_LEAVES[names[-1]]
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW with linear warmup + cosine decay and global-norm clipping."""
   decay_steps = t.decay_steps or t.num_steps
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, t.learning_rate, max(t.warmup_steps, 1), max(decay_steps, t.warmup_steps + 1),
+      0.0, t.learning_rate, t.warmup_steps, max(decay_steps, t.warmup_steps + 1),
       t.learning_rate * t.end_lr_factor)
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # noqa: E731
   chain = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm > 0 else []
   chain.append(optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=decay_mask))
   return optax.chain(*chain)
@@ -215,62 +237,154 @@ def peak_flops(t: ml_collections.ConfigDict) -> tuple[float, str]:
   return measured_peak_flops(), f"measured {kind} matmul peak"
 
 
-class MetricWriter:
-  """``metrics.jsonl`` (one object per logged step) plus TensorBoard event files."""
+# Workdir schemes served end to end: epath for our files, TensorStore for Orbax's arrays.
+REMOTE_SCHEMES = ("gs://",)
 
-  def __init__(self, workdir: pathlib.Path, enabled: bool = True):
+
+def workdir_path(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir`` as an ``epath.Path`` (``pathlib`` would turn ``gs://b`` into ``gs:/b``)."""
+  text = os.fspath(workdir)
+  if "://" in text and not text.startswith(REMOTE_SCHEMES):
+    raise ValueError(f"workdir={text!r}: the scheme {text.split('://')[0] + '://'!r} is not "
+                     f"supported; use a local path or one of {', '.join(REMOTE_SCHEMES)}")
+  return epath.Path(text)
+
+
+def is_local(path: epath.Path) -> bool:
+  return not os.fspath(path).startswith(REMOTE_SCHEMES)
+
+
+class MetricWriter:
+  """``metrics.jsonl`` (one object per record) plus TensorBoard event files.
+
+  Local workdirs append to both. Object stores (gs://) cannot append: there the JSON
+  lines are rewritten whole and the events, written to a local staging folder, are
+  copied over after every record.
+  """
+
+  def __init__(self, workdir: epath.Path, enabled: bool = True):
     self.enabled = enabled
     self.path = workdir / "metrics.jsonl"
-    self._tb = None
+    self._tb = self._staging = None
     if enabled:
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._tb_dir = workdir / "tensorboard"
+      if not is_local(workdir):
+        self._staging = tempfile.mkdtemp(prefix="xlps_tensorboard_")
+        self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+      self._tb = SummaryWriter(self._staging or os.fspath(self._tb_dir))
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+    line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
     for key, value in values.items():
       self._tb.add_scalar(key, float(value), step)
     self._tb.flush()
+    if self._staging is None:
+      with self.path.open("a") as f:
+        f.write(line)
+      return
+    self._lines.append(line)
+    self.path.write_text("".join(self._lines))
+    self._upload_events()
+
+  def _upload_events(self) -> None:
+    self._tb_dir.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(self._staging):
+      with open(os.path.join(self._staging, name), "rb") as f:
+        (self._tb_dir / name).write_bytes(f.read())
 
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+    if self._staging is not None:
+      self._upload_events()
+      shutil.rmtree(self._staging, ignore_errors=True)
 
 
-def _check_workdir(workdir: pathlib.Path) -> None:
+def _check_workdir(workdir: epath.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write_test.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise ValueError(f"workdir={str(workdir)!r} cannot be written ({e.strerror}); pass a "
-                     "--workdir in a writable location") from None
+    raise ValueError(f"workdir={os.fspath(workdir)!r} cannot be written ({e.strerror or e}); "
+                     "pass a --workdir in a writable location") from None
 
 
-def validate(config: ml_collections.ConfigDict) -> ModelSpec:
-  """Checks every section before anything is traced; returns the model spec."""
+def _check_number(field: str, value, lo: float, hi: float | None = None,
+                  integer: bool = False, open_hi: bool = False) -> None:
+  """ValueError naming ``field`` unless ``lo <= value <= hi`` (``< hi`` with ``open_hi``)."""
+  kinds = (int,) if integer else (int, float)
+  above = hi is not None and (value >= hi if open_hi else value > hi)
+  if isinstance(value, bool) or not isinstance(value, kinds) or value < lo or above:
+    what = "an integer" if integer else "a number"
+    bound = "" if hi is None else f" and {'<' if open_hi else '<='} {hi}"
+    raise ValueError(f"{field}={value!r} must be {what} >= {lo}{bound}")
+
+
+def validate(config: ml_collections.ConfigDict, process_count: int = 1,
+             num_devices: int | None = None) -> ModelSpec:
+  """Checks every section and every cross-section constraint before any data or trace.
+
+  Returns the model spec. ``process_count`` / ``num_devices`` default to this job's.
+  """
   spec = models.spec_of(config)
   t = config.train
   for key in ("num_steps", "batch_size", "log_every_steps", "eval_every_steps",
               "checkpoint_every_steps", "keep_checkpoints"):
-    if not isinstance(t[key], int) or t[key] < 1:
-      raise ValueError(f"train.{key}={t[key]!r} must be an integer >= 1")
+    _check_number(f"train.{key}", t[key], 1, integer=True)
+  for key in ("warmup_steps", "decay_steps"):
+    _check_number(f"train.{key}", t[key], 0, integer=True)
   if t.learning_rate <= 0:
     raise ValueError(f"train.learning_rate={t.learning_rate!r} must be > 0")
+  _check_number("train.end_lr_factor", t.end_lr_factor, 0, 1)
+  _check_number("train.weight_decay", t.weight_decay, 0)
+  _check_number("train.grad_clip_norm", t.grad_clip_norm, 0)
+  _check_number("train.peak_flops_per_device", t.peak_flops_per_device, 0)
+  for key in ("b1", "b2"):
+    _check_number(f"train.{key}", t[key], 0, 1, open_hi=True)
+  if t.decay_steps and t.decay_steps <= t.warmup_steps:
+    raise ValueError(f"train.decay_steps={t.decay_steps} must exceed train.warmup_steps="
+                     f"{t.warmup_steps} (or be 0 = num_steps)")
+  data_lib.validate(config, 0, process_count)  # includes batch_size vs processes / shards
+  d = config.data
+  if spec.position_embedding != "none" and d.seq_len > spec.max_len:
+    raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={spec.max_len}: positions "
+                     f"beyond max_len have no embedding; set model.max_len >= {d.seq_len} or "
+                     f"data.seq_len <= {spec.max_len}")
+  vocab = (tok_lib.ByteTokenizer.vocab_size if d.tokenizer == "byte"
+           else d.sp_vocab_size)
+  if vocab > spec.vocab_size:
+    raise ValueError(f"model.vocab_size={spec.vocab_size} is smaller than the {d.tokenizer} "
+                     f"tokenizer's vocabulary ({vocab}); set model.vocab_size >= {vocab}")
+  shape = dict(zip(partitioning.MESH_AXES, partitioning.mesh_shape(
+      config.mesh, jax.device_count() if num_devices is None else num_devices)))
+  batch_shards = shape["data"] * shape["fsdp"]
+  if t.batch_size % batch_shards:
+    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's data x "
+                     f"fsdp = {shape['data']} x {shape['fsdp']} = {batch_shards} batch shards")
   return spec
 
 
 def _eval(params, pipeline, eval_fn, mesh, rules, batch_sharding,
           sequences: bool) -> dict[str, float]:
-  """Loss, token accuracy, perplexity (and exact-sequence accuracy) per eval split."""
+  """Loss, token accuracy, perplexity (and exact-sequence accuracy) per eval split.
+
+  Each process reads only its shards of a split and can run out of rows before the others,
+  but the step is a collective: before each batch the processes agree whether any still has
+  rows, and those that have none feed ``pipeline.padding_batch()`` (weight 0, no effect).
+  """
   results = {}
   for split in pipeline.eval_splits:
-    sums = None
-    for batch in pipeline.eval_batches(split):
+    sums, batches = None, pipeline.eval_batches(split)
+    while True:
+      batch = next(batches, None)
+      if not multihost_utils.process_allgather(batch is not None).any():
+        break
+      batch = pipeline.padding_batch() if batch is None else batch
       with partitioning.activate(mesh, rules):
         m = jax.device_get(eval_fn(params, partitioning.global_batch(batch, batch_sharding)))
       sums = m if sums is None else {k: sums[k] + m[k] for k in m}
@@ -285,6 +399,20 @@ def _eval(params, pipeline, eval_fn, mesh, rules, batch_sharding,
   return results
 
 
+def _log_progress(step: int, num_steps: int, record: Mapping[str, float], steps_done: int,
+                  seconds: float) -> None:
+  """One console line per record: train metrics and/or eval losses, and the ETA."""
+  parts = [f"step {step}/{num_steps}"]
+  if "train_loss" in record:
+    parts += [f"loss {record['train_loss']:.4f}", f"{record['tokens_per_sec']:.0f} tok/s",
+              f"MFU {100 * record['mfu']:.1f}%"]
+  eta = (num_steps - step) * seconds / max(steps_done, 1)
+  parts.append("ETA " + time.strftime("%H:%M:%S", time.gmtime(eta)))
+  parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval") and
+            k.endswith("loss")]
+  logging.info(" | ".join(parts))
+
+
 def checkpoint_metadata(config, spec: ModelSpec, summary: dict) -> dict:
   """JSON stored with every checkpoint: the config, the slot tables, package versions."""
   return {"config": json.loads(config.to_json_best_effort()), "sharing": summary["slots"],
@@ -293,26 +421,20 @@ def checkpoint_metadata(config, spec: ModelSpec, summary: dict) -> dict:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary."""
-  workdir = pathlib.Path(workdir)
-  spec = validate(config)
+  workdir = workdir_path(workdir)
+  spec = validate(config, jax.process_count())
   _check_workdir(workdir)
   t = config.train
   is_main = jax.process_index() == 0
   pipeline = data_lib.build(config, process_index=jax.process_index(),
                             process_count=jax.process_count())
-  if pipeline.vocab_size > spec.vocab_size:
+  if pipeline.vocab_size > spec.vocab_size:  # e.g. a sentencepiece model with fewer pieces
     raise ValueError(f"model.vocab_size={spec.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({pipeline.vocab_size}); set model.vocab_size >= "
                      f"{pipeline.vocab_size}")
   summary = models.summarize(spec, config.data.seq_len)
   mesh = partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_of(config.mesh)
-  local_batch = t.batch_size // jax.process_count()
-  if local_batch * jax.process_count() != t.batch_size or t.batch_size % (
-      mesh.shape["data"] * mesh.shape["fsdp"]):
-    raise ValueError(f"train.batch_size={t.batch_size} must divide evenly over "
-                     f"{jax.process_count()} processes and the mesh's data x fsdp = "
-                     f"{mesh.shape['data'] * mesh.shape['fsdp']} batch shards")
   setup = make_steps(spec, make_optimizer(t), config.seed, mesh, rules)
   state, train_fn, eval_fn, batch_sharding = (setup.state, setup.train_fn, setup.eval_fn,
                                               setup.batch_sharding)
@@ -338,7 +460,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   history: list[dict] = []
-  sums, window = None, 0
+  sums, window, paused = None, 0, 0.0
+
+  def due(every: int) -> bool:  # logging, evaluation and checkpoints are independent
+    return step % every == 0 or step == t.num_steps
+
   try:
     unconsumed_data_state = train_iter.get_state()  # valid while `batch` is not yet trained on
     batch = partitioning.global_batch(next(train_iter), batch_sharding)
@@ -346,6 +472,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     with partitioning.activate(mesh, rules):  # compile ahead: keeps it out of tokens/s
       train_fn = train_fn.lower(state, batch).compile()
     compile_time = time.perf_counter() - t_compile
+    # Tokens the model runs on per step, globally (the unit of flops_per_token): every
+    # position of every row, not only the loss-weighted ones.
+    tokens_per_step = math.prod(targets_of(batch, spec.family).shape)
     if is_main:
       logging.info("train step compiled in %.1f s", compile_time)
     t_start = t_log = time.perf_counter()
@@ -360,33 +489,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       window += 1
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
 
-      if step % t.log_every_steps == 0 or step == t.num_steps:
+      record = {}
+      if due(t.log_every_steps):
         m = jax.device_get(sums)
-        elapsed = time.perf_counter() - t_log
-        tokens = float(m["tokens"])
-        seen_steps = step - step_start
-        record = {"train_loss": float(m["loss_sum"]) / max(tokens, 1.0),
-                  "train_accuracy": float(m["correct"]) / max(tokens, 1.0),
+        elapsed = time.perf_counter() - t_log - paused  # without evaluation and saving
+        weighted = max(float(m["tokens"]), 1.0)
+        record = {"train_loss": float(m["loss_sum"]) / weighted,
+                  "train_accuracy": float(m["correct"]) / weighted,
                   "grad_norm": float(m["grad_norm"]) / window,
-                  "tokens_per_sec": tokens * jax.process_count() / elapsed}
+                  "steps_per_sec": window / elapsed,
+                  "tokens_per_sec": window * tokens_per_step / elapsed}
         record["mfu"] = record["tokens_per_sec"] * summary["flops_per_token"] / flops
-        if step % t.eval_every_steps == 0 or step == t.num_steps:
-          last_eval = _eval(state.params, pipeline, eval_fn, mesh, rules, batch_sharding,
-                            sequences=config.data.name == "algorithmic")
-          record.update(last_eval)
+        sums, window, paused, t_log = None, 0, 0.0, time.perf_counter()
+      if due(t.eval_every_steps):
+        t_eval = time.perf_counter()
+        last_eval = _eval(state.params, pipeline, eval_fn, mesh, rules, batch_sharding,
+                          sequences=config.data.name == "algorithmic")
+        record.update(last_eval)
+        paused += time.perf_counter() - t_eval
+      if record:
         writer.write(step, record)
         history.append({"step": step, **record})
-        rate = seen_steps / (time.perf_counter() - t_start)
-        eta = (t.num_steps - step) / max(rate, 1e-9)
         if is_main:
-          evals = "".join(f" | {k} {v:.4f}" for k, v in last_eval.items()
-                          if k.endswith("loss") and k in record)
-          logging.info("step %d/%d | loss %.4f | %.0f tok/s | MFU %.1f%% | ETA %s%s", step,
-                       t.num_steps, record["train_loss"], record["tokens_per_sec"],
-                       100 * record["mfu"], time.strftime("%H:%M:%S", time.gmtime(eta)), evals)
-        sums, window, t_log = None, 0, time.perf_counter()
-      if step % t.checkpoint_every_steps == 0 or step == t.num_steps:
+          _log_progress(step, t.num_steps, record, step - step_start,
+                        time.perf_counter() - t_start)
+      if due(t.checkpoint_every_steps):
+        t_save = time.perf_counter()
         ckpt.save(step, state, train_iter.get_state(), metadata, force=True)
+        paused += time.perf_counter() - t_save
     if stop["signal"] is not None and ckpt.latest_step() != step:
       logging.warning("SIGTERM at step %d: saving a final checkpoint", step)
       data_state = train_iter.get_state() if batch is None else unconsumed_data_state
@@ -401,4 +531,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           "peak_flops": flops, "peak_flops_source": flops_source,
           "wall_time": time.perf_counter() - t_start, "compile_time": compile_time,
           "interrupted": stop["signal"] is not None,
-          "workdir": str(workdir)}
+          "workdir": os.fspath(workdir)}

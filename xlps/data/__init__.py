@@ -5,7 +5,10 @@ the field, the value and what is valid), prepares the dataset on first use (cach
 ``data.data_dir``) and returns a ``Pipeline``:
 
     pipeline.train_iter()        endless checkpointable batches (get_state / set_state)
-    pipeline.eval_batches(split) finite, identical on every call; split in pipeline.eval_splits
+    pipeline.eval_batches(split) this process's rows of the global eval batches (split in
+                                 pipeline.eval_splits): finite, identical on every call and
+                                 for any process count; each process reads only its shards
+    pipeline.padding_batch()     weight-0 batch for a process whose eval rows ran out first
     pipeline.vocab_size, pipeline.unigram_entropy, pipeline.describe()
 
 Batch keys per ``config.model.family`` (leading dim = local batch; int32, weights float32):
@@ -28,7 +31,7 @@ from xlps.data import builders, sources
 from xlps.data import tokenizers as tok_lib
 from xlps.data.pipeline import Pipeline, sample_indices
 
-__all__ = ["build", "data_config", "Pipeline", "NAMES"]
+__all__ = ["build", "data_config", "validate", "Pipeline", "NAMES"]
 
 NAMES = ("stdlib", "algorithmic", "text_files", "tfds")
 _FAMILIES_OF_KIND = {"text": ("decoder_lm", "encoder_mlm"),
@@ -73,7 +76,8 @@ def _check_choice(field: str, value, valid: tuple) -> None:
     raise ValueError(f"config.{field}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
-def _validate(config, process_index: int, process_count: int) -> None:
+def validate(config: ml_collections.ConfigDict, process_index: int = 0,
+             process_count: int = 1) -> None:
   """Checks everything that can be checked before touching any data."""
   d, known = config.data, data_config()
   for key in d:
@@ -142,7 +146,7 @@ def build(config: ml_collections.ConfigDict, *, process_index: int = 0,
   ``config.train.batch_size`` is global; this process gets batch_size // process_count rows
   per batch, read from its own shard of the train split.
   """
-  _validate(config, process_index, process_count)
+  validate(config, process_index, process_count)
   d = config.data
   data_dir = os.path.expanduser(d.data_dir or os.environ.get("TFDS_DATA_DIR", "")
                                 or "~/tensorflow_datasets")

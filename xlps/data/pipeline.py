@@ -6,9 +6,15 @@ with grain's concat-then-split and window-shuffle the rows (long documents fill 
 consecutive rows) -> family features -> batch. Every stage is a grain ``IterDataset``,
 so the iterator's state is a small JSON-serialisable dict and resuming is exact.
 
-Evaluation: every process walks the whole eval split in a fixed order, groups rows into
-*global* batches and keeps its own slice, so all processes yield the same number of
-batches and together cover the split once; the last batch is padded with weight-0 rows.
+Evaluation: the eval split's records are cut into a fixed number of contiguous shards (the
+largest divisor of the global batch that is at most the number of records), each turned
+into rows on its own (text: packed, so packing restarts at every shard boundary; seq2seq:
+one row per record). Shard j fills the same rows of every *global* batch with its next
+rows, and weight-0 rows once it is exhausted. The global batches depend on the global batch
+size only, not on the process count, and cover the split once; each process reads only the
+shards behind its own rows (with at least as many records as the global batch: its
+contiguous 1/process_count of the split). Processes can run out of rows at different
+batches; the caller keeps them in step with ``padding_batch()`` (``train._eval`` does).
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from xlps.data import tokenizers as tok_lib
 _SHUFFLE_WINDOW_DOCS = 64          # packed rows are shuffled in windows of ~this many documents
 _SHUFFLE_WINDOW_MAX_TOKENS = 1 << 22  # ... but at most this many tokens (memory, resume time)
 _STATS_MAX_DOCS = 20000             # token statistics: at most this many train documents
+# Eval reads each shard in the calling thread: a process reads up to global_batch / process_count
+# shards at once, and grain's default (16 threads, 500 records ahead) per shard would read far
+# past the rows needed.
+_EVAL_READ = grain.ReadOptions(num_threads=0)
 
 
 def shard(ds: grain.MapDataset, index: int, count: int, what: str) -> grain.MapDataset:
@@ -204,16 +214,18 @@ class Pipeline:
                                                           tokenizer)
       self._shuffle_window = shuffle_window(doc_tokens, seq_len, batch_size // num_shards)
 
-  def _rows(self, ds: grain.MapDataset) -> grain.IterDataset:
+  def _rows(self, ds: grain.MapDataset,
+            read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
     """Family features, one row (packed sequence or example) per element."""
     # Locals only: the lambdas are pickled into grain worker processes.
     encode, key, seq_len, family = (self.tokenizer.encode, self._splits.text_key, self._seq_len,
                                     self._family)
     if self._splits.kind == "seq2seq":
       return ds.map(lambda r: seq2seq_features(encode(r["source"]), encode(r["target"]), family,
-                                               seq_len)).to_iter_dataset()
+                                               seq_len)).to_iter_dataset(read_options)
     docs = ds.map(lambda r: {"tokens": np.concatenate(
-        [[tok_lib.BOS], encode(r[key]), [tok_lib.EOS]]).astype(np.int32)}).to_iter_dataset()
+        [[tok_lib.BOS], encode(r[key]), [tok_lib.EOS]]).astype(np.int32)}).to_iter_dataset(
+            read_options)
     if family == "decoder_lm":
       return _PackDataset(docs, seq_len + 1).map(lm_features)
     masking = dict(probability=self._mlm_probability,
@@ -248,22 +260,52 @@ class Pipeline:
     return batches
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of the first ``data.eval_batches`` global batches of ``split``
-    (all of it for 0), always in the same order, padded with weight-0 rows."""
+    """This process's rows of the first ``data.eval_batches`` global batches of ``split`` (0:
+    all), the same on every call and for any process count.
+
+    With S eval shards (see the module docstring) and R = batch_size / S, shard j fills rows
+    j*R .. j*R + R - 1 of every global batch with its next R rows (weight-0 once exhausted),
+    so ``data.eval_batches`` = k > 0 evaluates the first k*R rows of every shard. A process
+    stops when its own shards are exhausted and cannot know when the others' are, so
+    processes can yield different numbers of batches: each must feed ``padding_batch()`` to
+    the eval step until none has rows left: min(k, ceil(longest shard's rows / R)) batches.
+    """
     if split not in self._splits.evals:
       raise ValueError(f"eval split {split!r} is unknown; valid: {', '.join(self.eval_splits)}")
-    return self._local_eval_batches(iter(self._rows(
-        grain.MapDataset.source(self._splits.evals[split]))))
-
-  def _local_eval_batches(self, rows: Iterator[dict]) -> Iterator[dict[str, np.ndarray]]:
+    records = self._splits.evals[split]
+    n, size = len(records), self._global_batch
+    shards = max(d for d in range(1, size + 1) if size % d == 0 and d <= max(n, 1))
+    per = size // shards  # rows of each shard in a global batch
     lo = self._process_index * self._local_batch
+    hi = lo + self._local_batch
+    ds = grain.MapDataset.source(records)
+    streams = {j: iter(self._rows(ds[j * n // shards:(j + 1) * n // shards], _EVAL_READ))
+               for j in range(lo // per, (hi - 1) // per + 1)}
+    return self._local_eval_batches(streams, per, lo, hi)
+
+  def _local_eval_batches(self, streams: dict[int, Iterator[dict]], per: int, lo: int,
+                          hi: int) -> Iterator[dict[str, np.ndarray]]:
+    padding = self._padding_row()
     for _ in itertools.islice(itertools.count(), self._eval_batches or None):
-      group = list(itertools.islice(rows, self._global_batch))
-      if not group:
+      rows = {j * per + i: row for j, stream in streams.items()
+              for i, row in enumerate(itertools.islice(stream, per))}
+      if not rows:
         return
-      padding = {k: np.zeros_like(v) for k, v in group[0].items()}
-      local = (group + [padding] * (self._global_batch - len(group)))[lo:lo + self._local_batch]
-      yield {k: np.stack([row[k] for row in local]) for k in local[0]}
+      local = [rows.get(r, padding) for r in range(lo, hi)]
+      yield {k: np.stack([row[k] for row in local]) for k in padding}
+
+  def padding_batch(self) -> dict[str, np.ndarray]:
+    """A local batch of weight-0 (all-zero) rows: what a process feeds to the eval step
+    after its own eval rows are exhausted, while other processes still have some."""
+    padding = self._padding_row()
+    return {k: np.stack([v] * self._local_batch) for k, v in padding.items()}
+
+  def _padding_row(self) -> dict[str, np.ndarray]:
+    """All-zero features shaped like this pipeline's rows (those of an empty record)."""
+    record = ({"source": b"", "target": b""} if self._splits.kind == "seq2seq"
+              else {self._splits.text_key: b""})
+    row = next(iter(self._rows(grain.MapDataset.source([record]), _EVAL_READ)))
+    return {k: np.zeros_like(v) for k, v in row.items()}
 
   def describe(self) -> str:
     """One line for logs."""

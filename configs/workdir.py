@@ -1,0 +1,78 @@
+"""The config a workdir was made with: fine-tune a converted checkpoint, or reuse a run's.
+
+    python -m launch.convert --hf=/path/to/albert --workdir=/tmp/albert_ft
+    python -m launch.train --config=configs/workdir.py:/tmp/albert_ft --workdir=/tmp/albert_ft \
+        --config.train.num_steps=1000 --config.train.learning_rate=1e-4
+
+The argument is the workdir. Its ``config.json`` (written by ``launch.convert``) is read
+if present, else the config stored with the latest checkpoint in ``WORKDIR/checkpoints``.
+The saved values are set onto ``xlps.train.base_config()``, so every key keeps its type
+and ``--config.KEY=VALUE`` overrides work as with any other config file (placeholder keys
+such as ``model.sharing.mlp.num_unique`` included).
+"""
+
+import json
+from collections.abc import Mapping
+
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from xlps import train as train_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  if not arg:
+    raise ValueError("configs/workdir.py needs the workdir as its argument: "
+                     "--config=configs/workdir.py:WORKDIR")
+  config = train_lib.base_config()
+  _set_saved(config, saved_config(epath.Path(arg)), prefix="")
+  return config
+
+
+def saved_config(workdir: epath.Path) -> dict:
+  """``WORKDIR/config.json``, else the config in the latest checkpoint's metadata.
+
+  ``workdir`` may be remote (``gs://...``), as for ``launch.train``.
+  """
+  path = workdir / "config.json"
+  if path.is_file():
+    try:
+      return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON ({e})") from None
+  checkpoints = workdir / "checkpoints"
+  if checkpoints.is_dir():
+    # Only the metadata item: restoring the train state just to read the config would
+    # load every parameter and optimizer moment.
+    manager = ocp.CheckpointManager(
+        checkpoints, options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={"metadata": ocp.JsonCheckpointHandler()})
+    try:
+      step = manager.latest_step()
+      if step is not None:
+        metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        return metadata["metadata"]["config"]
+    finally:
+      manager.close()
+  raise ValueError(f"workdir {str(workdir)!r} has neither config.json nor a checkpoint in "
+                   f"{checkpoints}; pass a workdir written by `python -m launch.convert --hf=... "
+                   "--workdir=WORKDIR` or by `python -m launch.train`")
+
+
+def _set_saved(node: ml_collections.ConfigDict, values: Mapping, prefix: str) -> None:
+  """Sets saved ``values`` onto ``node`` key by key; a key ``node`` lacks is an error."""
+  for key, value in values.items():
+    name = prefix + key
+    if key not in node:
+      raise ValueError(f"saved config key {name} is not an xlps config key; valid keys "
+                       f"here: {', '.join(sorted(node))}")
+    if isinstance(node[key], ml_collections.ConfigDict):
+      if not isinstance(value, Mapping):
+        raise ValueError(f"saved config key {name}={value!r} must be a section (a JSON object)")
+      _set_saved(node[key], value, prefix=f"{name}.")
+      continue
+    try:
+      node[key] = value
+    except TypeError as e:
+      raise ValueError(f"saved config key {name}={value!r}: {e}") from None
