@@ -22,7 +22,7 @@ if ! gcloud compute tpus tpu-vm describe "$TPU_NAME" --zone="$ZONE" >/dev/null 2
     --accelerator-type="$ACCELERATOR" --version="$VERSION"
 fi
 setup="test -d xlps || git clone --branch $BRANCH $REPO xlps; cd xlps && git pull --ff-only && \
-python3 -m venv .venv && .venv/bin/pip install -q -e . 'jax[tpu]'"
+python3 -m venv .venv && .venv/bin/pip install -q -e '.[gcs]' 'jax[tpu]'"
 train="cd xlps && .venv/bin/python -m launch.train --distributed $*"
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$setup"
 run gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$train"
