@@ -7,10 +7,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from xlps import checkpoint as checkpoint_lib
 
-from helpers import logged_losses
+from helpers import logged_losses, records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,19 @@ def test_two_processes_train_checkpoint_resume_like_one(tmp_path, data_dir):
   assert sorted(one) == sorted(two) == list(range(1, 9))  # only process 0 writes metrics
   np.testing.assert_allclose([two[s] for s in range(1, 9)], [one[s] for s in range(1, 9)],
                              rtol=1e-5)
+  rows = {wd: [r for r in records(tmp_path / wd) if "train_loss" in r] for wd in ("one", "two")}
+  for wd, logged in rows.items():
+    for r in logged:  # global batch 8 x seq_len 32, counted once for all processes
+      assert r["tokens_per_sec"] / r["steps_per_sec"] == pytest.approx(8 * 32, rel=1e-9), wd
+  ratio = (np.median([r["tokens_per_sec"] for r in rows["two"]]) /
+           np.median([r["tokens_per_sec"] for r in rows["one"]]))
+  # The same global work on the same cores: never more tokens/s with two processes (CPU
+  # collectives between processes make them ~10x slower here, so no lower "same order").
+  print(f"tokens/s, 2 processes / 1 process: {ratio:.3f}")
+  assert 0.01 < ratio < 1.5, ratio
+  evals = {wd: [r["eval_loss"] for r in records(tmp_path / wd) if "eval_loss" in r]
+           for wd in ("one", "two")}
+  np.testing.assert_allclose(evals["two"], evals["one"], rtol=1e-5)  # sharded eval, same rows
   states = []
   for wd in ("one", "two"):
     ckpt = checkpoint_lib.Checkpointer(tmp_path / wd / "checkpoints", async_save=False)

@@ -218,7 +218,6 @@ def test_logging_evaluation_and_checkpoints_are_independent(tmp_path, data_dir):
     ("train", "eval_every_steps", 0, r"train.eval_every_steps=0 must be an integer >= 1"),
     ("train", "warmup_steps", -1, r"train.warmup_steps=-1 must be an integer >= 0"),
     ("train", "b2", 1.0, r"train.b2=1.0 must be a number >= 0 and < 1"),
-    ("train", "decay_steps", 2, r"train.decay_steps=2 must exceed train.warmup_steps=2"),
     ("model", "vocab_size", 100, r"model.vocab_size=100 is smaller than the byte tokenizer's"),
 ])
 def test_bad_config_refused_before_any_work(section, key, value, message, data_dir):

@@ -346,9 +346,6 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1,
   _check_number("train.peak_flops_per_device", t.peak_flops_per_device, 0)
   for key in ("b1", "b2"):
     _check_number(f"train.{key}", t[key], 0, 1, open_hi=True)
-  if t.decay_steps and t.decay_steps <= t.warmup_steps:
-    raise ValueError(f"train.decay_steps={t.decay_steps} must exceed train.warmup_steps="
-                     f"{t.warmup_steps} (or be 0 = num_steps)")
   data_lib.validate(config, 0, process_count)  # includes batch_size vs processes / shards
   d = config.data
   if spec.position_embedding != "none" and d.seq_len > spec.max_len:
