@@ -15,9 +15,9 @@ import json
 from collections.abc import Mapping
 
 import ml_collections
-import orbax.checkpoint as ocp
 from etils import epath
 
+from xlps import checkpoint as checkpoint_lib
 from xlps import train as train_lib
 
 
@@ -43,18 +43,13 @@ def saved_config(workdir: epath.Path) -> dict:
       raise ValueError(f"{path} is not valid JSON ({e})") from None
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir():
-    # Only the metadata item: restoring the train state just to read the config would
-    # load every parameter and optimizer moment.
-    manager = ocp.CheckpointManager(
-        checkpoints, options=ocp.CheckpointManagerOptions(create=False),
-        item_handlers={"metadata": ocp.JsonCheckpointHandler()})
+    ckpt = checkpoint_lib.Checkpointer(checkpoints, async_save=False)
     try:
-      step = manager.latest_step()
+      step = ckpt.latest_step()
       if step is not None:
-        metadata = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        return metadata["metadata"]["config"]
+        return ckpt.metadata(step)["config"]
     finally:
-      manager.close()
+      ckpt.close()
   raise ValueError(f"workdir {str(workdir)!r} has neither config.json nor a checkpoint in "
                    f"{checkpoints}; pass a workdir written by `python -m launch.convert --hf=... "
                    "--workdir=WORKDIR` or by `python -m launch.train`")

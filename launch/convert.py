@@ -13,7 +13,6 @@ optimizer state and a fresh data order. Run from the repository root (the conver
 starts from ``configs/albert.py``; the printed command names ``configs/workdir.py``).
 """
 
-import pathlib
 import shlex
 import sys
 
@@ -34,9 +33,10 @@ def main(argv):
     raise app.UsageError("give exactly one of --hf (HF -> xlps) and --hf_out (xlps -> HF)")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
   from xlps import interop
+  from xlps import train
   from xlps.interop import huggingface
-  workdir = pathlib.Path(_WORKDIR.value)
   try:
+    workdir = train.workdir_path(_WORKDIR.value)
     if _HF.value is not None:
       config, params = huggingface.load_hf(_HF.value)
       directory = interop.write_checkpoint(config, params, workdir)

@@ -85,6 +85,11 @@ class Checkpointer:
         metadata=ocp.args.JsonRestore()))
     return restored["state"], restored["data"], restored["metadata"]
 
+  def metadata(self, step: int) -> dict:
+    """Only the JSON metadata of ``step`` (config, slots, versions): no arrays are read."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        metadata=ocp.args.JsonRestore()))["metadata"]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -8,12 +8,12 @@ state, empty data state) and read a checkpoint's parameters back.
 from __future__ import annotations
 
 import os
-import pathlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 
 from xlps import checkpoint as checkpoint_lib
 from xlps import models
@@ -25,7 +25,7 @@ FRESH_DATA_STATE: dict = {}
 
 
 def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
-                     workdir: str | os.PathLike) -> pathlib.Path:
+                     workdir: str | os.PathLike) -> epath.Path:
   """Saves ``params`` as step 0 of ``WORKDIR/checkpoints`` for ``train_and_evaluate``.
 
   The optimizer state is ``train.make_optimizer(config.train)``'s fresh one and the RNG
@@ -39,7 +39,7 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
                                opt_state=optimizer.init(params),
                                rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
   metadata = train_lib.checkpoint_metadata(config, spec, models.summarize(spec))
-  ckpt = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(train_lib.workdir_path(workdir) / "checkpoints", async_save=False)
   try:
     if ckpt.latest_step() is not None:
       raise ValueError(f"{ckpt.directory} already holds checkpoints (steps "
@@ -57,7 +57,7 @@ def read_checkpoint(workdir: str | os.PathLike,
   The config is the one stored in the checkpoint's metadata; params are a tree of dicts
   on one device, whatever topology saved them.
   """
-  ckpt = checkpoint_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(train_lib.workdir_path(workdir) / "checkpoints", async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:
