@@ -276,3 +276,10 @@ def test_weight_decay_step_equals_torch_adamw():
   diffs = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), state.params, theirs)
   print(f"AdamW step: max abs differences {diffs}")
   assert max(jax.tree.leaves(diffs)) <= 1e-5, diffs
+
+
+def test_converted_config_is_valid_for_training():
+  # HF max_position_embeddings=64 < configs/albert.py's seq_len 128: clamped, not refused.
+  config, _ = huggingface.load_hf(albert_model())
+  assert (config.model.max_len, config.data.seq_len) == (64, 64)
+  train.validate(config)

@@ -91,8 +91,8 @@ class TrainState:
 
 # Weight decay by what a parameter is (its leaf name), never by its rank: stacked slots
 # make biases and norm scales (M, d) and attention biases are (heads, head_dim). As in
-# BERT / HF (no decay on "bias" and "LayerNorm.weight"), matrices decay, biases and norms
-# do not.
+# BERT and HF's Trainer (no decay on biases and LayerNorm parameters), kernels and
+# embeddings decay, biases and norm scales / biases do not.
 DECAYED_LEAVES = {"kernel": True, "embedding": True, "position_embedding": True,
                   "type_embedding": True, "bias": False, "scale": False}
 

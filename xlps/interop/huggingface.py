@@ -187,6 +187,7 @@ def _xlps_config(hf, pooler: bool) -> ml_collections.ConfigDict:
   m.vocab_size, m.d_model = hf.vocab_size, hf.hidden_size
   m.num_heads, m.d_ff = hf.num_attention_heads, hf.intermediate_size
   m.max_len, m.type_vocab_size = hf.max_position_embeddings, hf.type_vocab_size
+  config.data.seq_len = min(config.data.seq_len, m.max_len)  # positions the model has
   m.norm_eps, m.activation = float(hf.layer_norm_eps), _ACTIVATIONS[hf.hidden_act]
   m.dropout_rate = float(hf.hidden_dropout_prob)
   m.attention_dropout_rate = float(hf.attention_probs_dropout_prob)
