@@ -1,5 +1,7 @@
 """The scan engine equals the unrolled reference: outputs and gradients, every plan."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 
 from xlps import config as config_lib
 from xlps import models
+from xlps.models import engine, layers
 
 from helpers import tiny
 
@@ -100,25 +103,55 @@ def test_dropout_and_gqa_and_remat():
   assert_scan_matches_unrolled(m, dropout=True)
 
 
-def test_dropout_masks_differ_per_layer_and_site():
-  # With dropout on, two forward passes with different keys differ; same key: identical.
-  m = tiny(dropout_rate=0.5, sharing={"num_unique": 1})
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_dropout_masks_per_layer_and_site(monkeypatch, scan_layers):
+  # Applied layer i of a tied model draws its mask at each site s from
+  # fold_in(fold_in(stack_key, i), s): layers and sites never share a mask.
+  n, rate = 3, 0.5
+  m = tiny(num_layers=n, dropout_rate=rate, attention_dropout_rate=rate,
+           scan_layers=scan_layers, sharing={"num_unique": 1})
   spec = models.spec_of(m)
   params = nn.unbox(models.init_params(spec))
-  batch = models.example_batch(spec)
-  module = models.build(spec)
-  run = jax.jit(lambda k: module.apply({"params": params}, batch, deterministic=False,
-                                       rngs={"dropout": jax.random.PRNGKey(k)}))
-  np.testing.assert_array_equal(run(0), run(0))
-  assert not np.allclose(run(0), run(1))
+  stack_keys, drawn = [], []
+  make_rng, dropout = nn.Module.make_rng, layers.dropout
+
+  def record_stack_key(self, name):
+    stack_keys.append(make_rng(self, name))
+    return stack_keys[-1]
+
+  def record_mask(x, p, key):
+    keep = dropout(jnp.ones_like(x), p, key) != 0
+    jax.debug.callback(lambda k: drawn.append(np.asarray(k)), keep, ordered=True)
+    return dropout(x, p, key)
+
+  monkeypatch.setattr(engine.Stack, "make_rng", record_stack_key)
+  monkeypatch.setattr(layers, "dropout", record_mask)
+  models.build(spec).apply({"params": params}, models.example_batch(spec, length=8),
+                           deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)})
+  jax.effects_barrier()
+  (stack_key,) = stack_keys
+  order = ("attention_probs", "attention", "mlp")  # the draws of one pre-LN layer
+  assert len(drawn) == 1 + n * len(order)  # the embeddings' mask comes first
+  for j, mask in enumerate(drawn[1:]):
+    i, site = divmod(j, len(order))
+    key = jax.random.fold_in(jax.random.fold_in(stack_key, i),
+                             engine._DROPOUT_SITES[order[site]])
+    np.testing.assert_array_equal(
+        mask, jax.random.bernoulli(key, 1.0 - rate, mask.shape),
+        err_msg=f"layer {i} site {order[site]}")
+  residual = [mask for j, mask in enumerate(drawn[1:]) if j % len(order)]
+  for a in range(len(residual)):
+    for b in range(a):
+      assert not np.array_equal(residual[a], residual[b]), (a, b)
 
 
 def test_remat_policies_agree():
   base = tiny(sharing={"num_unique": 2})
   spec = models.spec_of(base)
   params = nn.unbox(models.init_params(spec))
-  batch = models.example_batch(spec)
+  batch = models.example_batch(spec, length=8)  # within max_len: longer would be all NaN
   ref = loss_and_grads(base, params, batch)
+  assert np.isfinite(ref[0])
   for policy in config_lib.REMAT_POLICIES[1:]:
     m = base.copy_and_resolve_references()
     m.remat_policy = policy
@@ -145,3 +178,43 @@ def test_every_param_has_logical_axes(family):
   assert mlp.names == ("embed", "mlp")  # the fully tied component has no layer axis
   assert boxed[stack]["layers"]["attention"]["query"]["kernel"].names == (
       "layers", "embed", "heads", "kv")
+
+
+def test_init_is_truncated_normal():
+  # Kernels and embeddings: N(0, init_std) truncated at +-2 init_std, as BERT / ALBERT's
+  # tf.truncated_normal_initializer; the truncated values' std is ~0.88 init_std.
+  std = 0.05
+  m = tiny(family="encoder_mlm", vocab_size=4096, embed_dim=8, type_vocab_size=2, pooler=True,
+           init_std=std, sharing={"num_unique": 2})
+  flat = jax.tree_util.tree_leaves_with_path(nn.unbox(models.init_params(m)))
+  drawn = [(jax.tree_util.keystr(p), np.asarray(w)) for p, w in flat
+           if p[-1].key in ("kernel", "embedding", "position_embedding", "type_embedding")]
+  assert len(drawn) > 10
+  for path, w in drawn:
+    peak = float(np.abs(w).max())
+    assert peak <= 2 * std, f"{path}: max |w| = {peak}"
+  values = np.concatenate([w.ravel() for _, w in drawn])
+  phi = math.exp(-2.0) / math.sqrt(2 * math.pi)  # standard normal density at 2
+  truncated_std = std * math.sqrt(1 - 4 * phi / math.erf(math.sqrt(2)))
+  np.testing.assert_allclose(values.std(), truncated_std, rtol=0.02)
+  assert abs(values.mean()) < 0.01 * std
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bfloat16_logits_in_float32(tie):
+  # The output matmul runs in float32 on the bfloat16 hidden states: no bf16-rounded logits.
+  m = tiny(dtype="bfloat16", tie_embeddings=tie)
+  spec = models.spec_of(m)
+  params = nn.unbox(models.init_params(spec))
+  batch = models.example_batch(spec, length=8)
+  logits, state = models.build(spec).apply({"params": params}, batch, mutable=["intermediates"])
+  (hidden,) = state["intermediates"]["hidden_states"]
+  assert hidden.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  assert np.isfinite(logits).all()
+  hidden = np.asarray(hidden, np.float64)
+  if tie:
+    expected = hidden @ np.asarray(params["embedder"]["embedding"], np.float64).T
+  else:
+    head = params["head"]["logits"]
+    expected = hidden @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"])
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)

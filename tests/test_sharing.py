@@ -56,6 +56,14 @@ def test_component_overrides_inherit():
   assert plans["mlp"].slots == (0, 1, 2, 3)
   assert plans["norms"].order == "table" and plans["norms"].num_unique == 4
 
+  # Overriding only the order keeps the component off the default table.
+  cfg = config_lib.sharing_config(num_unique=0, order="table")
+  cfg.table = "0 1 1 2"
+  cfg.norms.order, cfg.norms.num_unique = "sequence", 4
+  plans = sharing.component_plans(cfg, 4, ("attention", "norms"))
+  assert plans["attention"].slots == (0, 1, 1, 2)
+  assert plans["norms"].slots == (0, 1, 2, 3)
+
 
 def model_cfg(**kw):
   m = config_lib.model_config()
@@ -84,6 +92,11 @@ def model_cfg(**kw):
      ["model.sharing.table", "[-1]", "out of range"]),
     ({"num_layers": 4, "sharing": {"order": "table", "table": "0 1 2"}},
      ["model.sharing.table", "3 entries", "num_layers=4"]),
+    ({"num_layers": 4, "sharing": {"order": "cycle", "num_unique": 2, "table": "0 1 1 0"}},
+     ["model.sharing.table='0 1 1 0'", "order='table'", "(order is 'cycle')", "clear it"]),
+    ({"num_layers": 4, "sharing": {"mlp": {"order": "cycle", "table": "0 1 1 0"}}},
+     ["model.sharing.mlp.table='0 1 1 0'", "model.sharing.mlp.order='table'",
+      "(order is 'cycle')", "clear it"]),
     ({"num_layers": 4, "sharing": {"mlp": {"num_unique": 3, "order": "sequence"}}},
      ["model.sharing.mlp.num_unique=3", "num_layers=4", "[1, 2, 4]"]),
     ({"num_layers": 4, "sharing": {"num_unique": 5}}, ["model.sharing.num_unique=5", "[1, num_layers=4]"]),

@@ -69,7 +69,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.pooler = False                 # BERT/ALBERT pooler (dense+tanh on the first token)
   m.dropout_rate = 0.0             # residual / embedding dropout
   m.attention_dropout_rate = 0.0   # dropout on attention probabilities
-  m.init_std = 0.02                # stddev of the truncated-normal kernel / embedding init
+  m.init_std = 0.02                # kernel / embedding init: N(0, init_std) cut at +-2 init_std
   m.dtype = "float32"              # compute dtype: float32 | bfloat16 (params stay float32)
   m.scan_layers = True             # one nn.scan over applied depth; False = unrolled reference
   m.remat_policy = "none"          # none | full | a jax.checkpoint_policies name

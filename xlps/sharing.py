@@ -53,6 +53,12 @@ def parse_table(table: str | Sequence[int] | None, field: str) -> tuple[int, ...
   return tuple(int(t) for t in table)
 
 
+def _unread_table(field: str, table: object, order: str | None) -> ValueError:
+  """The error for a table given with a non-table order (it would be silently ignored)."""
+  return ValueError(f"{field}.table={table!r} is only read when {field}.order='table' "
+                    f"(order is {order!r}); clear it or set order='table'")
+
+
 def make_plan(num_layers: int, num_unique: int, order: str,
               table: str | Sequence[int] | None = None, field: str = "sharing") -> Plan:
   """Builds a :class:`Plan`, raising ValueError that names ``field`` on bad input."""
@@ -82,8 +88,7 @@ def make_plan(num_layers: int, num_unique: int, order: str,
                        f"0..M-1 with every slot used")
     return Plan(num_layers, m, order, parsed)
   if parsed is not None:
-    raise ValueError(f"{field}.table={table!r} is only read when {field}.order='table' "
-                     f"(order is {order!r}); clear it or set order='table'")
+    raise _unread_table(field, table, order)
   if not isinstance(num_unique, int) or not 1 <= num_unique <= num_layers:
     raise ValueError(f"{field}.num_unique={num_unique!r} must be an integer in "
                      f"[1, num_layers={num_layers}]")
@@ -109,13 +114,16 @@ def component_plans(sharing: Mapping, num_layers: int, components: Iterable[str]
 
   ``sharing`` holds the default ``num_unique`` / ``order`` / ``table``; a sub-dict named
   after a component overrides any of those keys for that component (``None`` or missing
-  means inherit). Unknown sub-dicts raise ValueError.
+  means inherit). Unknown sub-dicts raise ValueError, and so does a ``table`` whose order
+  is not 'table' (a component that overrides only ``order`` does not inherit the table).
   """
   known = {"num_unique", "order", "table"}
   for key in sharing:
     if key not in known and key not in COMPONENTS:
       raise ValueError(f"{field}.{key} is not a sharing key; valid keys: "
                        f"{', '.join(sorted(known))} and components {', '.join(COMPONENTS)}")
+  if sharing.get("order") != "table" and parse_table(sharing.get("table"), f"{field}.table"):
+    raise _unread_table(field, sharing.get("table"), sharing.get("order"))
   plans = {}
   for comp in components:
     if comp not in COMPONENTS:

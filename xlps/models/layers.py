@@ -36,7 +36,11 @@ def slot_param(module: nn.Module, name: str, init_fn: Callable, shape: Sequence[
 
 
 class Dense(nn.Module):
-  """Contracts the last ``len(in_axes)`` input dims into ``features`` (a DenseGeneral)."""
+  """Contracts the last ``len(in_axes)`` input dims into ``features`` (a DenseGeneral).
+
+  The kernel starts as N(0, init_std) truncated at +-2 init_std, as BERT / ALBERT's
+  ``tf.truncated_normal_initializer``: no rescaling, so its std is ~0.88 init_std.
+  """
 
   features: tuple[int, ...]
   in_axes: tuple[str | None, ...]
@@ -50,7 +54,7 @@ class Dense(nn.Module):
   def __call__(self, x: Array, slot: Array | None = None) -> Array:
     n_in = len(self.in_axes)
     in_shape = x.shape[-n_in:]
-    kernel = slot_param(self, "kernel", nn.initializers.normal(self.init_std),
+    kernel = slot_param(self, "kernel", nn.initializers.truncated_normal(self.init_std),
                         (*in_shape, *self.features), (*self.in_axes, *self.out_axes),
                         self.num_slots, slot)
     dtype = jnp.dtype(self.dtype)

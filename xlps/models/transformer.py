@@ -37,7 +37,7 @@ class Embedder(nn.Module):
 
   def setup(self):
     s = self.spec
-    init = nn.initializers.normal(s.init_std)
+    init = nn.initializers.truncated_normal(s.init_std)
     self.embedding = self.param(
         "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")),
         (s.vocab_size, s.embed_dim))
@@ -76,16 +76,17 @@ class Embedder(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
   def attend(self, x: Array) -> Array:
-    """Tied output projection: ``x @ embedding.T`` (x has size E)."""
-    dtype = jnp.dtype(self.spec.dtype)
-    return jnp.einsum("ble,ve->blv", x.astype(dtype), self.embedding.astype(dtype))
+    """Tied output projection ``x @ embedding.T`` (x has size E), in float32 (no bf16 logits)."""
+    f32 = jnp.float32
+    return jnp.einsum("ble,ve->blv", x.astype(f32), self.embedding.astype(f32))
 
 
 class OutputHead(nn.Module):
   """Hidden states -> vocabulary logits.
 
   The MLM family uses BERT/ALBERT's transform (dense H->E, activation, norm) and a bias
-  on the tied decoder; other families project H->E only when E < H.
+  on the tied decoder; other families project H->E only when E < H. The vocabulary matmul
+  runs in float32 whatever the compute dtype (as MaxText's ``logits_dot_in_fp32``).
   """
 
   spec: ModelSpec
@@ -94,8 +95,8 @@ class OutputHead(nn.Module):
   def __call__(self, x: Array, embedder: Embedder) -> Array:
     s = self.spec
     mlm = s.family == "encoder_mlm"
-    dense = lambda feats, in_ax, out_ax, name: layers.Dense(  # noqa: E731
-        feats, in_ax, out_ax, 1, s.use_bias, s.init_std, s.dtype, name=name)
+    dense = lambda feats, in_ax, out_ax, name, dtype=s.dtype: layers.Dense(  # noqa: E731
+        feats, in_ax, out_ax, 1, s.use_bias, s.init_std, dtype, name=name)
     if mlm:
       x = dense((s.embed_dim,), ("embed",), ("factor",), "transform")(x)
       x = layers.activation_fn(s.activation)(x)
@@ -110,8 +111,8 @@ class OutputHead(nn.Module):
         logits = logits + bias.astype(logits.dtype)
     else:
       in_axis = "factor" if mlm else "embed"
-      logits = dense((s.vocab_size,), (in_axis,), ("vocab",), "logits")(x)
-    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      logits = dense((s.vocab_size,), (in_axis,), ("vocab",), "logits", "float32")(x)
+    return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
 def _counts(plans) -> tuple[tuple[str, int], ...]:
