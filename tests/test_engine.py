@@ -218,3 +218,11 @@ def test_bfloat16_logits_in_float32(tie):
     head = params["head"]["logits"]
     expected = hidden @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"])
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_longer_than_max_len_is_an_error():
+  # Positions past the table would gather NaN (jnp.take's fill) and poison every output.
+  spec = models.spec_of(tiny())
+  params = models.init_params(spec)
+  with pytest.raises(ValueError, match="sequence length 16 exceeds model.max_len=8"):
+    models.build(spec).apply({"params": params}, models.example_batch(spec, length=16))

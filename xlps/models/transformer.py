@@ -58,6 +58,10 @@ class Embedder(nn.Module):
   def __call__(self, tokens: Array, positions: Array | None = None,
                token_types: Array | None = None, dropout_key: Array | None = None) -> Array:
     s = self.spec
+    if s.position_embedding != "none" and tokens.shape[1] > s.max_len:
+      # jnp.take would fill the missing positions with NaN, silently.
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_len={s.max_len} "
+                       "positions; use sequences of at most max_len tokens or a larger max_len")
     x = jnp.take(self.embedding, tokens, axis=0)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
