@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import default  # noqa: E402
+from xlps import config as config_lib  # noqa: E402
 from xlps import models, partitioning, train  # noqa: E402
 
 MESHES = [("1 device", {}), ("data=8", {"data": 8}), ("fsdp=8", {"fsdp": 8}),
@@ -28,7 +29,7 @@ MESHES = [("1 device", {}), ("data=8", {"data": 8}), ("fsdp=8", {"fsdp": 8}),
 
 
 def measure(config, axes, steps):
-  cfg = partitioning.mesh_config()
+  cfg = config_lib.mesh_config()
   cfg.data, cfg.fsdp, cfg.tensor = 1, 1, 1
   cfg.update(axes)
   devices = jax.devices()[:math.prod(axes.values()) if axes else 1]

@@ -18,61 +18,14 @@ masking); ``runlocal`` shrinks the model and run for a CPU check. Variants: ``ba
 import ml_collections
 
 from xlps import config as config_lib
-from xlps import train as train_lib
-
-# name: (layers, hidden)
-ALBERT_SIZES = {"base": (12, 768), "large": (24, 1024), "xlarge": (24, 2048),
-                "xxlarge": (12, 4096)}
+from xlps import presets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, variant="base", runlocal=False)
-  config = train_lib.base_config()
-  m = config.model
-  m.family = "encoder_mlm"
-  m.norm_position = "post"              # BERT/ALBERT: LayerNorm after each residual add
-  m.embed_norm = True                   # LayerNorm over the summed embeddings
-  m.norm = "layernorm"
-  m.norm_eps = 1e-12
-  m.max_len = 512
-  m.type_vocab_size = 2
-  m.tie_embeddings = True               # MLM decoder = word embeddings (+ a bias)
-  if arg.variant == "bert_base":
-    layers, hidden = 12, 768
-    m.vocab_size = 30522
-    m.embed_dim = 0                     # E = H
-    m.activation = "gelu"               # BERT: exact erf GELU
-    m.dropout_rate = 0.1
-    m.attention_dropout_rate = 0.1
-    m.sharing = config_lib.sharing_config(num_unique=layers, order="sequence")  # no sharing
-  elif arg.variant in ALBERT_SIZES:
-    layers, hidden = ALBERT_SIZES[arg.variant]
-    m.vocab_size = 30000
-    m.embed_dim = 128                   # factorized embedding E < H
-    m.activation = "gelu_tanh"          # ALBERT's gelu_new
-    m.dropout_rate = 0.0                # ALBERT v2 trains without dropout
-    m.attention_dropout_rate = 0.0
-    m.sharing = config_lib.sharing_config(num_unique=1, order="sequence")  # all shared
-  else:
-    raise ValueError(f"configs/albert.py variant {arg.variant!r} is unknown; valid: "
-                     f"{', '.join([*ALBERT_SIZES, 'bert_base'])}")
-  m.num_layers = layers
-  m.d_model = hidden
-  m.num_heads = hidden // 64
-  m.d_ff = 4 * hidden
-
-  config.data.name = "stdlib"
-  config.data.seq_len = 128
-  config.data.mlm_probability = 0.15
-
-  t = config.train
-  t.num_steps = 10000
-  t.batch_size = 128
-  t.learning_rate = 1e-3 if arg.variant != "bert_base" else 1e-4
-  t.warmup_steps = 1000
-  t.log_every_steps = 100
-  t.eval_every_steps = 1000
-  t.checkpoint_every_steps = 1000
+  config = config_lib.base_config()
+  presets.apply(config, arg.variant)  # model shape, data and training of the preset
+  m, t = config.model, config.train
   if arg.runlocal:
     m.vocab_size = 300                  # bytes + specials, rounded up
     m.d_model, m.num_heads, m.d_ff = 128, 2, 512

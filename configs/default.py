@@ -16,12 +16,11 @@ Variants: ``tied`` (default, M = 1), ``unshared`` (M = N), ``cycle``, ``sequence
 import ml_collections
 
 from xlps import config as config_lib
-from xlps import train as train_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   arg = config_lib.parse_arg(arg, variant="tied", runlocal=False)
-  config = train_lib.base_config()
+  config = config_lib.base_config()
   m = config.model
   m.family = "decoder_lm"
   m.vocab_size = 260                   # bytes + specials (xlps.data.tokenizers)

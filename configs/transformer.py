@@ -19,7 +19,6 @@ the machine; point ``config.data`` at a prepared TFDS dataset on a pod).
 import ml_collections
 
 from xlps import config as config_lib
-from xlps import train as train_lib
 
 VARIANTS = ("vanilla", "sequence", "cycle", "cycle_rev", "universal", "tied")
 
@@ -29,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.variant not in VARIANTS:
     raise ValueError(f"configs/transformer.py variant {arg.variant!r} is unknown; valid: "
                      f"{', '.join(VARIANTS)}")
-  config = train_lib.base_config()
+  config = config_lib.base_config()
   m = config.model
   m.family = "encoder_decoder"
   m.vocab_size = 32000                 # WMT En-De shared BPE vocabulary size

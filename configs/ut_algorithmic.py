@@ -16,7 +16,6 @@ vanilla Transformer baseline (M = N) and ``runlocal`` for a quick CPU check.
 import ml_collections
 
 from xlps import config as config_lib
-from xlps import train as train_lib
 
 TASKS = ("copy", "reverse", "addition")
 
@@ -26,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.task not in TASKS:
     raise ValueError(f"configs/ut_algorithmic.py task {arg.task!r} is unknown; valid: "
                      f"{', '.join(TASKS)}")
-  config = train_lib.base_config()
+  config = config_lib.base_config()
   m = config.model
   m.family = "encoder_decoder"
   m.vocab_size = 260                   # bytes + specials

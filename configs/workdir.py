@@ -6,7 +6,7 @@
 
 The argument is the workdir. Its ``config.json`` (written by ``launch.convert``) is read
 if present, else the config stored with the latest checkpoint in ``WORKDIR/checkpoints``.
-The saved values are set onto ``xlps.train.base_config()``, so every key keeps its type
+The saved values are set onto ``xlps.config.base_config()``, so every key keeps its type
 and ``--config.KEY=VALUE`` overrides work as with any other config file (placeholder keys
 such as ``model.sharing.mlp.num_unique`` included).
 """
@@ -17,15 +17,15 @@ from collections.abc import Mapping
 import ml_collections
 from etils import epath
 
-from xlps import checkpoint as checkpoint_lib
-from xlps import train as train_lib
+from xlps import config as config_lib
+from xlps.config import ConfigError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not arg:
-    raise ValueError("configs/workdir.py needs the workdir as its argument: "
-                     "--config=configs/workdir.py:WORKDIR")
-  config = train_lib.base_config()
+    raise ConfigError("configs/workdir.py needs the workdir as its argument: "
+                      "--config=configs/workdir.py:WORKDIR")
+  config = config_lib.base_config()
   _set_saved(config, saved_config(epath.Path(arg)), prefix="")
   return config
 
@@ -40,9 +40,10 @@ def saved_config(workdir: epath.Path) -> dict:
     try:
       return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e})") from None
+      raise ConfigError(f"{path} is not valid JSON ({e})") from None
   checkpoints = workdir / "checkpoints"
   if checkpoints.is_dir():
+    from xlps import checkpoint as checkpoint_lib  # Orbax, only when there is no config.json
     ckpt = checkpoint_lib.Checkpointer(checkpoints, async_save=False)
     try:
       step = ckpt.latest_step()
@@ -50,9 +51,9 @@ def saved_config(workdir: epath.Path) -> dict:
         return ckpt.metadata(step)["config"]
     finally:
       ckpt.close()
-  raise ValueError(f"workdir {str(workdir)!r} has neither config.json nor a checkpoint in "
-                   f"{checkpoints}; pass a workdir written by `python -m launch.convert --hf=... "
-                   "--workdir=WORKDIR` or by `python -m launch.train`")
+  raise ConfigError(f"workdir {str(workdir)!r} has neither config.json nor a checkpoint in "
+                    f"{checkpoints}; pass a workdir written by `python -m launch.convert --hf=... "
+                    "--workdir=WORKDIR` or by `python -m launch.train`")
 
 
 def _set_saved(node: ml_collections.ConfigDict, values: Mapping, prefix: str) -> None:
@@ -60,14 +61,14 @@ def _set_saved(node: ml_collections.ConfigDict, values: Mapping, prefix: str) ->
   for key, value in values.items():
     name = prefix + key
     if key not in node:
-      raise ValueError(f"saved config key {name} is not an xlps config key; valid keys "
-                       f"here: {', '.join(sorted(node))}")
+      raise ConfigError(f"saved config key {name} is not an xlps config key; valid keys "
+                        f"here: {', '.join(sorted(node))}")
     if isinstance(node[key], ml_collections.ConfigDict):
       if not isinstance(value, Mapping):
-        raise ValueError(f"saved config key {name}={value!r} must be a section (a JSON object)")
+        raise ConfigError(f"saved config key {name}={value!r} must be a section (a JSON object)")
       _set_saved(node[key], value, prefix=f"{name}.")
       continue
     try:
       node[key] = value
     except TypeError as e:
-      raise ValueError(f"saved config key {name}={value!r}: {e}") from None
+      raise ConfigError(f"saved config key {name}={value!r}: {e}") from None

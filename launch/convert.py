@@ -9,8 +9,9 @@
         [--config=configs/albert.py:base]   # default: the config stored in the checkpoint
 
 Training starts from the converted step-0 checkpoint: the converted weights, a fresh
-optimizer state and a fresh data order. Run from the repository root (the conversion
-starts from ``configs/albert.py``; the printed command names ``configs/workdir.py``).
+optimizer state and a fresh data order. The conversion starts from ``xlps.presets`` (the
+ALBERT / BERT shapes ``configs/albert.py`` also uses); the printed command names
+``configs/workdir.py``, so run it from the repository root.
 """
 
 import shlex
@@ -18,6 +19,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from xlps import config as config_lib
 
 _HF = flags.DEFINE_string("hf", None, "HF save_pretrained directory to convert into --workdir.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "xlps workdir (checkpoints: WORKDIR/checkpoints).")
@@ -48,7 +51,7 @@ def main(argv):
       config, params, step = interop.read_checkpoint(workdir)
       out = huggingface.save_hf(_CONFIG.value or config, params, _HF_OUT.value)
       print(f"wrote {out} from step {step} of {workdir / 'checkpoints'}")
-  except ValueError as e:
+  except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -10,6 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from xlps import config as config_lib
 from xlps import models
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
@@ -63,7 +64,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     spec = models.spec_of(config)
-  except ValueError as e:
+  except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   summary = models.summarize(spec, _SEQ_LEN.value or None)

@@ -17,6 +17,8 @@ from absl import logging
 from etils import epath
 from ml_collections import config_flags
 
+from xlps import config as config_lib
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path:arg).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and plots go here.")
@@ -99,7 +101,7 @@ def main(argv):
   from xlps import train
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ValueError as e:
+  except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0 and result["history"]:

@@ -24,7 +24,7 @@ def make_config(data_dir, family="decoder_lm", batch_size=8, seed=0, **data_over
   config.seed = seed
   config.model = config_lib.model_config()
   config.model.family = family
-  config.data = data.data_config()
+  config.data = config_lib.data_config()
   config.data.data_dir = str(data_dir)
   config.data.update(data_overrides)
   config.train = ml_collections.ConfigDict({"batch_size": batch_size})
@@ -116,7 +116,7 @@ def doc_tags(batch):
 
 
 def test_data_config_has_every_key_with_documented_defaults():
-  d = data.data_config()
+  d = config_lib.data_config()
   assert (d.name, d.tokenizer, d.seq_len, d.eval_batches, d.worker_count) == (
       "stdlib", "byte", 128, 8, 0)
   assert (d.train_min_len, d.train_max_len, d.test_max_len) == (1, 20, 40)
@@ -396,7 +396,7 @@ def test_sentencepiece_trained_on_the_train_split(tfds_dir, tmp_path):
     (dict(name="nope"), r"data.name='nope' is not valid; choose one of: stdlib, algorithmic"),
     (dict(name="algorithmic", task="sort"), r"data.task='sort' is not valid.*copy, reverse"),
     (dict(tokenizer="wordpiece"), r"data.tokenizer='wordpiece' is not valid.*byte, sentencepiece"),
-    (dict(seqlen=64), r"config.data.seqlen is not a data key"),
+    (dict(seqlen=64), r"data.seqlen is not a data key"),
     (dict(seq_len=1), r"data.seq_len=1 must be an integer >= 2"),
     (dict(name="algorithmic", task="addition", seq_len=40),
      r"data.seq_len=40 is too small for task 'addition'.*seq_len >= 123"),

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch", reason=_REASON)
 transformers = pytest.importorskip("transformers", reason=_REASON)
 
 from configs import albert  # noqa: E402
+from xlps import config as config_lib  # noqa: E402
 from xlps import interop, models, train  # noqa: E402
 from xlps.interop import huggingface  # noqa: E402
 
@@ -282,4 +283,4 @@ def test_converted_config_is_valid_for_training():
   # HF max_position_embeddings=64 < configs/albert.py's seq_len 128: clamped, not refused.
   config, _ = huggingface.load_hf(albert_model())
   assert (config.model.max_len, config.data.seq_len) == (64, 64)
-  train.validate(config)
+  config_lib.validate(config)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from xlps import config as config_lib
 from xlps import models
 from xlps import partitioning
 from xlps import train
@@ -18,7 +19,7 @@ MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8},
 
 
 def mesh_cfg(**axes):
-  cfg = partitioning.mesh_config()
+  cfg = config_lib.mesh_config()
   cfg.data, cfg.fsdp, cfg.tensor = 1, 1, 1
   cfg.update(axes)
   return cfg
@@ -37,7 +38,7 @@ def run(model_cfg, axes, steps=3):
   cfg = mesh_cfg(**axes)
   mesh = partitioning.make_mesh(cfg, devices)
   rules = partitioning.rules_of(cfg)
-  t = train.train_config()
+  t = config_lib.train_config()
   t.learning_rate, t.warmup_steps = 1e-2, 1
   s = train.make_steps(models.spec_of(model_cfg), train.make_optimizer(t), 0, mesh, rules)
   state, losses = s.state, []

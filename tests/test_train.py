@@ -12,6 +12,7 @@ import pytest
 
 from configs import albert, default, transformer
 from xlps import checkpoint as checkpoint_lib
+from xlps import config as config_lib
 from xlps import train
 
 from helpers import logged_losses, records
@@ -224,7 +225,7 @@ def test_bad_config_refused_before_any_work(section, key, value, message, data_d
   config = shrink(default.get_config("tied"), data_dir)
   config[section][key] = value
   with pytest.raises(ValueError, match=message):
-    train.validate(config)
+    config_lib.validate(config)
 
 
 def test_seq_len_beyond_max_len_never_trains(tmp_path, data_dir):

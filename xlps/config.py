@@ -1,20 +1,31 @@
-"""Model configuration: the ml_collections defaults and their validated, frozen form.
+"""The config schema: every section's keys and defaults, and one ``validate(config)``.
 
-``model_config()`` lists every model key with a one-line comment; experiment files in
-``configs/`` start from it and override. ``ModelSpec.from_config`` checks every field
-*before* anything is traced and raises ValueError naming the field, the value and what
-would be valid.
+``base_config()`` is a full experiment config (``seed``, ``model``, ``data``, ``train``,
+``mesh``), each section listing every key with a one-line comment; experiment files in
+``configs/`` start from it and override. ``validate`` checks every section and every
+cross-section constraint before any data is read or anything is traced, and raises
+``ConfigError`` naming the field, the value and what would be valid. ``ModelSpec`` is the
+validated, frozen model section that Flax modules receive.
+
+Importing this module is light (ml_collections and the pure-Python sharing plans): config
+files import it without pulling in JAX's trainer, Orbax, grain or TFDS.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import ml_collections
 from ml_collections import config_dict
 
 from xlps import sharing as sharing_lib
+
+class ConfigError(ValueError):
+  """Bad configuration or command-line input. ``launch/`` prints the message and exits 2;
+  every other exception keeps its traceback."""
+
 
 FAMILIES = ("decoder_lm", "encoder_mlm", "encoder_decoder")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
@@ -47,7 +58,7 @@ def model_config() -> ml_collections.ConfigDict:
   """Every model key with its default (a small fully tied pre-LN decoder LM)."""
   m = ml_collections.ConfigDict()
   m.family = "decoder_lm"          # decoder_lm | encoder_mlm | encoder_decoder
-  m.vocab_size = 256               # byte-level by default
+  m.vocab_size = 260               # the byte tokenizer: 256 bytes + 4 special ids
   m.d_model = 256                  # H: hidden size
   m.embed_dim = 0                  # E: embedding size; 0 = d_model; E < H adds an E->H projection
   m.num_heads = 4                  # attention heads
@@ -81,7 +92,7 @@ def parse_arg(arg: str | None, **defaults):
   """big_vision-style ``get_config`` argument: ``"base"`` or ``"variant=base,runlocal"``.
 
   A bare word sets the first default key (or a bool default to True); ``key=value`` pairs
-  are converted to the default's type. Unknown keys raise ValueError.
+  are converted to the default's type. Unknown keys raise ConfigError.
   """
   result = dict(defaults)
   first = next(iter(defaults))
@@ -93,20 +104,31 @@ def parse_arg(arg: str | None, **defaults):
         continue
       key, value = first, item
     if key not in defaults:
-      raise ValueError(f"config argument {key!r} is unknown; valid: {', '.join(defaults)}")
+      raise ConfigError(f"config argument {key!r} is unknown; valid: {', '.join(defaults)}")
     kind = type(defaults[key])
     result[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
   return ml_collections.ConfigDict(result)
 
 
-def _check_choice(field: str, value, valid: tuple) -> None:
+def check_choice(field: str, value, valid: tuple) -> None:
   if value not in valid:
-    raise ValueError(f"{field}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+    raise ConfigError(f"{field}={value!r} is not valid; choose one of: "
+                      f"{', '.join(map(str, valid))}")
 
 
-def _check_int(field: str, value, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{field}={value!r} must be an integer >= {minimum}")
+def check_number(field: str, value, lo: float, hi: float | None = None, *,
+                 integer: bool = False, open_hi: bool = False) -> None:
+  """ConfigError naming ``field`` unless ``lo <= value <= hi`` (``< hi`` with ``open_hi``)."""
+  kinds = (int,) if integer else (int, float)
+  above = hi is not None and (value >= hi if open_hi else value > hi)
+  if isinstance(value, bool) or not isinstance(value, kinds) or value < lo or above:
+    what = "an integer" if integer else "a number"
+    bound = "" if hi is None else f" and {'<' if open_hi else '<='} {hi}"
+    raise ConfigError(f"{field}={value!r} must be {what} >= {lo}{bound}")
+
+
+def check_int(field: str, value, minimum: int) -> None:
+  check_number(field, value, minimum, integer=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,53 +178,43 @@ class ModelSpec:
     """Validates ``config.model`` and resolves defaults (0 = derived)."""
     f = lambda k: f"{field}.{k}"  # noqa: E731
     check_known_keys(m, field)
-    _check_choice(f("family"), m["family"], FAMILIES)
+    check_choice(f("family"), m["family"], FAMILIES)
     for key, lo in (("vocab_size", 2), ("d_model", 1), ("num_heads", 1), ("d_ff", 1),
                     ("num_layers", 1), ("max_len", 1), ("embed_dim", 0), ("num_kv_heads", 0),
                     ("num_decoder_layers", 0), ("type_vocab_size", 0)):
-      _check_int(f(key), m[key], lo)
+      check_int(f(key), m[key], lo)
     d, h = m["d_model"], m["num_heads"]
     if d % h:
       valid = [x for x in range(1, d + 1) if d % x == 0 and x <= 128]
-      raise ValueError(f"{f('num_heads')}={h} does not divide {f('d_model')}={d}; "
-                       f"valid num_heads: {valid}")
+      raise ConfigError(f"{f('num_heads')}={h} does not divide {f('d_model')}={d}; "
+                        f"valid num_heads: {valid}")
     kv = m["num_kv_heads"] or h
     if h % kv:
       valid = [x for x in range(1, h + 1) if h % x == 0]
-      raise ValueError(f"{f('num_kv_heads')}={kv} does not divide {f('num_heads')}={h}; "
-                       f"valid num_kv_heads: {valid} (1 = multi-query, {h} = multi-head)")
+      raise ConfigError(f"{f('num_kv_heads')}={kv} does not divide {f('num_heads')}={h}; "
+                        f"valid num_kv_heads: {valid} (1 = multi-query, {h} = multi-head)")
     embed_dim = m["embed_dim"] or d
     if embed_dim > d:
-      raise ValueError(f"{f('embed_dim')}={embed_dim} exceeds {f('d_model')}={d}; the factorized "
-                       "embedding needs embed_dim <= d_model (0 = d_model)")
-    _check_choice(f("activation"), m["activation"], ACTIVATIONS)
-    _check_choice(f("norm"), m["norm"], NORMS)
-    _check_choice(f("norm_position"), m["norm_position"], NORM_POSITIONS)
-    _check_choice(f("position_embedding"), m["position_embedding"], POSITIONS)
-    _check_choice(f("dtype"), m["dtype"], DTYPES)
-    _check_choice(f("remat_policy"), m["remat_policy"], REMAT_POLICIES)
+      raise ConfigError(f"{f('embed_dim')}={embed_dim} exceeds {f('d_model')}={d}; the factorized "
+                        "embedding needs embed_dim <= d_model (0 = d_model)")
+    check_choice(f("activation"), m["activation"], ACTIVATIONS)
+    check_choice(f("norm"), m["norm"], NORMS)
+    check_choice(f("norm_position"), m["norm_position"], NORM_POSITIONS)
+    check_choice(f("position_embedding"), m["position_embedding"], POSITIONS)
+    check_choice(f("dtype"), m["dtype"], DTYPES)
+    check_choice(f("remat_policy"), m["remat_policy"], REMAT_POLICIES)
     for key in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= float(m[key]) < 1.0:
-        raise ValueError(f"{f(key)}={m[key]!r} must be in [0, 1)")
+        raise ConfigError(f"{f(key)}={m[key]!r} must be in [0, 1)")
     if m["tie_encoder_decoder"] and m["family"] != "encoder_decoder":
-      raise ValueError(f"{f('tie_encoder_decoder')}=True needs {f('family')}='encoder_decoder' "
-                       f"(family is {m['family']!r})")
+      raise ConfigError(f"{f('tie_encoder_decoder')}=True needs {f('family')}='encoder_decoder' "
+                        f"(family is {m['family']!r})")
 
     n_dec = m["num_decoder_layers"] or m["num_layers"]
-    sharing_field = f("sharing")
-    if m["family"] == "decoder_lm":
-      stacks = {"decoder": sharing_lib.component_plans(
-          m["sharing"], m["num_layers"], ("attention", "mlp", "norms"), sharing_field)}
-    elif m["family"] == "encoder_mlm":
-      stacks = {"encoder": sharing_lib.component_plans(
-          m["sharing"], m["num_layers"], ("attention", "mlp", "norms"), sharing_field)}
-    else:
-      enc = sharing_lib.component_plans(m["sharing"], m["num_layers"],
-                                        ("attention", "mlp", "norms"), sharing_field)
-      dec = sharing_lib.component_plans(m["sharing"], n_dec,
-                                        ("attention", "mlp", "norms", "cross_attention"),
-                                        sharing_field)
-      stacks = {"encoder": enc, "decoder": dec}
+    try:
+      stacks = _stack_plans(m, n_dec, f("sharing"))
+    except ValueError as e:  # xlps.sharing is plain Python: its errors are ValueErrors
+      raise ConfigError(str(e)) from None
     plans = tuple((name, tuple(p.items())) for name, p in stacks.items())
     return cls(
         family=m["family"], vocab_size=m["vocab_size"], d_model=d, embed_dim=embed_dim,
@@ -219,9 +231,247 @@ class ModelSpec:
         remat_policy=m["remat_policy"], plans=plans)
 
 
+def _stack_plans(m: Mapping, num_decoder_layers: int,
+                 field: str) -> dict[str, dict[str, sharing_lib.Plan]]:
+  """Each stack's per-component plans for the model section ``m``."""
+  block = ("attention", "mlp", "norms")
+  plans = lambda n, comps: sharing_lib.component_plans(m["sharing"], n, comps, field)  # noqa
+  if m["family"] == "decoder_lm":
+    return {"decoder": plans(m["num_layers"], block)}
+  if m["family"] == "encoder_mlm":
+    return {"encoder": plans(m["num_layers"], block)}
+  return {"encoder": plans(m["num_layers"], block),
+          "decoder": plans(num_decoder_layers, (*block, "cross_attention"))}
+
+
 def check_known_keys(m: Mapping, field: str = "model") -> None:
   """Rejects keys that ``model_config()`` does not define (typos in experiment files)."""
   known = model_config()
   for key in m:
     if key not in known:
-      raise ValueError(f"{field}.{key} is not a model key; valid keys: {', '.join(sorted(known))}")
+      raise ConfigError(f"{field}.{key} is not a model key; valid keys: {', '.join(sorted(known))}")
+
+
+# ----------------------------------------------------------------------------- data
+
+DATA_NAMES = ("stdlib", "algorithmic", "text_files", "tfds")
+TASKS = ("copy", "reverse", "addition")
+TOKENIZERS = ("byte", "sentencepiece")
+_FAMILIES_OF_KIND = {"text": ("decoder_lm", "encoder_mlm"),
+                     "seq2seq": ("encoder_decoder", "decoder_lm")}
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Every data key with its default (the stdlib byte corpus)."""
+  d = ml_collections.ConfigDict()
+  d.name = "stdlib"          # stdlib | algorithmic | text_files | tfds
+  d.task = "copy"            # algorithmic: copy | reverse | addition
+  d.glob = ""                # text_files: glob of the user's files (one document per file)
+  d.tfds_name = ""           # tfds: a prepared dataset, e.g. "lm1b" or "wiki40b/en"
+  d.text_key = "text"        # tfds: feature holding the text
+  d.train_split = "train"    # tfds: split to train on
+  d.eval_split = "validation"  # tfds: split to evaluate on
+  d.data_dir = ""            # prepared TFDS data; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  d.seq_len = 128            # tokens per example (packed LM length; max source/target length)
+  d.tokenizer = "byte"       # byte | sentencepiece
+  d.sp_vocab_size = 1024     # sentencepiece: vocab trained locally on the train split
+  d.mlm_probability = 0.15   # encoder_mlm: tokens selected (80% MASK, 10% random, 10% kept)
+  d.train_min_len = 1        # algorithmic: shortest train/test operand length
+  d.train_max_len = 20       # algorithmic: longest train/test operand length
+  d.test_max_len = 40        # algorithmic: test_long lengths are train_max_len+1..test_max_len
+  d.num_train_examples = 20000  # algorithmic: train split size
+  d.num_eval_examples = 1000    # algorithmic: size of test and of test_long
+  d.eval_batches = 8         # number of eval batches per split (0 = whole split)
+  d.worker_count = 0         # grain worker processes (0 = in-process); resume with the same value
+  d.num_shards = 0            # train-data shards (a multiple of the process count); 0 = one per
+                              # process. Fix it to keep the exact data order across restarts
+                              # on a different number of processes.
+  return d
+
+
+def max_lengths(task: str, max_len: int) -> tuple[int, int]:
+  """Longest (source, target) of ``task`` at operand length ``max_len`` (target w/o EOS)."""
+  if task == "addition":
+    return 2 * max_len + 1, max_len + 1
+  return max_len, max_len
+
+
+def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
+               process_count: int = 1) -> None:
+  """The data section and what it must agree with (family, batch, processes)."""
+  d, known = config.data, data_config()
+  for key in d:
+    if key not in known:
+      raise ConfigError(f"data.{key} is not a data key; valid keys: {', '.join(known)}")
+  check_choice("data.name", d.name, DATA_NAMES)
+  check_choice("data.task", d.task, TASKS)
+  check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+  check_choice("model.family", config.model.family, FAMILIES)
+  for key, minimum in (("seq_len", 2), ("sp_vocab_size", 1), ("train_min_len", 1),
+                       ("num_train_examples", 1), ("num_eval_examples", 1), ("eval_batches", 0),
+                       ("worker_count", 0), ("num_shards", 0)):
+    check_int(f"data.{key}", d[key], minimum)
+  check_int("data.train_max_len", d.train_max_len, d.train_min_len)
+  check_int("data.test_max_len", d.test_max_len, d.train_max_len + 1)
+  if not 0.0 < float(d.mlm_probability) < 1.0:
+    raise ConfigError(f"data.mlm_probability={d.mlm_probability!r} must be in (0, 1)")
+  batch = config.train.batch_size
+  check_int("train.batch_size", batch, 1)
+  check_int("process_count", process_count, 1)
+  if not 0 <= process_index < process_count:
+    raise ConfigError(f"process_index={process_index} must be in [0, {process_count})")
+  if batch % process_count:
+    raise ConfigError(f"train.batch_size={batch} (global) is not divisible by "
+                      f"process_count={process_count}; use a multiple of {process_count}")
+  shards = d.num_shards or process_count
+  if shards % process_count or batch % shards:
+    raise ConfigError(f"data.num_shards={d.num_shards} must be a multiple of process_count="
+                      f"{process_count} that divides train.batch_size={batch} (0 = one shard "
+                      "per process)")
+  kind = "seq2seq" if d.name == "algorithmic" else "text"
+  if config.model.family not in _FAMILIES_OF_KIND[kind]:
+    raise ConfigError(f"model.family={config.model.family!r} does not fit data.name={d.name!r}; "
+                      f"valid families: {', '.join(_FAMILIES_OF_KIND[kind])}")
+  if kind == "seq2seq":
+    if d.tokenizer != "byte":
+      raise ConfigError(f"data.tokenizer={d.tokenizer!r}: algorithmic tasks use 'byte'")
+    source, target = max_lengths(d.task, d.test_max_len)
+    need = source + target + 1 if config.model.family == "decoder_lm" else max(source, target + 1)
+    if d.seq_len < need:
+      raise ConfigError(f"data.seq_len={d.seq_len} is too small for task {d.task!r} with "
+                        f"test_max_len={d.test_max_len} and family {config.model.family!r}: the "
+                        f"longest example needs {need} tokens; set seq_len >= {need}")
+
+
+# ---------------------------------------------------------------------------- train
+
+def train_config() -> ml_collections.ConfigDict:
+  """Every training key with its default."""
+  t = ml_collections.ConfigDict()
+  t.num_steps = 1000               # total optimizer steps (extend to continue a finished run)
+  t.batch_size = 32                # global batch size (examples)
+  t.learning_rate = 1e-3           # peak learning rate
+  t.warmup_steps = 100             # linear warmup steps
+  t.end_lr_factor = 0.1            # cosine decays to learning_rate * end_lr_factor
+  t.decay_steps = 0                # length of warmup + cosine; 0 = num_steps (fix it to extend
+                                   # a run without changing the schedule of its first steps)
+  t.weight_decay = 0.01            # AdamW decoupled weight decay (kernels and embeddings only)
+  t.b1 = 0.9                       # Adam beta1
+  t.b2 = 0.98                      # Adam beta2
+  t.grad_clip_norm = 1.0           # global-norm clipping; 0 = off
+  t.log_every_steps = 50           # progress line + metrics.jsonl train entry (and at the end)
+  t.eval_every_steps = 500         # evaluation on every eval split (and at the end)
+  t.checkpoint_every_steps = 500   # checkpoint interval (and at the end / on SIGTERM)
+  t.keep_checkpoints = 3           # checkpoints kept (oldest deleted)
+  t.async_checkpoints = True       # save in the background while training continues
+  t.peak_flops_per_device = 0.0    # for MFU; 0 = by device kind (CPU: measured matmul peak)
+  return t
+
+
+def check_train(t: ml_collections.ConfigDict) -> None:
+  known = train_config()
+  for key in t:
+    if key not in known:
+      raise ConfigError(f"train.{key} is not a train key; valid keys: {', '.join(known)}")
+  for key in ("num_steps", "batch_size", "log_every_steps", "eval_every_steps",
+              "checkpoint_every_steps", "keep_checkpoints"):
+    check_int(f"train.{key}", t[key], 1)
+  for key in ("warmup_steps", "decay_steps"):
+    check_int(f"train.{key}", t[key], 0)
+  if not isinstance(t.learning_rate, (int, float)) or t.learning_rate <= 0:
+    raise ConfigError(f"train.learning_rate={t.learning_rate!r} must be > 0")
+  check_number("train.end_lr_factor", t.end_lr_factor, 0, 1)
+  check_number("train.weight_decay", t.weight_decay, 0)
+  check_number("train.grad_clip_norm", t.grad_clip_norm, 0)
+  check_number("train.peak_flops_per_device", t.peak_flops_per_device, 0)
+  for key in ("b1", "b2"):
+    check_number(f"train.{key}", t[key], 0, 1, open_hi=True)
+
+
+# ----------------------------------------------------------------------------- mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Mesh shape; -1 fills the axis with the devices the others leave."""
+  m = ml_collections.ConfigDict()
+  m.data = -1       # data-parallel replicas
+  m.fsdp = 1        # parameters and optimizer state sharded over this axis too
+  m.tensor = 1      # tensor parallelism over heads / mlp / vocab
+  m.rules = ()      # extra (logical, mesh axis) rules placed before the standard ones
+  return m
+
+
+def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves -1 entries; raises ConfigError naming the fields when it cannot fit."""
+  sizes = [cfg[a] for a in MESH_AXES]
+  for axis, size in zip(MESH_AXES, sizes):
+    if isinstance(size, bool) or not isinstance(size, int) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{axis}={size!r} must be a positive integer or -1 (fill)")
+  fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(fill) > 1:
+    raise ConfigError(f"mesh axes {fill} are all -1; at most one axis may fill the devices")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed} devices) "
+                        f"do not divide the {num_devices} devices available")
+    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
+                      f"{math.prod(sizes)} devices but {num_devices} are available; make the "
+                      "product equal the device count or set one axis to -1")
+  return tuple(sizes)
+
+
+# --------------------------------------------------------------------------- whole
+
+def base_config() -> ml_collections.ConfigDict:
+  """A full experiment config with every section at its defaults (configs/ start here)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0                  # init, dropout and data-order seed
+  config.model = model_config()
+  config.data = data_config()
+  config.train = train_config()
+  config.mesh = mesh_config()
+  return config
+
+
+def validate(config: ml_collections.ConfigDict, process_count: int = 1,
+             num_devices: int | None = None) -> ModelSpec:
+  """Checks every section and every cross-section constraint; returns the model spec.
+
+  Runs before any data is read or anything traced. ``num_devices`` defaults to
+  ``jax.device_count()`` (imported only then).
+  """
+  for key in config:
+    if key not in ("seed", "model", "data", "train", "mesh"):
+      raise ConfigError(f"{key} is not a config section; valid: seed, model, data, train, mesh")
+  check_int("seed", config.seed, 0)
+  spec = ModelSpec.from_config(config.model)
+  check_train(config.train)
+  check_data(config, 0, process_count)
+  d = config.data
+  if spec.position_embedding != "none" and d.seq_len > spec.max_len:
+    raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={spec.max_len}: positions "
+                      f"beyond max_len have no embedding; set model.max_len >= {d.seq_len} or "
+                      f"data.seq_len <= {spec.max_len}")
+  if d.tokenizer == "byte":
+    from xlps.data import tokenizers  # the byte vocabulary is the tokenizer's to define
+    vocab = tokenizers.BYTE_VOCAB_SIZE
+  else:
+    vocab = d.sp_vocab_size
+  if vocab > spec.vocab_size:
+    raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the {d.tokenizer} "
+                      f"tokenizer's vocabulary ({vocab}); set model.vocab_size >= {vocab}")
+  if num_devices is None:
+    import jax
+    num_devices = jax.device_count()
+  shape = dict(zip(MESH_AXES, mesh_shape(config.mesh, num_devices)))
+  batch_shards = shape["data"] * shape["fsdp"]
+  if config.train.batch_size % batch_shards:
+    raise ConfigError(f"train.batch_size={config.train.batch_size} must be a multiple of the "
+                      f"mesh's data x fsdp = {shape['data']} x {shape['fsdp']} = {batch_shards} "
+                      "batch shards")
+  return spec

@@ -18,19 +18,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from xlps.config import MESH_AXES, ConfigError, mesh_shape
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
-
-
-def mesh_config() -> ml_collections.ConfigDict:
-  """Mesh shape; -1 fills the axis with the devices the others leave."""
-  m = ml_collections.ConfigDict()
-  m.data = -1       # data-parallel replicas
-  m.fsdp = 1        # parameters and optimizer state sharded over this axis too
-  m.tensor = 1      # tensor parallelism over heads / mlp / vocab
-  m.rules = ()      # extra (logical, mesh axis) rules placed before the standard ones
-  return m
 
 
 def standard_logical_axis_rules(additional: Sequence[tuple[str, Any]] = ()) -> Rules:
@@ -47,28 +37,6 @@ def standard_logical_axis_rules(additional: Sequence[tuple[str, Any]] = ()) -> R
       ("factor", None),
       ("layers", None),   # the stacked unique-layer axis stays replicated
   )
-
-
-def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Resolves -1 entries; raises ValueError naming the fields when it cannot fit."""
-  sizes = [cfg[a] for a in MESH_AXES]
-  for axis, size in zip(MESH_AXES, sizes):
-    if not isinstance(size, int) or (size < 1 and size != -1):
-      raise ValueError(f"mesh.{axis}={size!r} must be a positive integer or -1 (fill)")
-  fill = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
-  if len(fill) > 1:
-    raise ValueError(f"mesh axes {fill} are all -1; at most one axis may fill the devices")
-  fixed = math.prod(s for s in sizes if s != -1)
-  if fill:
-    if num_devices % fixed:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed} devices) "
-                       f"do not divide the {num_devices} devices available")
-    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
-  if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs "
-                     f"{math.prod(sizes)} devices but {num_devices} are available; make the "
-                     "product equal the device count or set one axis to -1")
-  return tuple(sizes)
 
 
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence[Any] | None = None) -> Mesh:
@@ -96,7 +64,7 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
 
 
 def check_divisible(abstract_tree: Any, shardings: Any, mesh: Mesh) -> None:
-  """Raises ValueError, before compiling, for a dimension its mesh axes do not divide."""
+  """Raises ConfigError, before compiling, for a dimension its mesh axes do not divide."""
   flat_a = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
   flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   for (path, leaf), sharding in zip(flat_a, flat_s):
@@ -106,7 +74,7 @@ def check_divisible(abstract_tree: Any, shardings: Any, mesh: Mesh) -> None:
       axes = (axes,) if isinstance(axes, str) else tuple(axes)
       size = math.prod(mesh.shape[a] for a in axes)
       if leaf.shape[dim] % size:
-        raise ValueError(
+        raise ConfigError(
             f"{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)}; dimension {dim} "
             f"({leaf.shape[dim]}) is sharded over mesh axes {axes} of total size {size}, "
             f"which does not divide it; change the mesh (e.g. mesh.{axes[0]}) or the model "

@@ -36,47 +36,12 @@ from xlps import config as config_lib
 from xlps import data as data_lib
 from xlps import models
 from xlps import partitioning
-from xlps.data import tokenizers as tok_lib
-from xlps.config import ModelSpec
+from xlps.config import ConfigError, ModelSpec
 
 # Peak dense FLOP/s per device by device kind (bf16; float32 on CPU is measured instead).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
               "NVIDIA A100": 312e12}
-
-
-def train_config() -> ml_collections.ConfigDict:
-  """Every training key with its default."""
-  t = ml_collections.ConfigDict()
-  t.num_steps = 1000               # total optimizer steps (extend to continue a finished run)
-  t.batch_size = 32                # global batch size (examples)
-  t.learning_rate = 1e-3           # peak learning rate
-  t.warmup_steps = 100             # linear warmup steps
-  t.end_lr_factor = 0.1            # cosine decays to learning_rate * end_lr_factor
-  t.decay_steps = 0                # length of warmup + cosine; 0 = num_steps (fix it to extend
-                                   # a run without changing the schedule of its first steps)
-  t.weight_decay = 0.01            # AdamW decoupled weight decay (not on norms / biases)
-  t.b1 = 0.9                       # Adam beta1
-  t.b2 = 0.98                      # Adam beta2
-  t.grad_clip_norm = 1.0           # global-norm clipping; 0 = off
-  t.log_every_steps = 50           # progress line + metrics.jsonl train entry
-  t.eval_every_steps = 500         # evaluation on every eval split (and at the end)
-  t.checkpoint_every_steps = 500   # checkpoint interval (and at the end / on SIGTERM)
-  t.keep_checkpoints = 3           # checkpoints kept (oldest deleted)
-  t.async_checkpoints = True       # save in the background while training continues
-  t.peak_flops_per_device = 0.0    # for MFU; 0 = by device kind (CPU: measured matmul peak)
-  return t
-
-
-def base_config() -> ml_collections.ConfigDict:
-  """A full experiment config with every section at its defaults (configs/ start here)."""
-  config = ml_collections.ConfigDict()
-  config.seed = 0                                  # init, dropout and data-order seed
-  config.model = config_lib.model_config()         # xlps/config.py
-  config.data = data_lib.data_config()             # xlps/data
-  config.train = train_config()                    # above
-  config.mesh = partitioning.mesh_config()         # xlps/partitioning.py
-  return config
 
 
 @flax.struct.dataclass
@@ -176,7 +141,7 @@ def sharded_init(spec: ModelSpec, optimizer: optax.GradientTransformation, seed:
   """Initialises the state directly into its shardings; returns (state, shardings).
 
   Shardings come from the logical axis names through ``jax.eval_shape`` (no memory);
-  a dimension that its mesh axes do not divide raises ValueError before compiling.
+  a dimension that its mesh axes do not divide raises ConfigError before compiling.
   """
   boxed = jax.eval_shape(lambda: init_state(spec, optimizer, seed))
   shardings = partitioning.logical_shardings(boxed, mesh, rules)
@@ -245,8 +210,8 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   """``workdir`` as an ``epath.Path`` (``pathlib`` would turn ``gs://b`` into ``gs:/b``)."""
   text = os.fspath(workdir)
   if "://" in text and not text.startswith(REMOTE_SCHEMES):
-    raise ValueError(f"workdir={text!r}: the scheme {text.split('://')[0] + '://'!r} is not "
-                     f"supported; use a local path or one of {', '.join(REMOTE_SCHEMES)}")
+    raise ConfigError(f"workdir={text!r}: the scheme {text.split('://')[0] + '://'!r} is not "
+                      f"supported; use a local path or one of {', '.join(REMOTE_SCHEMES)}")
   return epath.Path(text)
 
 
@@ -310,60 +275,8 @@ def _check_workdir(workdir: epath.Path) -> None:
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise ValueError(f"workdir={os.fspath(workdir)!r} cannot be written ({e.strerror or e}); "
-                     "pass a --workdir in a writable location") from None
-
-
-def _check_number(field: str, value, lo: float, hi: float | None = None,
-                  integer: bool = False, open_hi: bool = False) -> None:
-  """ValueError naming ``field`` unless ``lo <= value <= hi`` (``< hi`` with ``open_hi``)."""
-  kinds = (int,) if integer else (int, float)
-  above = hi is not None and (value >= hi if open_hi else value > hi)
-  if isinstance(value, bool) or not isinstance(value, kinds) or value < lo or above:
-    what = "an integer" if integer else "a number"
-    bound = "" if hi is None else f" and {'<' if open_hi else '<='} {hi}"
-    raise ValueError(f"{field}={value!r} must be {what} >= {lo}{bound}")
-
-
-def validate(config: ml_collections.ConfigDict, process_count: int = 1,
-             num_devices: int | None = None) -> ModelSpec:
-  """Checks every section and every cross-section constraint before any data or trace.
-
-  Returns the model spec. ``process_count`` / ``num_devices`` default to this job's.
-  """
-  spec = models.spec_of(config)
-  t = config.train
-  for key in ("num_steps", "batch_size", "log_every_steps", "eval_every_steps",
-              "checkpoint_every_steps", "keep_checkpoints"):
-    _check_number(f"train.{key}", t[key], 1, integer=True)
-  for key in ("warmup_steps", "decay_steps"):
-    _check_number(f"train.{key}", t[key], 0, integer=True)
-  if t.learning_rate <= 0:
-    raise ValueError(f"train.learning_rate={t.learning_rate!r} must be > 0")
-  _check_number("train.end_lr_factor", t.end_lr_factor, 0, 1)
-  _check_number("train.weight_decay", t.weight_decay, 0)
-  _check_number("train.grad_clip_norm", t.grad_clip_norm, 0)
-  _check_number("train.peak_flops_per_device", t.peak_flops_per_device, 0)
-  for key in ("b1", "b2"):
-    _check_number(f"train.{key}", t[key], 0, 1, open_hi=True)
-  data_lib.validate(config, 0, process_count)  # includes batch_size vs processes / shards
-  d = config.data
-  if spec.position_embedding != "none" and d.seq_len > spec.max_len:
-    raise ValueError(f"data.seq_len={d.seq_len} exceeds model.max_len={spec.max_len}: positions "
-                     f"beyond max_len have no embedding; set model.max_len >= {d.seq_len} or "
-                     f"data.seq_len <= {spec.max_len}")
-  vocab = (tok_lib.ByteTokenizer.vocab_size if d.tokenizer == "byte"
-           else d.sp_vocab_size)
-  if vocab > spec.vocab_size:
-    raise ValueError(f"model.vocab_size={spec.vocab_size} is smaller than the {d.tokenizer} "
-                     f"tokenizer's vocabulary ({vocab}); set model.vocab_size >= {vocab}")
-  shape = dict(zip(partitioning.MESH_AXES, partitioning.mesh_shape(
-      config.mesh, jax.device_count() if num_devices is None else num_devices)))
-  batch_shards = shape["data"] * shape["fsdp"]
-  if t.batch_size % batch_shards:
-    raise ValueError(f"train.batch_size={t.batch_size} must be a multiple of the mesh's data x "
-                     f"fsdp = {shape['data']} x {shape['fsdp']} = {batch_shards} batch shards")
-  return spec
+    raise ConfigError(f"workdir={os.fspath(workdir)!r} cannot be written ({e.strerror or e}); "
+                      "pass a --workdir in a writable location") from None
 
 
 def _eval(params, pipeline, eval_fn, mesh, rules, batch_sharding,
@@ -419,16 +332,16 @@ def checkpoint_metadata(config, spec: ModelSpec, summary: dict) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary."""
   workdir = workdir_path(workdir)
-  spec = validate(config, jax.process_count())
+  spec = config_lib.validate(config, jax.process_count())
   _check_workdir(workdir)
   t = config.train
   is_main = jax.process_index() == 0
   pipeline = data_lib.build(config, process_index=jax.process_index(),
                             process_count=jax.process_count())
   if pipeline.vocab_size > spec.vocab_size:  # e.g. a sentencepiece model with fewer pieces
-    raise ValueError(f"model.vocab_size={spec.vocab_size} is smaller than the tokenizer's "
-                     f"vocabulary ({pipeline.vocab_size}); set model.vocab_size >= "
-                     f"{pipeline.vocab_size}")
+    raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the tokenizer's "
+                      f"vocabulary ({pipeline.vocab_size}); set model.vocab_size >= "
+                      f"{pipeline.vocab_size}")
   summary = models.summarize(spec, config.data.seq_len)
   mesh = partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_of(config.mesh)

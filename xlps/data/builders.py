@@ -31,7 +31,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-TASKS = ("copy", "reverse", "addition")
+from xlps.config import TASKS
+
 _ALGORITHMIC_SEED = 20180710  # the Universal Transformer paper's arXiv date
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
                                    "idle_test", "__pycache__"})
@@ -86,13 +87,6 @@ def algorithmic_example(task: str, length: int, rng: np.random.Generator) -> tup
     return f"{a}+{b}", str(int(a) + int(b))
   source = "".join(map(str, rng.integers(0, 10, length)))
   return source, source if task == "copy" else source[::-1]
-
-
-def max_lengths(task: str, max_len: int) -> tuple[int, int]:
-  """Longest (source, target) of ``task`` at operand length ``max_len`` (target w/o EOS)."""
-  if task == "addition":
-    return 2 * max_len + 1, max_len + 1
-  return max_len, max_len
 
 
 class XlpsAlgorithmic(tfds.core.GeneratorBasedBuilder):

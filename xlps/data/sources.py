@@ -1,4 +1,4 @@
-"""Random-access record sources per ``config.data.name``, before tokenization.
+"""Random-access record sources per ``data.name``, before tokenization.
 
 Text sources yield records with a text feature (str or bytes: one document each);
 seq2seq sources yield ``{"source", "target"}`` byte strings. Every source is a sequence
@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import tensorflow_datasets as tfds
 
+from xlps.config import ConfigError
 from xlps.data import builders
 
 
@@ -66,22 +67,22 @@ def text_files(pattern: str, *, require_utf8: bool) -> Splits:
   paths = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
                  if os.path.isfile(p))
   if not pattern or not paths:
-    raise ValueError(f"config.data.glob={pattern!r} matched no files; give a glob of your text "
-                     "files, e.g. '~/corpus/**/*.txt' (with data.name='text_files')")
+    raise ConfigError(f"data.glob={pattern!r} matched no files; give a glob of your text "
+                      "files, e.g. '~/corpus/**/*.txt' (with data.name='text_files')")
   texts = {}
   for path in paths:
     with open(path, "rb") as f:
       data = f.read()
     if not data.strip():
-      raise ValueError(f"config.data.glob={pattern!r}: file {path!r} is empty; remove it or "
-                       "narrow the glob")
+      raise ConfigError(f"data.glob={pattern!r}: file {path!r} is empty; remove it or "
+                        "narrow the glob")
     if require_utf8:
       try:
         data.decode("utf-8")
       except UnicodeDecodeError as e:
-        raise ValueError(f"config.data.glob={pattern!r}: file {path!r} is not UTF-8 ({e}); "
-                         "config.data.tokenizer='sentencepiece' needs UTF-8 text (the 'byte' "
-                         "tokenizer accepts any bytes)") from None
+        raise ConfigError(f"data.glob={pattern!r}: file {path!r} is not UTF-8 ({e}); "
+                          "data.tokenizer='sentencepiece' needs UTF-8 text (the 'byte' "
+                          "tokenizer accepts any bytes)") from None
     texts[path] = data
   if len(paths) == 1:
     data = texts[paths[0]]
@@ -96,8 +97,8 @@ def text_files(pattern: str, *, require_utf8: bool) -> Splits:
     train_docs = [texts[p] for p in paths if p not in val_paths]
     val_docs = [texts[p] for p in val_paths]
   if not val_docs[0]:
-    raise ValueError(f"config.data.glob={pattern!r}: the single file {paths[0]!r} is too small "
-                     "to split into train and validation")
+    raise ConfigError(f"data.glob={pattern!r}: the single file {paths[0]!r} is too small "
+                      "to split into train and validation")
   records = lambda docs: [{"id": i, "text": doc} for i, doc in enumerate(docs)]  # noqa: E731
   digest = hashlib.sha256()
   for path in paths:
@@ -111,15 +112,15 @@ def text_files(pattern: str, *, require_utf8: bool) -> Splits:
 def tfds_prepared(d, data_dir: str) -> Splits:
   """A TFDS dataset already prepared (array_record or parquet) in ``data_dir``."""
   if not d.tfds_name:
-    raise ValueError("config.data.tfds_name='' is empty; with data.name='tfds' name a prepared "
-                     "TFDS dataset, e.g. 'lm1b' or 'wiki40b/en'")
+    raise ConfigError("data.tfds_name='' is empty; with data.name='tfds' name a prepared "
+                      "TFDS dataset, e.g. 'lm1b' or 'wiki40b/en'")
 
   def read(split):
     try:
       return tfds.data_source(d.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises many types here (not found, wrong format, bad split)
-      raise ValueError(
-          f"config.data.tfds_name={d.tfds_name!r} split {split!r} could not be read from "
+      raise ConfigError(
+          f"data.tfds_name={d.tfds_name!r} split {split!r} could not be read from "
           f"data_dir {data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0]}). Prepare it there "
           "as array_record first, e.g. tfds.builder(name, data_dir=...).download_and_prepare("
           "file_format='array_record') or `tfds build NAME --data_dir=DIR "
@@ -129,10 +130,10 @@ def tfds_prepared(d, data_dir: str) -> Splits:
   for field, split, source in (("train_split", d.train_split, train),
                                ("eval_split", d.eval_split, val)):
     if not len(source):
-      raise ValueError(f"config.data.{field}={split!r} of {d.tfds_name!r} is empty")
+      raise ConfigError(f"data.{field}={split!r} of {d.tfds_name!r} is empty")
   if d.text_key not in train[0]:
-    raise ValueError(f"config.data.text_key={d.text_key!r} is not a feature of "
-                     f"{d.tfds_name!r}; its features: {', '.join(sorted(train[0]))}")
+    raise ConfigError(f"data.text_key={d.text_key!r} is not a feature of "
+                      f"{d.tfds_name!r}; its features: {', '.join(sorted(train[0]))}")
   name = d.tfds_name.replace("/", "_")
   return Splits(kind="text", train=train, evals={d.eval_split: val}, text_key=d.text_key,
                 cache_key=f"tfds_{name}_{d.train_split}_{len(train)}",

@@ -23,10 +23,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from xlps.config import ConfigError
+
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
 NUM_SPECIAL = 4
 BYTE_VOCAB_SIZE = NUM_SPECIAL + 256
-TOKENIZERS = ("byte", "sentencepiece")
 # SentencePiece: pieces that are never produced by encoding ordinary text (specials, <unk>).
 _SP_NUM_RESERVED = NUM_SPECIAL + 1
 
@@ -77,8 +78,8 @@ def require_sentencepiece() -> None:
   try:
     import sentencepiece  # noqa: F401
   except ImportError as e:
-    raise ValueError("config.data.tokenizer='sentencepiece' needs the `sentencepiece` package: "
-                     "pip install sentencepiece (or the xlps 'sentencepiece' extra)") from e
+    raise ConfigError("data.tokenizer='sentencepiece' needs the `sentencepiece` package: "
+                      "pip install sentencepiece (or the xlps 'sentencepiece' extra)") from e
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str) -> None:
@@ -86,9 +87,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str) -> Non
   normalisation, byte fallback) and writes it to ``path`` atomically."""
   import sentencepiece as spm
   if vocab_size < _SP_NUM_RESERVED + 256 + 1:
-    raise ValueError(f"config.data.sp_vocab_size={vocab_size} is too small: the 256 byte-fallback "
-                     f"pieces and {_SP_NUM_RESERVED} special pieces need sp_vocab_size >= "
-                     f"{_SP_NUM_RESERVED + 256 + 1}")
+    raise ConfigError(f"data.sp_vocab_size={vocab_size} is too small: the 256 byte-fallback "
+                      f"pieces and {_SP_NUM_RESERVED} special pieces need sp_vocab_size >= "
+                      f"{_SP_NUM_RESERVED + 256 + 1}")
 
   def lines():
     for text in texts:
@@ -105,8 +106,8 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str) -> Non
         num_threads=os.cpu_count() or 1, minloglevel=2)
   except RuntimeError as e:
     # e.g. "Vocabulary size is too high": the train split has too few distinct pieces.
-    raise ValueError(f"config.data.sp_vocab_size={vocab_size}: SentencePiece training failed on "
-                     f"the train split ({e}); try a smaller sp_vocab_size") from e
+    raise ConfigError(f"data.sp_vocab_size={vocab_size}: SentencePiece training failed on "
+                      f"the train split ({e}); try a smaller sp_vocab_size") from e
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(model.getvalue())

@@ -16,6 +16,7 @@ import ml_collections
 from etils import epath
 
 from xlps import checkpoint as checkpoint_lib
+from xlps import config as config_lib
 from xlps import models
 from xlps import train as train_lib
 
@@ -32,7 +33,7 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
   key is the one ``train.init_state`` would draw from ``config.seed``. Returns the
   checkpoint directory.
   """
-  spec = train_lib.validate(config)
+  spec = config_lib.validate(config)
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
   optimizer = train_lib.make_optimizer(config.train)
   state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,

@@ -37,7 +37,10 @@ import safetensors.torch
 import torch
 import transformers
 
+from xlps import config as config_lib
 from xlps import models
+from xlps import presets
+from xlps.config import ConfigError
 from xlps.data import tokenizers
 
 # HF hidden_act -> xlps activation; xlps -> HF on save.
@@ -131,7 +134,7 @@ def _links(config: ml_collections.ConfigDict, arch: str, inner_group_num: int = 
       elif module in names:
         keys = [(None, f"{names[module]}.{_LEAF_NAMES[leaf]}")]
       else:
-        raise ValueError(f"xlps parameter {joined} has no Hugging Face {arch} counterpart")
+        raise ConfigError(f"xlps parameter {joined} has no Hugging Face {arch} counterpart")
     if leaf == "kernel":  # HF (out, in): out is the size of the layer's bias
       out = math.prod(shapes[(*path[:-1], "bias")][1 if stacked else 0:])
       hf_shape = (out, math.prod(shape) // out)
@@ -155,8 +158,8 @@ def _hf_config_and_weights(path_or_model) -> tuple[Any, dict[str, np.ndarray]]:
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
              if index.exists() else ["model.safetensors"])
     if not (directory / files[0]).exists():
-      raise ValueError(f"{directory} has no model.safetensors (or its index); save the model "
-                       "with save_pretrained(safe_serialization=True)")
+      raise ConfigError(f"{directory} has no model.safetensors (or its index); save the model "
+                        "with save_pretrained(safe_serialization=True)")
     tensors = {}
     for name in files:
       tensors.update(safetensors.torch.load_file(directory / name))
@@ -171,18 +174,18 @@ def _strip(key: str, arch: str) -> str:
 
 
 def _xlps_config(hf, pooler: bool) -> ml_collections.ConfigDict:
-  from configs import albert  # the experiment file defines the ALBERT / BERT model shape
   arch = hf.model_type
-  config = albert.get_config("base" if arch == "albert" else "bert_base")
+  config = config_lib.base_config()
+  presets.apply(config, "base" if arch == "albert" else "bert_base")  # then HF's shape below
   if hf.hidden_act not in _ACTIVATIONS:
-    raise ValueError(f"hidden_act={hf.hidden_act!r} has no xlps activation; supported: "
-                     f"{', '.join(_ACTIVATIONS)}")
+    raise ConfigError(f"hidden_act={hf.hidden_act!r} has no xlps activation; supported: "
+                      f"{', '.join(_ACTIVATIONS)}")
   if getattr(hf, "position_embedding_type", "absolute") != "absolute":
-    raise ValueError(f"position_embedding_type={hf.position_embedding_type!r} is not supported; "
-                     "xlps has learned absolute positions only")
+    raise ConfigError(f"position_embedding_type={hf.position_embedding_type!r} is not supported; "
+                      "xlps has learned absolute positions only")
   if not getattr(hf, "tie_word_embeddings", True):
-    raise ValueError("tie_word_embeddings=False is not supported: the xlps MLM head is tied to "
-                     "the word embeddings")
+    raise ConfigError("tie_word_embeddings=False is not supported: the xlps MLM head is tied to "
+                      "the word embeddings")
   m = config.model
   m.vocab_size, m.d_model = hf.vocab_size, hf.hidden_size
   m.num_heads, m.d_ff = hf.num_attention_heads, hf.intermediate_size
@@ -199,11 +202,11 @@ def _xlps_config(hf, pooler: bool) -> ml_collections.ConfigDict:
     return config
   g, k = hf.num_hidden_groups, hf.inner_group_num
   if hf.embedding_size >= hf.hidden_size:
-    raise ValueError(f"ALBERT embedding_size={hf.embedding_size} >= hidden_size="
-                     f"{hf.hidden_size}: xlps has the E->H mapping only for embed_dim < d_model")
+    raise ConfigError(f"ALBERT embedding_size={hf.embedding_size} >= hidden_size="
+                      f"{hf.hidden_size}: xlps has the E->H mapping only for embed_dim < d_model")
   if not 1 <= g <= n:
-    raise ValueError(f"ALBERT num_hidden_groups={g}, inner_group_num={k} with "
-                     f"num_hidden_layers={n}: every group must be used (1 <= groups <= layers)")
+    raise ConfigError(f"ALBERT num_hidden_groups={g}, inner_group_num={k} with "
+                      f"num_hidden_layers={n}: every group must be used (1 <= groups <= layers)")
   m.embed_dim, m.num_layers = hf.embedding_size, n * k
   m.sharing.num_unique = g * k
   if k == 1 and n % g == 0:
@@ -218,34 +221,34 @@ def load_hf(path_or_model: str | os.PathLike | torch.nn.Module
             ) -> tuple[ml_collections.ConfigDict, dict]:
   """``(config, params)`` of an HF ALBERT / BERT model or ``save_pretrained`` directory.
 
-  ``config`` is a full xlps config (``configs/albert.py`` ``base`` / ``bert_base`` with the
-  model keys taken from the HF config; import it from the repository root); ``params``
-  are float32 numpy arrays in the exact structure of ``nn.unbox(models.init_params(config))``.
+  ``config`` is a full xlps config: preset ``base`` / ``bert_base`` of ``xlps.presets`` (as
+  in ``configs/albert.py``) with the model keys taken from the HF config; ``params`` are
+  float32 numpy arrays in the exact structure of ``nn.unbox(models.init_params(config))``.
   """
   hf, raw = _hf_config_and_weights(path_or_model)
   arch = hf.model_type
   if arch not in _PREFIXES:
-    raise ValueError(f"model_type={arch!r} is not supported; expected 'albert' or 'bert'")
+    raise ConfigError(f"model_type={arch!r} is not supported; expected 'albert' or 'bert'")
   weights = {_strip(k, arch): v for k, v in raw.items()}
   has_head = "predictions.bias" in weights
   config = _xlps_config(hf, pooler=any(k.startswith("pooler.") for k in weights))
   for name, tied in (("predictions.decoder.weight", "embeddings.word_embeddings.weight"),
                      ("predictions.decoder.bias", "predictions.bias")):
     if name in weights and not np.array_equal(weights.pop(name), weights[tied]):
-      raise ValueError(f"{name} differs from {tied}; xlps ties the MLM decoder")
+      raise ConfigError(f"{name} differs from {tied}; xlps ties the MLM decoder")
   flat: dict[tuple[str, ...], dict] = {}
   links = _links(config, arch, getattr(hf, "inner_group_num", 1))
   for path, slot, key, shape, hf_shape, transpose in links:
     if path[0] == "head" and not has_head:
       continue
     if key not in weights:
-      raise ValueError(f"the HF {arch} weights lack {key} (for xlps {'/'.join(path)})")
+      raise ConfigError(f"the HF {arch} weights lack {key} (for xlps {'/'.join(path)})")
     value = weights.pop(key)
     if value.shape != hf_shape:
-      raise ValueError(f"{key} has shape {value.shape}; the config implies {hf_shape}")
+      raise ConfigError(f"{key} has shape {value.shape}; the config implies {hf_shape}")
     flat.setdefault(path, {})[slot] = (value.T if transpose else value).reshape(shape)
   if weights:
-    raise ValueError(f"HF weights with no xlps counterpart: {sorted(weights)}")
+    raise ConfigError(f"HF weights with no xlps counterpart: {sorted(weights)}")
   params: dict = {}
   for path, by_slot in flat.items():
     value = by_slot[None] if None in by_slot else np.stack([by_slot[s] for s in sorted(by_slot)])
@@ -302,18 +305,18 @@ def _arch_of(config: ml_collections.ConfigDict) -> str:
   if len(set(slot_tables.values())) > 1:
     problems.append(f"per-component sharing plans differ ({slot_tables})")
   if problems:
-    raise ValueError("Hugging Face ALBERT / BERT cannot express model." + "; model.".join(problems))
+    raise ConfigError("Hugging Face ALBERT / BERT cannot express model." + "; model.".join(problems))
   plan = plans["attention"]
   if s.embed_dim < s.d_model:
     if _albert_layout(plan.slots, plan.num_unique) is None:
-      raise ValueError(f"sharing slots {list(plan.slots)} are not an ALBERT layout (layer i of N "
-                       "uses group int(i / (N / G)), each group k distinct layers); use "
-                       "order='sequence' or that table")
+      raise ConfigError(f"sharing slots {list(plan.slots)} are not an ALBERT layout (layer i of N "
+                        "uses group int(i / (N / G)), each group k distinct layers); use "
+                        "order='sequence' or that table")
     return "albert"
   if plan.slots != tuple(range(plan.num_layers)):
-    raise ValueError(f"embed_dim == d_model with sharing slots {list(plan.slots)}: the BERT "
-                     "format has no sharing and HF ALBERT always has an E->H mapping, which "
-                     "xlps creates only for embed_dim < d_model")
+    raise ConfigError(f"embed_dim == d_model with sharing slots {list(plan.slots)}: the BERT "
+                      "format has no sharing and HF ALBERT always has an E->H mapping, which "
+                      "xlps creates only for embed_dim < d_model")
   return "bert"
 
 
@@ -349,7 +352,7 @@ def hf_state_dict(config: ml_collections.ConfigDict, params: Mapping) -> dict[st
   expected = models.param_shapes(config)
   if shapes != expected:
     wrong = sorted(set(shapes.items()) ^ set(expected.items()))
-    raise ValueError(f"params do not match the config's parameters (path, shape): {wrong}")
+    raise ConfigError(f"params do not match the config's parameters (path, shape): {wrong}")
   out = {}
   for path, slot, key, _, hf_shape, transpose in _links(config, arch, k):
     value = np.asarray(flat[path], np.float32)
