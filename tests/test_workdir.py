@@ -8,12 +8,11 @@ import os
 
 import fsspec
 import pytest
-from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
 from launch import train as launch_train
 from xlps import checkpoint as checkpoint_lib
-from xlps import train
+from xlps import metrics, train
 
 
 class FakeGCS(MemoryFileSystem):
@@ -44,7 +43,7 @@ def fake_gcs(monkeypatch, tmp_path):
 def test_metrics_tensorboard_and_plot_reach_the_bucket(fake_gcs):
   workdir = train.workdir_path("gs://bucket/run")
   train._check_workdir(workdir)
-  writer = train.MetricWriter(workdir)
+  writer = metrics.MetricWriter(workdir)
   history = [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 2.5, "eval_loss": 2.7}]
   for record in history:
     writer.write(record["step"], {k: v for k, v in record.items() if k != "step"})
@@ -57,7 +56,7 @@ def test_metrics_tensorboard_and_plot_reach_the_bucket(fake_gcs):
   assert fake_gcs.size(events[0]) > 100
   assert fake_gcs.cat("gs://bucket/run/loss.png")[:4] == b"\x89PNG"
   # A second writer (a resumed run) keeps the earlier lines: object stores cannot append.
-  writer = train.MetricWriter(workdir)
+  writer = metrics.MetricWriter(workdir)
   writer.write(3, {"train_loss": 2.0})
   writer.close()
   assert len(fake_gcs.cat("gs://bucket/run/metrics.jsonl").decode().splitlines()) == 3

@@ -41,12 +41,11 @@ class Checkpointer:
   """Saves and restores ``(state, data_state, metadata)`` under ``directory``."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-               save_interval_steps: int = 1, async_save: bool = True):
+               async_save: bool = True):
     path = epath.Path(directory)  # gs://... stays remote (pathlib would make it gs:/...)
     self.directory = path if "://" in os.fspath(directory) else path.absolute()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-        enable_async_checkpointing=async_save, create=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -59,13 +58,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_state: Any, metadata: dict,
-           force: bool = False) -> bool:
-    """Starts a (possibly async) save; returns whether the interval policy saved."""
-    return self._manager.save(step, args=ocp.args.Composite(
+  def save(self, step: int, state: Any, data_state: Any, metadata: dict) -> None:
+    """Starts a (possibly async) save of ``step``; the caller decides when to save."""
+    self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
-        metadata=ocp.args.JsonSave(metadata)), force=force)
+        metadata=ocp.args.JsonSave(metadata)), force=True)
 
   def restore(self, step: int, abstract_state: Any = None) -> tuple[Any, Any, dict]:
     """Restores step ``step`` onto the shardings carried by ``abstract_state``.
@@ -89,9 +87,6 @@ class Checkpointer:
     """Only the JSON metadata of ``step`` (config, slots, versions): no arrays are read."""
     return self._manager.restore(step, args=ocp.args.Composite(
         metadata=ocp.args.JsonRestore()))["metadata"]
-
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()

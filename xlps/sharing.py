@@ -32,11 +32,6 @@ class Plan:
   order: str
   slots: tuple[int, ...]
 
-  @property
-  def tied(self) -> bool:
-    """True when every applied layer uses the single parameter set (no stacked axis)."""
-    return self.num_unique == 1
-
 
 def parse_table(table: str | Sequence[int] | None, field: str) -> tuple[int, ...] | None:
   """Parses an explicit slot table given as ``"0 1 1 2"``, ``"0,1,1,2"`` or a sequence."""

@@ -14,9 +14,7 @@ import functools
 import json
 import math
 import os
-import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -34,14 +32,11 @@ from etils import epath
 from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
 from xlps import data as data_lib
+from xlps import metrics as metrics_lib
 from xlps import models
 from xlps import partitioning
 from xlps.config import ConfigError, ModelSpec
 
-# Peak dense FLOP/s per device by device kind (bf16; float32 on CPU is measured instead).
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-              "NVIDIA A100": 312e12}
 
 
 @flax.struct.dataclass
@@ -128,12 +123,16 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: nn.Module,
   return loss_and_metrics(logits, targets_of(batch, family), batch["weights"])[1]
 
 
-def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  """The initial state with ``nn.LogicallyPartitioned`` boxes (params and optimizer moments)."""
-  params = models.init_params(spec, seed=seed)
+def state_of(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """Step 0 of ``params``: fresh optimizer moments, the dropout key of ``seed``."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params),
                     rng=jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+
+
+def init_state(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """The initial state with ``nn.LogicallyPartitioned`` boxes (params and optimizer moments)."""
+  return state_of(models.init_params(spec, seed=seed), optimizer, seed)
 
 
 def sharded_init(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int,
@@ -153,13 +152,39 @@ def sharded_init(spec: ModelSpec, optimizer: optax.GradientTransformation, seed:
 
 @dataclasses.dataclass
 class Steps:
-  """The initial (sharded) state and the jitted steps of one model on one mesh."""
+  """The initial (sharded) state and the jitted steps of one model on one mesh.
+
+  ``train`` / ``evaluate`` / ``compile_train`` run under the mesh and its logical axis
+  rules, so callers never wrap them in ``partitioning.activate``.
+  """
 
   state: TrainState
   state_sharding: Any
   batch_sharding: jax.sharding.NamedSharding
   train_fn: Any
   eval_fn: Any
+  mesh: jax.sharding.Mesh
+  rules: partitioning.Rules
+
+  def global_batch(self, local: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """This process's rows as global arrays sharded over the batch axes."""
+    return partitioning.global_batch(local, self.batch_sharding)
+
+  def compile_train(self, state: TrainState, batch: Mapping[str, jax.Array]) -> float:
+    """Compiles the train step ahead (keeps it out of throughput); returns seconds."""
+    start = time.perf_counter()
+    with partitioning.activate(self.mesh, self.rules):
+      self.train_fn = self.train_fn.lower(state, batch).compile()
+    return time.perf_counter() - start
+
+  def train(self, state: TrainState,
+            batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+    with partitioning.activate(self.mesh, self.rules):
+      return self.train_fn(state, batch)
+
+  def evaluate(self, params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    with partitioning.activate(self.mesh, self.rules):
+      return self.eval_fn(params, batch)
 
 
 def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int,
@@ -174,32 +199,7 @@ def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: i
                      out_shardings=(state_sharding, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model, family=spec.family),
                     in_shardings=(state_sharding.params, batch_sharding))
-  return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn)
-
-
-def measured_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-  """Best float32 matmul FLOP/s of this device: the CPU's practical ceiling for MFU."""
-  x = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2 * n ** 3 / best
-
-
-def peak_flops(t: ml_collections.ConfigDict) -> tuple[float, str]:
-  """Peak FLOP/s of all devices and where the number comes from."""
-  devices = jax.devices()
-  if t.peak_flops_per_device:
-    return t.peak_flops_per_device * len(devices), "config"
-  kind = devices[0].device_kind
-  for prefix, flops in PEAK_FLOPS.items():
-    if kind.startswith(prefix):
-      return flops * len(devices), kind
-  return measured_peak_flops(), f"measured {kind} matmul peak"
+  return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn, mesh, rules)
 
 
 # Workdir schemes served end to end: epath for our files, TensorStore for Orbax's arrays.
@@ -215,59 +215,6 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   return epath.Path(text)
 
 
-def is_local(path: epath.Path) -> bool:
-  return not os.fspath(path).startswith(REMOTE_SCHEMES)
-
-
-class MetricWriter:
-  """``metrics.jsonl`` (one object per record) plus TensorBoard event files.
-
-  Local workdirs append to both. Object stores (gs://) cannot append: there the JSON
-  lines are rewritten whole and the events, written to a local staging folder, are
-  copied over after every record.
-  """
-
-  def __init__(self, workdir: epath.Path, enabled: bool = True):
-    self.enabled = enabled
-    self.path = workdir / "metrics.jsonl"
-    self._tb = self._staging = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-      self._tb_dir = workdir / "tensorboard"
-      if not is_local(workdir):
-        self._staging = tempfile.mkdtemp(prefix="xlps_tensorboard_")
-        self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
-      self._tb = SummaryWriter(self._staging or os.fspath(self._tb_dir))
-
-  def write(self, step: int, values: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
-    for key, value in values.items():
-      self._tb.add_scalar(key, float(value), step)
-    self._tb.flush()
-    if self._staging is None:
-      with self.path.open("a") as f:
-        f.write(line)
-      return
-    self._lines.append(line)
-    self.path.write_text("".join(self._lines))
-    self._upload_events()
-
-  def _upload_events(self) -> None:
-    self._tb_dir.mkdir(parents=True, exist_ok=True)
-    for name in os.listdir(self._staging):
-      with open(os.path.join(self._staging, name), "rb") as f:
-        (self._tb_dir / name).write_bytes(f.read())
-
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-    if self._staging is not None:
-      self._upload_events()
-      shutil.rmtree(self._staging, ignore_errors=True)
-
-
 def _check_workdir(workdir: epath.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -279,8 +226,8 @@ def _check_workdir(workdir: epath.Path) -> None:
                       "pass a --workdir in a writable location") from None
 
 
-def _eval(params, pipeline, eval_fn, mesh, rules, batch_sharding,
-          sequences: bool) -> dict[str, float]:
+def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps,
+             sequences: bool) -> dict[str, float]:
   """Loss, token accuracy, perplexity (and exact-sequence accuracy) per eval split.
 
   Each process reads only its shards of a split and can run out of rows before the others,
@@ -295,8 +242,7 @@ def _eval(params, pipeline, eval_fn, mesh, rules, batch_sharding,
       if not multihost_utils.process_allgather(batch is not None).any():
         break
       batch = pipeline.padding_batch() if batch is None else batch
-      with partitioning.activate(mesh, rules):
-        m = jax.device_get(eval_fn(params, partitioning.global_batch(batch, batch_sharding)))
+      m = jax.device_get(steps.evaluate(params, steps.global_batch(batch)))
       sums = m if sums is None else {k: sums[k] + m[k] for k in m}
     prefix = "eval" if split in ("validation", "test") else f"eval_{split}"
     tokens = max(float(sums["tokens"]), 1.0)
@@ -309,18 +255,19 @@ def _eval(params, pipeline, eval_fn, mesh, rules, batch_sharding,
   return results
 
 
-def _log_progress(step: int, num_steps: int, record: Mapping[str, float], steps_done: int,
-                  seconds: float) -> None:
-  """One console line per record: train metrics and/or eval losses, and the ETA."""
-  parts = [f"step {step}/{num_steps}"]
-  if "train_loss" in record:
-    parts += [f"loss {record['train_loss']:.4f}", f"{record['tokens_per_sec']:.0f} tok/s",
-              f"MFU {100 * record['mfu']:.1f}%"]
-  eta = (num_steps - step) * seconds / max(steps_done, 1)
-  parts.append("ETA " + time.strftime("%H:%M:%S", time.gmtime(eta)))
-  parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval") and
-            k.endswith("loss")]
-  logging.info(" | ".join(parts))
+def due(step: int, every: int, last: int) -> bool:
+  """Periodic actions (log, evaluate, checkpoint) fire independently on multiples of their
+  own ``every`` and at the last step."""
+  return step % every == 0 or step == last
+
+
+def train_record(sums: Mapping[str, jax.Array], steps: int) -> dict[str, float]:
+  """Train loss and accuracy over the window's loss-weighted tokens; mean gradient norm."""
+  m = jax.device_get(sums)
+  weighted = max(float(m["tokens"]), 1.0)
+  return {"train_loss": float(m["loss_sum"]) / weighted,
+          "train_accuracy": float(m["correct"]) / weighted,
+          "grad_norm": float(m["grad_norm"]) / steps}
 
 
 def checkpoint_metadata(config, spec: ModelSpec, summary: dict) -> dict:
@@ -346,8 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   mesh = partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_of(config.mesh)
   setup = make_steps(spec, make_optimizer(t), config.seed, mesh, rules)
-  state, train_fn, eval_fn, batch_sharding = (setup.state, setup.train_fn, setup.eval_fn,
-                                              setup.batch_sharding)
+  state = setup.state
 
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
                                      async_save=t.async_checkpoints)
@@ -360,8 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   step = int(state.step)
   metadata = checkpoint_metadata(config, spec, summary)
-  writer = MetricWriter(workdir, enabled=is_main)
-  flops, flops_source = peak_flops(t)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  flops, flops_source = metrics_lib.peak_flops(t.peak_flops_per_device)
   if is_main:
     logging.info("%s | %s unique / %s applied params | %s", spec.family,
                  f"{summary['unique_params']:,}", f"{summary['applied_params']:,}",
@@ -370,67 +316,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   history: list[dict] = []
-  sums, window, paused = None, 0, 0.0
-
-  def due(every: int) -> bool:  # logging, evaluation and checkpoints are independent
-    return step % every == 0 or step == t.num_steps
-
+  sums, window = None, 0
   try:
     unconsumed_data_state = train_iter.get_state()  # valid while `batch` is not yet trained on
-    batch = partitioning.global_batch(next(train_iter), batch_sharding)
-    t_compile = time.perf_counter()
-    with partitioning.activate(mesh, rules):  # compile ahead: keeps it out of tokens/s
-      train_fn = train_fn.lower(state, batch).compile()
-    compile_time = time.perf_counter() - t_compile
-    # Tokens the model runs on per step, globally (the unit of flops_per_token): every
-    # position of every row, not only the loss-weighted ones.
-    tokens_per_step = math.prod(targets_of(batch, spec.family).shape)
+    batch = setup.global_batch(next(train_iter))
+    compile_time = setup.compile_train(state, batch)
     if is_main:
       logging.info("train step compiled in %.1f s", compile_time)
-    t_start = t_log = time.perf_counter()
+    # Tokens the model runs on per step, globally: every position of every row.
+    throughput = metrics_lib.Throughput(math.prod(targets_of(batch, spec.family).shape),
+                                        summary["flops_per_token"], flops)
+    t_start = time.perf_counter()
     step_start, last_eval = step, {}
     while step < t.num_steps and stop["signal"] is None:
       if batch is None:
-        batch = partitioning.global_batch(next(train_iter), batch_sharding)
-      with partitioning.activate(mesh, rules):
-        state, metrics = train_fn(state, batch)
+        batch = setup.global_batch(next(train_iter))
+      state, metrics = setup.train(state, batch)
       batch = None
       step += 1
       window += 1
+      throughput.step()
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
 
       record = {}
-      if due(t.log_every_steps):
-        m = jax.device_get(sums)
-        elapsed = time.perf_counter() - t_log - paused  # without evaluation and saving
-        weighted = max(float(m["tokens"]), 1.0)
-        record = {"train_loss": float(m["loss_sum"]) / weighted,
-                  "train_accuracy": float(m["correct"]) / weighted,
-                  "grad_norm": float(m["grad_norm"]) / window,
-                  "steps_per_sec": window / elapsed,
-                  "tokens_per_sec": window * tokens_per_step / elapsed}
-        record["mfu"] = record["tokens_per_sec"] * summary["flops_per_token"] / flops
-        sums, window, paused, t_log = None, 0, 0.0, time.perf_counter()
-      if due(t.eval_every_steps):
-        t_eval = time.perf_counter()
-        last_eval = _eval(state.params, pipeline, eval_fn, mesh, rules, batch_sharding,
-                          sequences=config.data.name == "algorithmic")
+      if due(step, t.log_every_steps, t.num_steps):
+        record = {**train_record(sums, window), **throughput.report()}
+        sums, window = None, 0
+      if due(step, t.eval_every_steps, t.num_steps):
+        with throughput.paused():
+          last_eval = evaluate(state.params, pipeline, setup,
+                               sequences=config.data.name == "algorithmic")
         record.update(last_eval)
-        paused += time.perf_counter() - t_eval
       if record:
         writer.write(step, record)
         history.append({"step": step, **record})
         if is_main:
-          _log_progress(step, t.num_steps, record, step - step_start,
-                        time.perf_counter() - t_start)
-      if due(t.checkpoint_every_steps):
-        t_save = time.perf_counter()
-        ckpt.save(step, state, train_iter.get_state(), metadata, force=True)
-        paused += time.perf_counter() - t_save
+          metrics_lib.log_progress(step, t.num_steps, record, step - step_start,
+                                   time.perf_counter() - t_start)
+      if due(step, t.checkpoint_every_steps, t.num_steps):
+        with throughput.paused():
+          ckpt.save(step, state, train_iter.get_state(), metadata)
     if stop["signal"] is not None and ckpt.latest_step() != step:
       logging.warning("SIGTERM at step %d: saving a final checkpoint", step)
       data_state = train_iter.get_state() if batch is None else unconsumed_data_state
-      ckpt.save(step, state, data_state, metadata, force=True)
+      ckpt.save(step, state, data_state, metadata)
   finally:
     signal.signal(signal.SIGTERM, previous)
     train_iter.close()

@@ -29,23 +29,19 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
                      workdir: str | os.PathLike) -> epath.Path:
   """Saves ``params`` as step 0 of ``WORKDIR/checkpoints`` for ``train_and_evaluate``.
 
-  The optimizer state is ``train.make_optimizer(config.train)``'s fresh one and the RNG
-  key is the one ``train.init_state`` would draw from ``config.seed``. Returns the
-  checkpoint directory.
+  The state is the trainer's own step 0 (``train.state_of``: fresh optimizer moments, the
+  dropout key of ``config.seed``). Returns the checkpoint directory.
   """
   spec = config_lib.validate(config)
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-  optimizer = train_lib.make_optimizer(config.train)
-  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=optimizer.init(params),
-                               rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), 1))
+  state = train_lib.state_of(params, train_lib.make_optimizer(config.train), config.seed)
   metadata = train_lib.checkpoint_metadata(config, spec, models.summarize(spec))
   ckpt = checkpoint_lib.Checkpointer(train_lib.workdir_path(workdir) / "checkpoints", async_save=False)
   try:
     if ckpt.latest_step() is not None:
       raise ValueError(f"{ckpt.directory} already holds checkpoints (steps "
                        f"{ckpt.all_steps()}); convert into an empty workdir")
-    ckpt.save(0, state, FRESH_DATA_STATE, metadata, force=True)
+    ckpt.save(0, state, FRESH_DATA_STATE, metadata)
   finally:
     ckpt.close()
   return ckpt.directory
