@@ -12,16 +12,15 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.sharded_run import lm_batch, sharded_steps  # noqa: E402
 from configs import default  # noqa: E402
-from xlps import config as config_lib  # noqa: E402
-from xlps import models, partitioning, train  # noqa: E402
+from xlps import models, partitioning  # noqa: E402
 
 MESHES = [("1 device", {}), ("data=8", {"data": 8}), ("fsdp=8", {"fsdp": 8}),
           ("data=2 fsdp=2 tensor=2", {"data": 2, "fsdp": 2, "tensor": 2}),
@@ -29,28 +28,18 @@ MESHES = [("1 device", {}), ("data=8", {"data": 8}), ("fsdp=8", {"fsdp": 8}),
 
 
 def measure(config, axes, steps):
-  cfg = config_lib.mesh_config()
-  cfg.data, cfg.fsdp, cfg.tensor = 1, 1, 1
-  cfg.update(axes)
-  devices = jax.devices()[:math.prod(axes.values()) if axes else 1]
-  mesh = partitioning.make_mesh(cfg, devices)
-  rules = partitioning.rules_of(cfg)
-  spec = models.spec_of(config)
-  s = train.make_steps(spec, train.make_optimizer(config.train), 0, mesh, rules)
-  b, n = config.train.batch_size, config.data.seq_len
-  rng = np.random.default_rng(0)
-  x = rng.integers(4, 260, (b, n + 1)).astype(np.int32)
-  batch = partitioning.global_batch({"inputs": x[:, :-1], "targets": x[:, 1:],
-                                     "weights": np.ones((b, n), np.float32)}, s.batch_sharding)
+  """(median step time, params bytes / device, train state bytes / device) on ``axes``."""
+  s = sharded_steps(config, config.train, axes)
+  batch = s.global_batch(lm_batch(np.random.default_rng(0), config.train.batch_size,
+                                  config.data.seq_len, 4, 260))
   state = s.state
   param_bytes = partitioning.per_device_bytes(state.params)
   state_bytes = partitioning.per_device_bytes(state)
-  with partitioning.activate(mesh, rules):
-    fn = s.train_fn.lower(state, batch).compile()
+  s.compile_train(state, batch)
   times = []
   for _ in range(steps + 1):
     t0 = time.perf_counter()
-    state, metrics = fn(state, batch)
+    state, metrics = s.train(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
   return statistics.median(times[1:]), param_bytes, state_bytes

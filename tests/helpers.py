@@ -1,32 +1,76 @@
-"""Shared test helpers."""
+"""Shared test helpers: small configs, launch.train command lines, logged metrics."""
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import ml_collections
 
+from configs import albert
 from xlps import config as config_lib
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-def tiny(family: str = "decoder_lm", num_layers: int = 6, **overrides) -> ml_collections.ConfigDict:
-  """A tiny model config (vocab 32, d_model 16, 4 heads, seq 8) with overrides.
+# Sizes of the small HF BERT and ALBERT test models.
+HF_SMALL = dict(vocab_size=300, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                num_hidden_layers=4, max_position_embeddings=64)
+HF_ALBERT = {**HF_SMALL, "embedding_size": 16}
+
+
+def configure(model: ml_collections.ConfigDict, **overrides) -> ml_collections.ConfigDict:
+  """Sets ``overrides`` on the model config ``model`` (in place) and returns it.
 
   ``sharing={"num_unique": 2, "mlp": {"num_unique": 3}}`` sets plan keys; a dict value
   overrides that component's plan.
   """
-  m = config_lib.model_config()
-  m.family = family
-  m.vocab_size, m.d_model, m.num_heads, m.d_ff, m.max_len = 32, 16, 4, 32, 8
-  m.num_layers = num_layers
   sharing = overrides.pop("sharing", {})
   for key, value in overrides.items():
-    m[key] = value
+    model[key] = value
   for key, value in sharing.items():
     if isinstance(value, dict):
-      m.sharing[key].update(value)
+      model.sharing[key].update(value)
     else:
-      m.sharing[key] = value
-  return m
+      model.sharing[key] = value
+  return model
+
+
+def tiny(family: str = "decoder_lm", num_layers: int = 6, **overrides) -> ml_collections.ConfigDict:
+  """A tiny model config (vocab 32, d_model 16, 4 heads, d_ff 32, seq 8) with overrides."""
+  sizes = dict(vocab_size=32, d_model=16, num_heads=4, d_ff=32, max_len=8)
+  return configure(config_lib.model_config(), family=family, num_layers=num_layers,
+                   **{**sizes, **overrides})
+
+
+def small_albert(**overrides) -> ml_collections.ConfigDict:
+  """configs/albert.py:base at the sizes of ``HF_ALBERT``, with model ``overrides``."""
+  config = albert.get_config("base")
+  sizes = dict(vocab_size=300, embed_dim=16, d_model=32, num_heads=4, d_ff=64, num_layers=4,
+               max_len=64)
+  configure(config.model, **{**sizes, **overrides})
+  return config
+
+
+def launch_train(workdir, *flags: str, config: str = "configs/default.py:runlocal") -> list[str]:
+  """The ``python -m launch.train`` command line for ``config`` and ``workdir``, then ``flags``."""
+  return [sys.executable, "-m", "launch.train", f"--config={config}", f"--workdir={workdir}",
+          *flags]
+
+
+def short_run(workdir, data_dir, steps: int, overrides: dict | None = None) -> list[str]:
+  """``launch_train`` of a short CPU run: batch 8 x 32 tokens, dropout 0.1, a log line every
+  step, a checkpoint every 2, one evaluation at the end; ``overrides`` maps dotted config keys
+  to values."""
+  keys = {"data.data_dir": data_dir, "data.seq_len": 32, "model.max_len": 32,
+          "data.eval_batches": 2, "train.num_steps": steps, "train.decay_steps": steps,
+          "train.batch_size": 8, "train.log_every_steps": 1, "train.checkpoint_every_steps": 2,
+          "train.eval_every_steps": steps, "model.dropout_rate": 0.1, **(overrides or {})}
+  return launch_train(workdir, *(f"--config.{key}={value}" for key, value in keys.items()))
+
+
+def run_command(args: list, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+  """Runs ``args`` in the repository root and waits; stdout and stderr are captured as text."""
+  return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def logged_losses(workdir) -> dict[int, float]:

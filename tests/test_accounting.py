@@ -8,15 +8,13 @@ import pytest
 from configs import albert, default, transformer
 from xlps import models
 
-from helpers import tiny
+from helpers import configure, tiny
 
 
-def with_depth(config, n, m=None, order="sequence"):
+def with_depth(config, n, m):
+  """A copy of ``config`` applying ``n`` layers over ``m`` unique ones (order sequence)."""
   config = config.copy_and_resolve_references()
-  config.model.num_layers = n
-  if m is not None:
-    config.model.sharing.num_unique = m
-    config.model.sharing.order = order
+  configure(config.model, num_layers=n, sharing={"num_unique": m, "order": "sequence"})
   return config
 
 

@@ -1,16 +1,13 @@
 """launch.summary: readable table, and --json prints exactly one JSON object on stdout."""
 
 import json
-import pathlib
-import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_command
 
 
 def run_summary(*args):
-  return subprocess.run([sys.executable, "-m", "launch.summary", *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=300)
+  return run_command([sys.executable, "-m", "launch.summary", *args], timeout=300)
 
 
 def test_summary_json_with_overrides():

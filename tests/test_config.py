@@ -1,14 +1,13 @@
 """The config schema: light to import, one error type, caught by the launchers."""
 
-import pathlib
-import subprocess
 import sys
 
 import pytest
 
 from xlps import config as config_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT, launch_train, run_command
+
 HEAVY = ("orbax", "grain", "tensorflow_datasets", "xlps.train", "xlps.data")
 CONFIG_FILES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
 
@@ -17,8 +16,7 @@ CONFIG_FILES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem 
 def test_config_files_import_light(name):
   code = (f"import sys, configs.{name}; "
           f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m in {HEAVY!r}))")
-  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+  out = run_command([sys.executable, "-c", code], timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]", out.stdout
 
@@ -44,11 +42,10 @@ def test_every_section_has_one_schema():
     ("--config.model.sharing.order=cycle", None),  # sanity: a valid override still runs
 ])
 def test_launch_train_reports_config_errors_without_traceback(flag, message, tmp_path):
-  args = [sys.executable, "-m", "launch.train", "--config=configs/default.py:runlocal",
-          f"--workdir={tmp_path / 'wd'}", flag]
+  args = launch_train(tmp_path / "wd", flag)
   if message is None:  # stop right after validation: an unwritable workdir is a ConfigError
     (tmp_path / "wd").write_text("a file, not a folder")
     message = "cannot be written"
-  out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  out = run_command(args, timeout=300)
   assert out.returncode == 2, out.stderr[-3000:]
   assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]

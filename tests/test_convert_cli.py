@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import shlex
 import subprocess
 import sys
@@ -18,18 +17,13 @@ from configs import albert
 from configs import workdir as workdir_config
 from xlps import checkpoint as checkpoint_lib
 
-from helpers import logged_losses
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SMALL_ALBERT = dict(vocab_size=300, hidden_size=32, embedding_size=16, num_attention_heads=4,
-                    intermediate_size=64, num_hidden_layers=4, max_position_embeddings=128)
+from helpers import HF_ALBERT, ROOT, logged_losses, run_command
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # one CPU device, not the 8 fake ones conftest sets up
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return run_command([sys.executable, "-m", *args], env=env)
 
 
 def parse_config_flag(*args: str):
@@ -97,7 +91,8 @@ def test_workdir_config_needs_an_existing_workdir(tmp_path):
 
 def test_converted_workdir_trains_with_the_printed_command(tmp_path, data_dir):
   torch.manual_seed(0)
-  hf_model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(**SMALL_ALBERT))
+  hf_model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(
+      **{**HF_ALBERT, "max_position_embeddings": 128}))
   hf_model.save_pretrained(tmp_path / "hf")
   workdir = tmp_path / "wd"
   out = run_module("launch.convert", f"--hf={tmp_path / 'hf'}", f"--workdir={workdir}")

@@ -35,32 +35,26 @@ SMALL_ALGORITHMIC = dict(name="algorithmic", train_min_len=1, train_max_len=8, t
                          num_train_examples=300, num_eval_examples=64, seq_len=32)
 
 
-@pytest.fixture(scope="session")
-def tfds_dir(tmp_path_factory):
-  """One TFDS data dir per test session (per xdist worker): datasets are prepared once."""
-  return tmp_path_factory.mktemp("tfds")
+def write_corpus(root, files, seed, words):
+  """Writes ``files`` text files to ``root``, each one document tagged <docNNN> of
+  ``words`` = (low, high) random words; returns ``root``."""
+  rng = np.random.default_rng(seed)
+  for i in range(files):
+    text = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(*words)))
+    (root / f"f{i:03d}.txt").write_text(f"<doc{i:03d}> {text}\n")
+  return root
 
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-  """A text_files corpus: 41 files whose documents are tagged <docNNN>."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  for i in range(41):
-    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(20, 120)))
-    (root / f"f{i:03d}.txt").write_text(f"<doc{i:03d}> {words}\n")
-  return root
+  """A text_files corpus of 41 files."""
+  return write_corpus(tmp_path_factory.mktemp("corpus"), 41, seed=0, words=(20, 120))
 
 
 @pytest.fixture(scope="session")
 def eval_corpus(tmp_path_factory):
   """A text_files corpus of 300 small files, 20 of them validation documents."""
-  root = tmp_path_factory.mktemp("eval_corpus")
-  rng = np.random.default_rng(1)
-  for i in range(300):
-    words = " ".join(rng.choice(["alpha", "beta", "gamma", "delta"], rng.integers(5, 60)))
-    (root / f"f{i:03d}.txt").write_text(f"<doc{i:03d}> {words}\n")
-  return root
+  return write_corpus(tmp_path_factory.mktemp("eval_corpus"), 300, seed=1, words=(5, 60))
 
 
 def eval_overrides(kind, eval_corpus):
@@ -122,10 +116,10 @@ def test_data_config_has_every_key_with_documented_defaults():
   assert (d.train_min_len, d.train_max_len, d.test_max_len) == (1, 20, 40)
 
 
-def test_stdlib_batches_deterministic_per_seed(tfds_dir):
-  a = take(data.build(make_config(tfds_dir)).train_iter(), 3)
-  b = take(data.build(make_config(tfds_dir)).train_iter(), 3)
-  c = take(data.build(make_config(tfds_dir, seed=1)).train_iter(), 3)
+def test_stdlib_batches_deterministic_per_seed(data_dir):
+  a = take(data.build(make_config(data_dir)).train_iter(), 3)
+  b = take(data.build(make_config(data_dir)).train_iter(), 3)
+  c = take(data.build(make_config(data_dir, seed=1)).train_iter(), 3)
   assert_same(a, b)
   assert not np.array_equal(a[0]["inputs"], c[0]["inputs"])
   for k, v in a[0].items():
@@ -139,8 +133,8 @@ def test_stdlib_batches_deterministic_per_seed(tfds_dir):
     ("encoder_mlm", dict(seq_len=64), 5),
     ("encoder_decoder", SMALL_ALGORITHMIC, 50),  # 50 x 8 > 300 examples: crosses an epoch
 ])
-def test_train_iter_resumes_exactly_after_json_round_trip(tfds_dir, family, overrides, skip):
-  pipeline = data.build(make_config(tfds_dir, family=family, **overrides))
+def test_train_iter_resumes_exactly_after_json_round_trip(data_dir, family, overrides, skip):
+  pipeline = data.build(make_config(data_dir, family=family, **overrides))
   it = pipeline.train_iter()
   take(it, skip)
   state = json.loads(json.dumps(it.get_state()))
@@ -150,14 +144,14 @@ def test_train_iter_resumes_exactly_after_json_round_trip(tfds_dir, family, over
   assert_same(take(resumed, 4), expected)
 
 
-def test_processes_read_disjoint_shards_that_cover_the_train_split(tfds_dir, corpus):
+def test_processes_read_disjoint_shards_that_cover_the_train_split(data_dir, corpus):
   glob = str(corpus / "*.txt")
-  single = data.build(make_config(tfds_dir, name="text_files", glob=glob, seq_len=256,
+  single = data.build(make_config(data_dir, name="text_files", glob=glob, seq_len=256,
                                   eval_batches=0))
   train_tags = set(range(41)) - set().union(*map(doc_tags, single.eval_batches("validation")))
   seen = []
   for index in range(2):
-    pipeline = data.build(make_config(tfds_dir, name="text_files", glob=glob, seq_len=256),
+    pipeline = data.build(make_config(data_dir, name="text_files", glob=glob, seq_len=256),
                           process_index=index, process_count=2)
     seen.append(set().union(*map(doc_tags, take(pipeline.train_iter(), 40))))
   assert not seen[0] & seen[1]
@@ -176,11 +170,11 @@ def eval_parts(config, split, count):
 
 @pytest.mark.parametrize("family,kind", [("decoder_lm", "text"), ("encoder_mlm", "text"),
                                          ("encoder_decoder", "seq2seq")])
-def test_eval_global_batches_do_not_depend_on_the_process_count(tfds_dir, eval_corpus, family,
+def test_eval_global_batches_do_not_depend_on_the_process_count(data_dir, eval_corpus, family,
                                                                 kind):
   overrides, split = eval_overrides(kind, eval_corpus)
   for eval_batches in (0, 3):
-    config = make_config(tfds_dir, family=family, eval_batches=eval_batches, **overrides)
+    config = make_config(data_dir, family=family, eval_batches=eval_batches, **overrides)
     [whole] = eval_parts(config, split, 1)
     assert (len(whole) == 3) if eval_batches else (len(whole) > 3)
     for count in (2, 4):
@@ -194,15 +188,15 @@ def test_eval_global_batches_do_not_depend_on_the_process_count(tfds_dir, eval_c
 
 
 @pytest.mark.parametrize("kind", ["text", "seq2seq"])
-def test_eval_covers_the_whole_split_once(tfds_dir, eval_corpus, kind):
+def test_eval_covers_the_whole_split_once(data_dir, eval_corpus, kind):
   overrides, split = eval_overrides(kind, eval_corpus)
   if kind == "text":  # encoder_mlm: attention_mask marks each packed token (BOS text EOS)
-    config = make_config(tfds_dir, family="encoder_mlm", eval_batches=0, **overrides)
+    config = make_config(data_dir, family="encoder_mlm", eval_batches=0, **overrides)
     records = sources.text_files(config.data.glob, require_utf8=False).evals[split]
     key, expected, rows = "attention_mask", sum(len(r["text"]) + 2 for r in records), None
   else:  # one weighted row per example: its target and EOS
-    config = make_config(tfds_dir, family="encoder_decoder", eval_batches=0, **overrides)
-    records = sources.algorithmic(config.data, str(tfds_dir)).evals[split]
+    config = make_config(data_dir, family="encoder_decoder", eval_batches=0, **overrides)
+    records = sources.algorithmic(config.data, str(data_dir)).evals[split]
     key, expected, rows = "weights", sum(len(r["target"]) + 1 for r in records), len(records)
   for count in (1, 2, 4):
     batches = [b for part in eval_parts(config, split, count) for b in part]
@@ -212,7 +206,7 @@ def test_eval_covers_the_whole_split_once(tfds_dir, eval_corpus, kind):
 
 
 @pytest.mark.parametrize("kind", ["text", "seq2seq"])
-def test_each_process_reads_only_its_share_of_the_eval_split(tfds_dir, eval_corpus, monkeypatch,
+def test_each_process_reads_only_its_share_of_the_eval_split(data_dir, eval_corpus, monkeypatch,
                                                              kind):
   overrides, split = eval_overrides(kind, eval_corpus)
   built = count_eval_reads(monkeypatch, "text_files" if kind == "text" else "algorithmic")
@@ -220,7 +214,7 @@ def test_each_process_reads_only_its_share_of_the_eval_split(tfds_dir, eval_corp
   for count in (2, 4):
     for index in range(count):
       for eval_batches in (0, 2):
-        config = make_config(tfds_dir, family=family, eval_batches=eval_batches, **overrides)
+        config = make_config(data_dir, family=family, eval_batches=eval_batches, **overrides)
         list(data.build(config, process_index=index, process_count=count).eval_batches(split))
         source = built[-1][split]
         n = len(source)
@@ -231,8 +225,8 @@ def test_each_process_reads_only_its_share_of_the_eval_split(tfds_dir, eval_corp
           assert source.read == share, (count, index)
 
 
-def test_eval_pads_exhausted_shards_with_weight_zero_rows(tfds_dir):
-  pipeline = data.build(make_config(tfds_dir, family="encoder_decoder", batch_size=24,
+def test_eval_pads_exhausted_shards_with_weight_zero_rows(data_dir):
+  pipeline = data.build(make_config(data_dir, family="encoder_decoder", batch_size=24,
                                     eval_batches=0, **SMALL_ALGORITHMIC))
   batches = list(pipeline.eval_batches("test"))
   assert len(batches) == 3  # 64 examples in 24 shards of 2 or 3: 16 shards have a third
@@ -253,8 +247,8 @@ def decode_seq2seq(batch):
 
 
 @pytest.mark.parametrize("task", builders.TASKS)
-def test_algorithmic_targets_are_correct_and_test_long_is_longer(tfds_dir, task):
-  pipeline = data.build(make_config(tfds_dir, family="encoder_decoder", task=task,
+def test_algorithmic_targets_are_correct_and_test_long_is_longer(data_dir, task):
+  pipeline = data.build(make_config(data_dir, family="encoder_decoder", task=task,
                                     eval_batches=0, **SMALL_ALGORITHMIC))
   assert pipeline.eval_splits == ("test", "test_long") and pipeline.unigram_entropy is None
   lengths = {}
@@ -275,8 +269,8 @@ def test_algorithmic_targets_are_correct_and_test_long_is_longer(tfds_dir, task)
   assert min(lengths["test_long"]) >= 9 and max(lengths["test_long"]) <= 12
 
 
-def test_algorithmic_decoder_lm_weights_only_the_target(tfds_dir):
-  pipeline = data.build(make_config(tfds_dir, task="reverse", **SMALL_ALGORITHMIC))
+def test_algorithmic_decoder_lm_weights_only_the_target(data_dir):
+  pipeline = data.build(make_config(data_dir, task="reverse", **SMALL_ALGORITHMIC))
   batch = next(pipeline.train_iter())
   for inputs, targets, weights, seg in zip(batch["inputs"], batch["targets"], batch["weights"],
                                            batch["segment_ids"]):
@@ -288,22 +282,22 @@ def test_algorithmic_decoder_lm_weights_only_the_target(tfds_dir):
     np.testing.assert_array_equal(inputs[1:seg.sum()], targets[:seg.sum() - 1])
 
 
-def test_stdlib_splits_are_disjoint_by_file_and_entropy_is_sensible(tfds_dir):
-  builder = builders.prepare(builders.XlpsStdlib, builders.stdlib_config(), str(tfds_dir))
+def test_stdlib_splits_are_disjoint_by_file_and_entropy_is_sensible(data_dir):
+  builder = builders.prepare(builders.XlpsStdlib, builders.stdlib_config(), str(data_dir))
   paths = {s: {r["path"].decode() for r in builder.as_data_source(split=s)}
            for s in ("train", "validation")}
   assert paths["train"] and paths["validation"] and not paths["train"] & paths["validation"]
   assert paths["train"] | paths["validation"] <= set(builders.stdlib_files())
   assert all(builders.is_validation_file(p) for p in paths["validation"])
   assert not any(p.startswith("test/") or "site-packages" in p for p in paths["train"])
-  pipeline = data.build(make_config(tfds_dir))
+  pipeline = data.build(make_config(data_dir))
   assert 2.0 < pipeline.unigram_entropy < 6.0
   assert pipeline.vocab_size == tokenizers.BYTE_VOCAB_SIZE == 260
   assert "stdlib" in pipeline.describe()
 
 
-def test_packing_keeps_documents_apart(tfds_dir):
-  batches = take(data.build(make_config(tfds_dir, seq_len=64, batch_size=16)).train_iter(), 20)
+def test_packing_keeps_documents_apart(data_dir):
+  batches = take(data.build(make_config(data_dir, seq_len=64, batch_size=16)).train_iter(), 20)
   starts = 0
   for b in batches:
     for inputs, targets, seg, pos, w in zip(b["inputs"], b["targets"], b["segment_ids"],
@@ -322,8 +316,8 @@ def test_packing_keeps_documents_apart(tfds_dir):
   assert starts > 0
 
 
-def test_mlm_masks_about_15_percent_80_10_10(tfds_dir):
-  pipeline = data.build(make_config(tfds_dir, family="encoder_mlm", batch_size=64))
+def test_mlm_masks_about_15_percent_80_10_10(data_dir):
+  pipeline = data.build(make_config(data_dir, family="encoder_mlm", batch_size=64))
   batches = take(pipeline.train_iter(), 8)
   b = {k: np.concatenate([x[k] for x in batches]) for k in batches[0]}
   regular = b["labels"] >= tokenizers.NUM_SPECIAL
@@ -352,9 +346,9 @@ def test_tfds_named_dataset_via_mock_data(tmp_path):
   assert 0.5 < pipeline.unigram_entropy < 6.0
 
 
-def test_text_files_accepts_any_bytes_with_the_byte_tokenizer(tfds_dir, tmp_path):
+def test_text_files_accepts_any_bytes_with_the_byte_tokenizer(data_dir, tmp_path):
   (tmp_path / "a.txt").write_bytes(b"caf\xe9 latin-1 \xff\xfe text\n" * 20)
-  pipeline = data.build(make_config(tfds_dir, name="text_files", glob=str(tmp_path / "*.txt"),
+  pipeline = data.build(make_config(data_dir, name="text_files", glob=str(tmp_path / "*.txt"),
                                     seq_len=16, batch_size=2))
   rows = b"".join(BYTES.decode(r) for r in next(pipeline.train_iter())["inputs"])
   assert b"\xe9" in rows
@@ -370,7 +364,7 @@ def test_concurrent_preparation_prepares_once(tmp_path):
   assert os.listdir(tmp_path / "xlps_algorithmic" / config.name) == ["1.0.0"]
 
 
-def test_sentencepiece_trained_on_the_train_split(tfds_dir, tmp_path):
+def test_sentencepiece_trained_on_the_train_split(data_dir, tmp_path):
   pytest.importorskip("sentencepiece", reason="the optional `sentencepiece` package is missing")
   for name in ("json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py",
                "shlex.py", "glob.py", "fnmatch.py"):
@@ -428,8 +422,8 @@ def test_bad_text_files_raise_naming_the_file(tmp_path):
                            tokenizer="sentencepiece"))
 
 
-def test_grain_worker_processes_give_the_in_process_stream_and_resume(tfds_dir):
-  config = make_config(tfds_dir, family="encoder_decoder", **SMALL_ALGORITHMIC)
+def test_grain_worker_processes_give_the_in_process_stream_and_resume(data_dir):
+  config = make_config(data_dir, family="encoder_decoder", **SMALL_ALGORITHMIC)
   expected = take(data.build(config).train_iter(), 6)
   config.data.worker_count = 1
   pipeline = data.build(config)
@@ -444,10 +438,10 @@ def test_grain_worker_processes_give_the_in_process_stream_and_resume(tfds_dir):
 
 
 @pytest.mark.parametrize("family", ["decoder_lm", "encoder_mlm"])
-def test_global_batch_depends_on_num_shards_not_on_process_count(tfds_dir, family):
+def test_global_batch_depends_on_num_shards_not_on_process_count(data_dir, family):
   # Two processes reading one shard each give, together, exactly the batches of one process
   # reading both shards: a run can resume on a different number of processes unchanged.
-  config = make_config(tfds_dir, family=family, batch_size=8, seq_len=32, num_shards=2)
+  config = make_config(data_dir, family=family, batch_size=8, seq_len=32, num_shards=2)
   single = data.build(config).train_iter()
   parts = [data.build(config, process_index=p, process_count=2).train_iter() for p in (0, 1)]
   for _ in range(3):
@@ -457,5 +451,5 @@ def test_global_batch_depends_on_num_shards_not_on_process_count(tfds_dir, famil
       np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
   with pytest.raises(ValueError, match=r"data.num_shards=3 must be a multiple of "
                      r"process_count=2 that divides train.batch_size=8"):
-    data.build(make_config(tfds_dir, batch_size=8, num_shards=3), process_index=0,
+    data.build(make_config(data_dir, batch_size=8, num_shards=3), process_index=0,
                process_count=2)

@@ -18,10 +18,8 @@ from xlps import config as config_lib  # noqa: E402
 from xlps import interop, models, train  # noqa: E402
 from xlps.interop import huggingface  # noqa: E402
 
-from helpers import logged_losses  # noqa: E402
+from helpers import HF_ALBERT, HF_SMALL, logged_losses, small_albert  # noqa: E402
 
-SMALL = dict(vocab_size=300, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-             num_hidden_layers=4, max_position_embeddings=64)
 TOLERANCE = 1e-5  # max |xlps - HF| of outputs, float32 (measured <= 4e-6 with random weights)
 
 
@@ -39,13 +37,13 @@ def randomized(hf_model):
 
 def albert_model(cls=None, **overrides):
   torch.manual_seed(0)
-  config = transformers.AlbertConfig(**{**SMALL, "embedding_size": 16, **overrides})
+  config = transformers.AlbertConfig(**{**HF_ALBERT, **overrides})
   return randomized((cls or transformers.AlbertForMaskedLM)(config))
 
 
 def bert_model(cls=None, **overrides):
   torch.manual_seed(0)
-  config = transformers.BertConfig(**{**SMALL, "num_hidden_layers": 3, **overrides})
+  config = transformers.BertConfig(**{**HF_SMALL, "num_hidden_layers": 3, **overrides})
   return randomized((cls or transformers.BertForMaskedLM)(config))
 
 
@@ -127,22 +125,13 @@ def slots(config) -> dict[str, tuple[int, ...]]:
   return {c: p.slots for c, p in models.spec_of(config).stack_plans("encoder").items()}
 
 
-def xlps_config(**model):
-  config = albert.get_config("base")
-  config.model.update(vocab_size=300, embed_dim=16, d_model=32, num_heads=4, d_ff=64,
-                      num_layers=4, max_len=64)
-  config.model.update(model)
-  return config
-
-
 @pytest.mark.parametrize("sharing,layout", [
     ({"num_unique": 2, "order": "sequence"}, (4, 2, 1)),
     ({"num_unique": 2, "order": "cycle"}, (2, 1, 2)),  # one group of two layers, twice
     ({"num_unique": 3, "order": "table", "table": "0 0 1 2"}, (4, 3, 1)),  # int(i / (4/3))
 ], ids=["sequence", "cycle", "table"])
 def test_xlps_round_trip_is_exact(sharing, layout, tmp_path):
-  config = xlps_config(pooler=True)
-  config.model.sharing.update(sharing)
+  config = small_albert(pooler=True, sharing=sharing)
   rng = np.random.RandomState(1)  # any values: no init to compile
   params = {}
   for path, shape in models.param_shapes(config).items():
@@ -165,18 +154,12 @@ def test_xlps_round_trip_is_exact(sharing, layout, tmp_path):
     ({"norm": "rmsnorm"}, "norm='rmsnorm'"),
     ({"activation": "swiglu"}, "activation='swiglu'"),
     ({"num_kv_heads": 2}, "num_kv_heads=2 != num_heads=4"),
-    ({"sharing.mlp.num_unique": 4, "sharing.mlp.order": "sequence"}, "plans differ"),
-    ({"sharing.num_unique": 2, "sharing.order": "cycle_rev"}, "not an ALBERT layout"),
+    ({"sharing": {"mlp": {"num_unique": 4, "order": "sequence"}}}, "plans differ"),
+    ({"sharing": {"num_unique": 2, "order": "cycle_rev"}}, "not an ALBERT layout"),
     ({"embed_dim": 0}, "embed_dim == d_model"),
 ])
 def test_save_rejects_what_hf_cannot_express(model, message, tmp_path):
-  config = xlps_config()
-  for key, value in model.items():
-    *parents, leaf = key.split(".")
-    node = config.model
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config = small_albert(**model)
   with pytest.raises(ValueError, match=message):
     huggingface.save_hf(config, {}, tmp_path)
 
@@ -254,7 +237,7 @@ def test_weight_decay_step_equals_torch_adamw():
   b = batch()
   rng = np.random.RandomState(1)
   weights = (rng.rand(2, 12) < 0.5) & (b["attention_mask"] > 0)
-  labels = rng.randint(0, SMALL["vocab_size"], (2, 12))
+  labels = rng.randint(0, HF_SMALL["vocab_size"], (2, 12))
 
   optimizer = train.make_optimizer(t)
   state = train.TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),

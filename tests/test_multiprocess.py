@@ -1,9 +1,6 @@
 """Multi-host path on one machine: 2 processes x 4 CPU devices == 1 process x 8 devices."""
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -11,29 +8,22 @@ import pytest
 
 from xlps import checkpoint as checkpoint_lib
 
-from helpers import logged_losses, records
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import logged_losses, records, run_command, short_run
 
 
 def train_args(workdir, data_dir, steps):
-  return [sys.executable, "-m", "launch.train", "--config=configs/default.py:runlocal",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.data.seq_len=32", "--config.model.max_len=32", "--config.data.eval_batches=2",
-          "--config.data.num_shards=2",  # same data order for 1 and 2 processes
-          "--config.mesh.data=4", "--config.mesh.fsdp=2",
-          f"--config.train.num_steps={steps}", "--config.train.decay_steps=8",
-          "--config.train.batch_size=8", "--config.train.log_every_steps=1",
-          "--config.train.checkpoint_every_steps=4", "--config.train.eval_every_steps=8",
-          "--config.model.dropout_rate=0.1"]
+  """``short_run`` on a data=4 x fsdp=2 mesh, reading 2 shards, to step 8 at most."""
+  return short_run(workdir, data_dir, steps, {
+      "data.num_shards": 2,  # same data order for 1 and 2 processes
+      "mesh.data": 4, "mesh.fsdp": 2, "train.decay_steps": 8,
+      "train.checkpoint_every_steps": 4, "train.eval_every_steps": 8})
 
 
 def run_multiprocess(workdir, data_dir, steps, tmp_path):
   env = dict(os.environ, LOG_PREFIX=str(tmp_path / f"proc_{steps}_"))
   env.pop("XLA_FLAGS", None)
-  out = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "4", "--",
-                        *train_args(workdir, data_dir, steps)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+  out = run_command(["bash", "launch/local_multiprocess.sh", "2", "4", "--",
+                     *train_args(workdir, data_dir, steps)], env=env)
   logs = "".join(p.read_text() for p in sorted(tmp_path.glob(f"proc_{steps}_*.log")))
   assert out.returncode == 0, out.stdout + out.stderr + logs[-4000:]
   return logs
@@ -41,8 +31,7 @@ def run_multiprocess(workdir, data_dir, steps, tmp_path):
 
 def test_two_processes_train_checkpoint_resume_like_one(tmp_path, data_dir):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  ref = subprocess.run(train_args(tmp_path / "one", data_dir, 8), cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+  ref = run_command(train_args(tmp_path / "one", data_dir, 8), env=env)
   assert ref.returncode == 0, ref.stderr[-4000:]
   run_multiprocess(tmp_path / "two", data_dir, 4, tmp_path)
   logs = run_multiprocess(tmp_path / "two", data_dir, 8, tmp_path)  # resumes at step 4

@@ -1,16 +1,13 @@
 """Sharded training on 8 fake CPU devices equals one device; shardings follow the rules."""
 
-import math
-
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from bench.sharded_run import lm_batch, mesh_config, sharded_steps
 from xlps import config as config_lib
-from xlps import models
 from xlps import partitioning
-from xlps import train
 
 from helpers import tiny
 
@@ -18,33 +15,14 @@ MESHES = {"data8": {"data": 8}, "fsdp8": {"fsdp": 8},
           "d2f2t2": {"data": 2, "fsdp": 2, "tensor": 2}, "t2f4": {"tensor": 2, "fsdp": 4}}
 
 
-def mesh_cfg(**axes):
-  cfg = config_lib.mesh_config()
-  cfg.data, cfg.fsdp, cfg.tensor = 1, 1, 1
-  cfg.update(axes)
-  return cfg
-
-
-def batches(n, batch=8, length=8, vocab=32):
-  rng = np.random.default_rng(0)
-  for _ in range(n):
-    x = rng.integers(1, vocab, (batch, length + 1)).astype(np.int32)
-    yield {"inputs": x[:, :-1], "targets": x[:, 1:],
-           "weights": np.ones((batch, length), np.float32)}
-
-
 def run(model_cfg, axes, steps=3):
-  devices = jax.devices()[:math.prod(axes.values())]
-  cfg = mesh_cfg(**axes)
-  mesh = partitioning.make_mesh(cfg, devices)
-  rules = partitioning.rules_of(cfg)
+  """(final state, loss of each step) of ``steps`` train steps on random batches."""
   t = config_lib.train_config()
   t.learning_rate, t.warmup_steps = 1e-2, 1
-  s = train.make_steps(models.spec_of(model_cfg), train.make_optimizer(t), 0, mesh, rules)
-  state, losses = s.state, []
-  for batch in batches(steps):
-    with partitioning.activate(mesh, rules):
-      state, metrics = s.train_fn(state, partitioning.global_batch(batch, s.batch_sharding))
+  s = sharded_steps(model_cfg, t, axes)
+  state, losses, rng = s.state, [], np.random.default_rng(0)
+  for _ in range(steps):
+    state, metrics = s.train(state, s.global_batch(lm_batch(rng, 8, 8, 1, 32)))
     losses.append(float(metrics["loss_sum"] / metrics["tokens"]))
   return state, losses
 
@@ -105,12 +83,12 @@ def test_fsdp_shrinks_per_device_params(model_and_reference):
 
 def test_mesh_errors_before_compiling():
   with pytest.raises(ValueError, match=r"needs 6 devices but 8 are available"):
-    partitioning.make_mesh(mesh_cfg(data=3, fsdp=2))
+    partitioning.make_mesh(mesh_config(data=3, fsdp=2))
   with pytest.raises(ValueError, match=r"do not divide the 8 devices"):
-    partitioning.make_mesh(mesh_cfg(data=-1, tensor=3))
+    partitioning.make_mesh(mesh_config(data=-1, tensor=3))
   with pytest.raises(ValueError, match=r"at most one axis may fill"):
-    partitioning.make_mesh(mesh_cfg(data=-1, fsdp=-1))
-  assert partitioning.make_mesh(mesh_cfg(data=-1, tensor=2)).shape["data"] == 4
+    partitioning.make_mesh(mesh_config(data=-1, fsdp=-1))
+  assert partitioning.make_mesh(mesh_config(data=-1, tensor=2)).shape["data"] == 4
   m = tiny(num_layers=2, num_heads=4)  # 4 heads cannot be split 8 ways
   with pytest.raises(ValueError, match=r"\['attention'\]\['\w+'\]\['\w+'\] has shape .*"
                      r"sharded over mesh axes \('tensor',\) of total size 8"):

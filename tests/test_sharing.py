@@ -6,6 +6,8 @@ from xlps import config as config_lib
 from xlps import models
 from xlps import sharing
 
+from helpers import configure
+
 
 @pytest.mark.parametrize("n,m,order,expected", [
     (6, 3, "sequence", [0, 0, 1, 1, 2, 2]),
@@ -65,17 +67,6 @@ def test_component_overrides_inherit():
   assert plans["norms"].slots == (0, 1, 2, 3)
 
 
-def model_cfg(**kw):
-  m = config_lib.model_config()
-  m.update({k: v for k, v in kw.items() if k != "sharing"})
-  for key, value in kw.get("sharing", {}).items():
-    if isinstance(value, dict):
-      m.sharing[key].update(value)
-    else:
-      m.sharing[key] = value
-  return m
-
-
 # Each bad config: the ValueError names the field, the value, and what would be valid.
 @pytest.mark.parametrize("kw,needles", [
     ({"d_model": 256, "num_heads": 3}, ["model.num_heads=3", "d_model=256", "valid num_heads",
@@ -108,7 +99,7 @@ def model_cfg(**kw):
 ])
 def test_bad_config_errors(kw, needles):
   with pytest.raises(ValueError) as err:
-    models.spec_of(model_cfg(**kw))
+    models.spec_of(configure(config_lib.model_config(), **kw))
   for needle in needles:
     assert needle in str(err.value), (needle, str(err.value))
 
@@ -136,8 +127,8 @@ def test_unknown_component_and_key():
 
 def test_tied_encoder_decoder_depths():
   # The decoder applies the encoder's M slots over its own depth with the same order.
-  m = model_cfg(family="encoder_decoder", tie_encoder_decoder=True, num_layers=4,
-                num_decoder_layers=6, sharing={"num_unique": 2, "order": "cycle"})
+  m = configure(config_lib.model_config(), family="encoder_decoder", tie_encoder_decoder=True,
+                num_layers=4, num_decoder_layers=6, sharing={"num_unique": 2, "order": "cycle"})
   spec = models.spec_of(m)
   assert spec.stack_plans("encoder")["attention"].slots == (0, 1) * 2
   assert spec.stack_plans("decoder")["attention"].slots == (0, 1) * 3

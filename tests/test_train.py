@@ -3,7 +3,6 @@
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,9 +14,7 @@ from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
 from xlps import train
 
-from helpers import logged_losses, records
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT, logged_losses, records, run_command, short_run
 
 
 def shrink(config, data_dir, steps=12):
@@ -89,16 +86,6 @@ def test_resume_is_exact(tmp_path, data_dir):
   assert meta["config"]["model"]["num_layers"] == 3 and "jax" in meta["versions"]
 
 
-def cli(workdir, data_dir, steps, *extra):
-  return [sys.executable, "-m", "launch.train", "--config=configs/default.py:runlocal",
-          f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-          "--config.data.seq_len=32", "--config.model.max_len=32", "--config.data.eval_batches=2",
-          f"--config.train.num_steps={steps}", f"--config.train.decay_steps={steps}",
-          "--config.train.batch_size=8", "--config.train.log_every_steps=1",
-          "--config.train.checkpoint_every_steps=2", f"--config.train.eval_every_steps={steps}",
-          "--config.model.dropout_rate=0.1", *extra]
-
-
 def wait_for_checkpoint(workdir, proc, min_step, timeout=240):
   """Waits until a finalized checkpoint >= min_step exists (Orbax renames when complete)."""
   ckpts = pathlib.Path(workdir) / "checkpoints"
@@ -114,17 +101,15 @@ def wait_for_checkpoint(workdir, proc, min_step, timeout=240):
 
 def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
   steps = 40
-  ref = subprocess.run(cli(tmp_path / "ref", data_dir, steps), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+  ref = run_command(short_run(tmp_path / "ref", data_dir, steps))
   assert ref.returncode == 0, ref.stderr[-3000:]
-  proc = subprocess.Popen(cli(tmp_path / "killed", data_dir, steps), cwd=ROOT,
+  proc = subprocess.Popen(short_run(tmp_path / "killed", data_dir, steps), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   killed_at = wait_for_checkpoint(tmp_path / "killed", proc, 4)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert killed_at < steps
-  again = subprocess.run(cli(tmp_path / "killed", data_dir, steps), cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
+  again = run_command(short_run(tmp_path / "killed", data_dir, steps))
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resumed from" in again.stderr
   ref_losses, got = logged_losses(tmp_path / "ref"), logged_losses(tmp_path / "killed")
@@ -142,7 +127,7 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
-  proc = subprocess.Popen(cli(tmp_path / "wd", data_dir, 400), cwd=ROOT,
+  proc = subprocess.Popen(short_run(tmp_path / "wd", data_dir, 400), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   wait_for_checkpoint(tmp_path / "wd", proc, 2)
   proc.send_signal(signal.SIGTERM)
@@ -164,8 +149,7 @@ def test_unwritable_workdir_is_clear(tmp_path, data_dir):
 
 
 def test_readme_main_job_summary(tmp_path, data_dir):
-  out = subprocess.run(cli(tmp_path / "wd", data_dir, 6), cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
+  out = run_command(short_run(tmp_path / "wd", data_dir, 6))
   assert out.returncode == 0, out.stderr[-3000:]
   for needle in ("unique", "validation loss", "unigram baseline", "tokens/s", "checkpoints:",
                  "metrics:"):

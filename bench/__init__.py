@@ -1,0 +1,1 @@
+"""Benchmarks; a package so that tests share their setup (``bench.sharded_run``)."""
