@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 from etils import epath
+from jax.experimental import multihost_utils
 
 from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
@@ -36,7 +36,6 @@ from xlps import metrics as metrics_lib
 from xlps import models
 from xlps import partitioning
 from xlps.config import ConfigError, ModelSpec
-
 
 
 @flax.struct.dataclass
