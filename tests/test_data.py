@@ -190,10 +190,10 @@ def test_eval_global_batches_do_not_depend_on_the_process_count(data_dir, eval_c
 @pytest.mark.parametrize("kind", ["text", "seq2seq"])
 def test_eval_covers_the_whole_split_once(data_dir, eval_corpus, kind):
   overrides, split = eval_overrides(kind, eval_corpus)
-  if kind == "text":  # encoder_mlm: attention_mask marks each packed token (BOS text EOS)
+  if kind == "text":  # encoder_mlm: input_mask marks each packed token (BOS text EOS)
     config = make_config(data_dir, family="encoder_mlm", eval_batches=0, **overrides)
     records = sources.text_files(config.data.glob, require_utf8=False).evals[split]
-    key, expected, rows = "attention_mask", sum(len(r["text"]) + 2 for r in records), None
+    key, expected, rows = "input_mask", sum(len(r["text"]) + 2 for r in records), None
   else:  # one weighted row per example: its target and EOS
     config = make_config(data_dir, family="encoder_decoder", eval_batches=0, **overrides)
     records = sources.algorithmic(config.data, str(data_dir)).evals[split]
@@ -320,18 +320,18 @@ def test_mlm_masks_about_15_percent_80_10_10(data_dir):
   pipeline = data.build(make_config(data_dir, family="encoder_mlm", batch_size=64))
   batches = take(pipeline.train_iter(), 8)
   b = {k: np.concatenate([x[k] for x in batches]) for k in batches[0]}
-  regular = b["labels"] >= tokenizers.NUM_SPECIAL
+  regular = b["targets"] >= tokenizers.NUM_SPECIAL
   selected = b["weights"] > 0
   assert not np.any(selected & ~regular)
   assert 0.14 < selected.sum() / regular.sum() < 0.16
-  kept = b["input_ids"] == b["labels"]
-  assert np.all(kept[~selected])  # labels are the original ids
-  masked = b["input_ids"][selected] == tokenizers.MASK
+  kept = b["inputs"] == b["targets"]
+  assert np.all(kept[~selected])  # targets are the original ids
+  masked = b["inputs"][selected] == tokenizers.MASK
   same = kept[selected]
   assert 0.77 < masked.mean() < 0.83 and 0.08 < same.mean() < 0.12
   assert 0.08 < 1 - masked.mean() - same.mean() < 0.12
-  np.testing.assert_array_equal(b["attention_mask"], (b["labels"] != 0).astype(np.int32))
-  assert not b["token_type_ids"].any() and tokenizers.MASK not in b["labels"]
+  np.testing.assert_array_equal(b["input_mask"], (b["targets"] != 0).astype(np.int32))
+  assert not b["token_types"].any() and tokenizers.MASK not in b["targets"]
 
 
 def test_tfds_named_dataset_via_mock_data(tmp_path):

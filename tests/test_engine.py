@@ -171,13 +171,13 @@ def test_every_param_has_logical_axes(family):
   for leaf in leaves:
     assert isinstance(leaf, nn.LogicallyPartitioned)
     assert len(leaf.names) == leaf.value.ndim
-  stacked = [x.names for x in leaves if "layers" in x.names]
-  assert stacked and all(names[0] == "layers" for names in stacked)
+  stacked = [x.names for x in leaves if "unique" in x.names]
+  assert stacked and all(names[0] == "unique" for names in stacked)
   stack = "decoder" if family == "decoder_lm" else "encoder"
   mlp = boxed[stack]["layers"]["mlp"]["wi"]["kernel"]
-  assert mlp.names == ("embed", "mlp")  # the fully tied component has no layer axis
+  assert mlp.names == ("embed", "mlp")  # the fully tied component has no unique axis
   assert boxed[stack]["layers"]["attention"]["query"]["kernel"].names == (
-      "layers", "embed", "heads", "kv")
+      "unique", "embed", "heads", "kv")
 
 
 def test_init_is_truncated_normal():

@@ -74,8 +74,8 @@ def max_differences(hf_model, config, params) -> dict[str, float]:
   b = batch(config.model.vocab_size)
   with torch.no_grad():
     out = hf_model(**{k: torch.tensor(v) for k, v in b.items()}, output_hidden_states=True)
-  logits, state = models.build(config).apply({"params": params}, b, deterministic=True,
-                                             mutable=["intermediates"])
+  logits, state = models.build(config).apply({"params": params}, huggingface.from_hf_batch(b),
+                                             deterministic=True, mutable=["intermediates"])
   ours = state["intermediates"]
   diffs = {"hidden": np.abs(ours["hidden_states"][0] - out.hidden_states[-1].numpy()).max()}
   if hasattr(out, "logits"):
@@ -242,9 +242,9 @@ def test_weight_decay_step_equals_torch_adamw():
   optimizer = train.make_optimizer(t)
   state = train.TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params),
                            rng=jax.random.PRNGKey(0))
-  state, _ = train.train_step(state, {**b, "labels": labels, "weights": weights},
-                              model=models.build(config), optimizer=optimizer,
-                              family="encoder_mlm")
+  state, _ = train.train_step(
+      state, huggingface.from_hf_batch(b) | {"targets": labels, "weights": weights},
+      model=models.build(config), optimizer=optimizer)
 
   norms = {id(p) for m in hf_model.modules() if isinstance(m, torch.nn.LayerNorm)
            for p in m.parameters()}  # by type: ALBERT's full_layer_layer_norm has no "LayerNorm"

@@ -278,8 +278,7 @@ def _albert_case(scan_layers):
                              [1, 1, 1, 1, 1, 0, 0, 0]])
   token_type_ids = np.array([[0, 0, 0, 0, 1, 1, 1, 1],
                              [0, 0, 1, 1, 1, 0, 0, 0]])
-  batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-           "token_type_ids": token_type_ids}
+  batch = {"inputs": input_ids, "input_mask": attention_mask, "token_types": token_type_ids}
   got = model_logits(m, params, batch, scan_layers)
   want = albert_reference(p64, input_ids, attention_mask, token_type_ids, spec.norm_eps)
   assert got.shape == want.shape == (2, 8, 32)

@@ -20,14 +20,15 @@ from collections.abc import Mapping
 import ml_collections
 from ml_collections import config_dict
 
+from xlps import families as families_lib
 from xlps import sharing as sharing_lib
+
 
 class ConfigError(ValueError):
   """Bad configuration or command-line input. ``launch/`` prints the message and exits 2;
   every other exception keeps its traceback."""
 
 
-FAMILIES = ("decoder_lm", "encoder_mlm", "encoder_decoder")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
@@ -57,7 +58,7 @@ def sharing_config(num_unique: int = 1, order: str = "cycle") -> ml_collections.
 def model_config() -> ml_collections.ConfigDict:
   """Every model key with its default (a small fully tied pre-LN decoder LM)."""
   m = ml_collections.ConfigDict()
-  m.family = "decoder_lm"          # decoder_lm | encoder_mlm | encoder_decoder
+  m.family = "decoder_lm"          # xlps.families: decoder_lm | encoder_mlm | encoder_decoder
   m.vocab_size = 260               # the byte tokenizer: 256 bytes + 4 special ids
   m.d_model = 256                  # H: hidden size
   m.embed_dim = 0                  # E: embedding size; 0 = d_model; E < H adds an E->H projection
@@ -163,22 +164,25 @@ class ModelSpec:
   dtype: str
   scan_layers: bool
   remat_policy: str
-  # Per stack ("encoder" / "decoder") and component: the sharing plan.
-  plans: tuple[tuple[str, tuple[tuple[str, sharing_lib.Plan], ...]], ...]
+  # Each stack's applied depth: per component, its sharing plan and parameter group.
+  stacks: tuple[sharing_lib.StackPlan, ...]
 
-  def stack_plans(self, stack: str) -> dict[str, sharing_lib.Plan]:
-    return dict(dict(self.plans)[stack])
+  def stack(self, name: str) -> sharing_lib.StackPlan:
+    return next(s for s in self.stacks if s.name == name)
 
-  @property
-  def stacks(self) -> tuple[str, ...]:
-    return tuple(name for name, _ in self.plans)
+  def stack_plans(self, name: str) -> dict[str, sharing_lib.Plan]:
+    return self.stack(name).plans
+
+  def groups(self) -> dict[tuple[str, ...], sharing_lib.Group]:
+    """Parameter path -> the group stored there and every component that applies it."""
+    return sharing_lib.parameter_groups(self.stacks)
 
   @classmethod
   def from_config(cls, m: Mapping, field: str = "model") -> "ModelSpec":
     """Validates ``config.model`` and resolves defaults (0 = derived)."""
     f = lambda k: f"{field}.{k}"  # noqa: E731
     check_known_keys(m, field)
-    check_choice(f("family"), m["family"], FAMILIES)
+    check_choice(f("family"), m["family"], tuple(families_lib.FAMILIES))
     for key, lo in (("vocab_size", 2), ("d_model", 1), ("num_heads", 1), ("d_ff", 1),
                     ("num_layers", 1), ("max_len", 1), ("embed_dim", 0), ("num_kv_heads", 0),
                     ("num_decoder_layers", 0), ("type_vocab_size", 0)):
@@ -210,16 +214,18 @@ class ModelSpec:
       raise ConfigError(f"{f('tie_encoder_decoder')}=True needs {f('family')}='encoder_decoder' "
                         f"(family is {m['family']!r})")
 
-    n_dec = m["num_decoder_layers"] or m["num_layers"]
-    try:
-      stacks = _stack_plans(m, n_dec, f("sharing"))
-    except ValueError as e:  # xlps.sharing is plain Python: its errors are ValueErrors
+    try:  # xlps.sharing is plain Python: its errors are ValueErrors
+      stacks = tuple(sharing_lib.stack_plan(st.name, st.num_layers, st.components, st.groups,
+                                            m["sharing"], f("sharing"))
+                     for st in families_lib.FAMILIES[m["family"]].stacks(m))
+      sharing_lib.parameter_groups(stacks)
+    except ValueError as e:
       raise ConfigError(str(e)) from None
-    plans = tuple((name, tuple(p.items())) for name, p in stacks.items())
     return cls(
         family=m["family"], vocab_size=m["vocab_size"], d_model=d, embed_dim=embed_dim,
         num_heads=h, num_kv_heads=kv, head_dim=d // h, d_ff=m["d_ff"],
-        num_layers=m["num_layers"], num_decoder_layers=n_dec, activation=m["activation"],
+        num_layers=m["num_layers"], num_decoder_layers=m["num_decoder_layers"] or m["num_layers"],
+        activation=m["activation"],
         norm=m["norm"], norm_eps=float(m["norm_eps"]), norm_position=m["norm_position"],
         embed_norm=bool(m["embed_norm"]), position_embedding=m["position_embedding"],
         max_len=m["max_len"], type_vocab_size=m["type_vocab_size"], use_bias=bool(m["use_bias"]),
@@ -228,20 +234,7 @@ class ModelSpec:
         dropout_rate=float(m["dropout_rate"]),
         attention_dropout_rate=float(m["attention_dropout_rate"]),
         init_std=float(m["init_std"]), dtype=m["dtype"], scan_layers=bool(m["scan_layers"]),
-        remat_policy=m["remat_policy"], plans=plans)
-
-
-def _stack_plans(m: Mapping, num_decoder_layers: int,
-                 field: str) -> dict[str, dict[str, sharing_lib.Plan]]:
-  """Each stack's per-component plans for the model section ``m``."""
-  block = ("attention", "mlp", "norms")
-  plans = lambda n, comps: sharing_lib.component_plans(m["sharing"], n, comps, field)  # noqa
-  if m["family"] == "decoder_lm":
-    return {"decoder": plans(m["num_layers"], block)}
-  if m["family"] == "encoder_mlm":
-    return {"encoder": plans(m["num_layers"], block)}
-  return {"encoder": plans(m["num_layers"], block),
-          "decoder": plans(num_decoder_layers, (*block, "cross_attention"))}
+        remat_policy=m["remat_policy"], stacks=stacks)
 
 
 def check_known_keys(m: Mapping, field: str = "model") -> None:
@@ -257,8 +250,6 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
 DATA_NAMES = ("stdlib", "algorithmic", "text_files", "tfds")
 TASKS = ("copy", "reverse", "addition")
 TOKENIZERS = ("byte", "sentencepiece")
-_FAMILIES_OF_KIND = {"text": ("decoder_lm", "encoder_mlm"),
-                     "seq2seq": ("encoder_decoder", "decoder_lm")}
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -306,7 +297,7 @@ def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
   check_choice("data.name", d.name, DATA_NAMES)
   check_choice("data.task", d.task, TASKS)
   check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
-  check_choice("model.family", config.model.family, FAMILIES)
+  check_choice("model.family", config.model.family, tuple(families_lib.FAMILIES))
   for key, minimum in (("seq_len", 2), ("sp_vocab_size", 1), ("train_min_len", 1),
                        ("num_train_examples", 1), ("num_eval_examples", 1), ("eval_batches", 0),
                        ("worker_count", 0), ("num_shards", 0)):
@@ -329,14 +320,17 @@ def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
                       f"{process_count} that divides train.batch_size={batch} (0 = one shard "
                       "per process)")
   kind = "seq2seq" if d.name == "algorithmic" else "text"
-  if config.model.family not in _FAMILIES_OF_KIND[kind]:
+  layout = families_lib.FAMILIES[config.model.family].layout
+  if kind not in families_lib.LAYOUT_DATASETS[layout]:
+    fitting = [name for name, fam in families_lib.FAMILIES.items()
+               if kind in families_lib.LAYOUT_DATASETS[fam.layout]]
     raise ConfigError(f"model.family={config.model.family!r} does not fit data.name={d.name!r}; "
-                      f"valid families: {', '.join(_FAMILIES_OF_KIND[kind])}")
+                      f"valid families: {', '.join(fitting)}")
   if kind == "seq2seq":
     if d.tokenizer != "byte":
       raise ConfigError(f"data.tokenizer={d.tokenizer!r}: algorithmic tasks use 'byte'")
     source, target = max_lengths(d.task, d.test_max_len)
-    need = source + target + 1 if config.model.family == "decoder_lm" else max(source, target + 1)
+    need = source + target + 1 if layout == "lm" else max(source, target + 1)
     if d.seq_len < need:
       raise ConfigError(f"data.seq_len={d.seq_len} is too small for task {d.task!r} with "
                         f"test_max_len={d.test_max_len} and family {config.model.family!r}: the "

@@ -35,7 +35,7 @@ def standard_logical_axis_rules(additional: Sequence[tuple[str, Any]] = ()) -> R
       ("kv", None),
       ("vocab", "tensor"),
       ("factor", None),
-      ("layers", None),   # the stacked unique-layer axis stays replicated
+      ("unique", None),   # the stacked axis of a group's unique parameter sets: replicated
   )
 
 

@@ -10,7 +10,10 @@ applied layer ``i`` uses. Orders (Takase & Kiyono 2021, DESIGN.md):
 * ``table``:     an explicit user table (e.g. Subformer's sandwich ``0 1 1 1 1 2``)
 
 Each component of a block (``attention``, ``mlp``, ``norms``, ``cross_attention``) may
-carry its own plan, so ALBERT's ablations are configs, not code.
+carry its own plan, so ALBERT's ablations are configs, not code. A :class:`StackPlan` says,
+for one stack of blocks, each component's plan and the parameter group it reads; components
+naming one group share it (:func:`parameter_groups`), so tying across stacks is data too, and
+:func:`account` derives unique / applied parameters from the groups.
 """
 
 from __future__ import annotations
@@ -145,16 +148,77 @@ def component_plans(sharing: Mapping, num_layers: int, components: Iterable[str]
   return plans
 
 
-# ----------------------------------------------------------------------------- accounting
+# ----------------------------------------------------------------------- stacks and groups
+
+BLOCK_SCOPE = "layers"  # name of a stack's (scanned) block module in the parameter tree
 
 
 @dataclasses.dataclass(frozen=True)
-class ComponentUse:
-  """A stacked parameter subtree and the plans that apply it (several when tied)."""
+class StackPlan:
+  """One stack's applied depth: each component's plan and the parameter group it reads.
 
-  path: tuple[str, ...]      # prefix of the component's parameters in the param tree
-  label: str                 # component name shown to users, e.g. "attention"
-  plans: tuple[Plan, ...]    # every stack that applies these parameters
+  A group is stored at ``(owner, BLOCK_SCOPE, group)`` in the parameter tree, stacked over
+  the plan's ``num_unique`` slots. Components (of one stack or of two) that name the same
+  ``(owner, group)`` share those parameters: tying across stacks is data, like sharing
+  across depth.
+  """
+
+  name: str                                  # e.g. "encoder", "decoder"
+  owner: str                                 # the stack module holding every group used here
+  uses: tuple[tuple[str, str, Plan], ...]    # (component, group, plan)
+
+  @property
+  def plans(self) -> dict[str, Plan]:
+    return {comp: plan for comp, _, plan in self.uses}
+
+  @property
+  def num_layers(self) -> int:
+    return self.uses[0][2].num_layers
+
+
+def stack_plan(name: str, num_layers: int, components: Sequence[str], groups: Mapping[str, str],
+               sharing: Mapping, field: str = "model.sharing") -> StackPlan:
+  """The plan of stack ``name``: ``components`` planned by ``sharing`` (see
+  :func:`component_plans`), each reading the group ``groups.get(comp, f"{name}/{comp}")``
+  given as ``"owner/group"``. Every group of a stack must have one owner."""
+  plans = component_plans(sharing, num_layers, components, field)
+  paths = {comp: groups.get(comp, f"{name}/{comp}").split("/") for comp in components}
+  owners = {path[0] for path in paths.values()}
+  if len(owners) != 1 or any(len(path) != 2 for path in paths.values()):
+    raise ValueError(f"stack {name!r}: groups {paths} must all be 'owner/group' with one owner")
+  return StackPlan(name, owners.pop(),
+                   tuple((comp, paths[comp][1], plans[comp]) for comp in components))
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """A stacked parameter subtree and every ``(stack, component, plan)`` that applies it."""
+
+  path: tuple[str, ...]                      # (owner, BLOCK_SCOPE, group)
+  uses: tuple[tuple[str, str, Plan], ...]    # (stack, component, plan)
+
+  @property
+  def num_unique(self) -> int:
+    return self.uses[0][2].num_unique
+
+
+def parameter_groups(stacks: Sequence[StackPlan]) -> dict[tuple[str, ...], Group]:
+  """Path -> :class:`Group` for every parameter group the stacks use (tied groups once).
+
+  Raises ValueError when components sharing a group disagree on its ``num_unique``."""
+  uses: dict[tuple[str, ...], list] = {}
+  for stack in stacks:
+    for comp, group, plan in stack.uses:
+      uses.setdefault((stack.owner, BLOCK_SCOPE, group), []).append((stack.name, comp, plan))
+  for path, group_uses in uses.items():
+    sizes = {f"{stack}.{comp}": plan.num_unique for stack, comp, plan in group_uses}
+    if len(set(sizes.values())) > 1:
+      raise ValueError(f"components {sizes} share the parameter group {'/'.join(path)} but "
+                       "plan different num_unique; tied components need the same num_unique")
+  return {path: Group(path, tuple(group_uses)) for path, group_uses in uses.items()}
+
+
+# ----------------------------------------------------------------------------- accounting
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -162,35 +226,36 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def account(param_shapes: Mapping[tuple[str, ...], Sequence[int]],
-            uses: Sequence[ComponentUse],
+            groups: Iterable[Group],
             attention_flops_per_token: int = 0,
             output_matmul_params: int = 0) -> dict:
   """Unique / applied parameters and training FLOPs per token.
 
   ``param_shapes`` maps each parameter path to its shape. Parameters under a
-  ``ComponentUse.path`` are stacked over the component's M slots (no axis when M == 1) and
-  count ``sum(plan.num_layers) / M`` times when applied; all others count once. Training
-  FLOPs are ``6 x`` applied matmul parameters (leaves named ``kernel``, plus
+  ``Group.path`` are stacked over the group's M slots (no axis when M == 1) and count
+  ``(applied layers of all its uses) / M`` times when applied; all others count once.
+  Training FLOPs are ``6 x`` applied matmul parameters (leaves named ``kernel``, plus
   ``output_matmul_params`` for an output projection tied to the embedding) plus the given
   attention-score FLOPs (which the caller derives from sequence lengths).
   """
+  groups = list(groups)
+  multi_stack = len({stack for g in groups for stack, _, _ in g.uses}) > 1
   rows = []
   claimed: set[tuple[str, ...]] = set()
   applied_matmul = output_matmul_params
-  for use in uses:
-    leaves = {p: s for p, s in param_shapes.items() if p[:len(use.path)] == use.path}
+  for group in groups:
+    leaves = {p: s for p, s in param_shapes.items() if p[:len(group.path)] == group.path}
     if not leaves:
       continue
-    m = use.plans[0].num_unique
-    if any(p.num_unique != m for p in use.plans):
-      raise ValueError(f"{'/'.join(use.path)} is applied by plans with different num_unique "
-                       f"{[p.num_unique for p in use.plans]}")
+    m = group.num_unique
+    stack, comp, _ = group.uses[0]
     unique = sum(_numel(s) for s in leaves.values())
     kernels = sum(_numel(s) for p, s in leaves.items() if p[-1] == "kernel")
-    applications = sum(p.num_layers for p in use.plans)
+    applications = sum(plan.num_layers for _, _, plan in group.uses)
     rows.append({
-        "component": use.label,
-        "path": "/".join(use.path),
+        # A group used by several stacks (tied) is named by its component alone.
+        "component": f"{stack}/{comp}" if multi_stack and len(group.uses) == 1 else comp,
+        "path": "/".join(group.path),
         "slots": m,
         "applications": applications,
         "unique_params": unique,

@@ -78,10 +78,6 @@ def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation
   return optax.chain(*chain)
 
 
-def targets_of(batch: Mapping[str, jax.Array], family: str) -> jax.Array:
-  return batch["labels"] if family == "encoder_mlm" else batch["targets"]
-
-
 def loss_and_metrics(logits: jax.Array, targets: jax.Array,
                      weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted mean cross-entropy, plus metric sums (loss, tokens, correct, sequences)."""
@@ -99,15 +95,14 @@ def loss_and_metrics(logits: jax.Array, targets: jax.Array,
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation,
-               family: str) -> tuple[TrainState, dict[str, jax.Array]]:
+               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; dropout keys depend only on ``(state.rng, state.step)``."""
   dropout_key = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     logits = model.apply({"params": params}, batch, deterministic=False,
                          rngs={"dropout": dropout_key})
-    return loss_and_metrics(logits, targets_of(batch, family), batch["weights"])
+    return loss_and_metrics(logits, batch["targets"], batch["weights"])
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -116,10 +111,10 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *, model: nn.Module,
-              family: str) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
+              model: nn.Module) -> dict[str, jax.Array]:
   logits = model.apply({"params": params}, batch, deterministic=True)
-  return loss_and_metrics(logits, targets_of(batch, family), batch["weights"])[1]
+  return loss_and_metrics(logits, batch["targets"], batch["weights"])[1]
 
 
 def state_of(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
@@ -192,11 +187,10 @@ def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: i
   model = models.build(spec)
   state, state_sharding = sharded_init(spec, optimizer, seed, mesh, rules)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
-  train_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
-                                       family=spec.family),
+  train_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
                      in_shardings=(state_sharding, batch_sharding),
                      out_shardings=(state_sharding, None), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, family=spec.family),
+  eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(state_sharding.params, batch_sharding))
   return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn, mesh, rules)
 
@@ -323,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if is_main:
       logging.info("train step compiled in %.1f s", compile_time)
     # Tokens the model runs on per step, globally: every position of every row.
-    throughput = metrics_lib.Throughput(math.prod(targets_of(batch, spec.family).shape),
+    throughput = metrics_lib.Throughput(math.prod(batch["targets"].shape),
                                         summary["flops_per_token"], flops)
     t_start = time.perf_counter()
     step_start, last_eval = step, {}

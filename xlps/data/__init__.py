@@ -11,9 +11,9 @@ naming the field, the value and what is valid), prepares the dataset on first us
     pipeline.padding_batch()     weight-0 batch for a process whose eval rows ran out first
     pipeline.vocab_size, pipeline.unigram_entropy, pipeline.describe()
 
-Batch keys per ``config.model.family`` (leading dim = local batch; int32, weights float32):
-decoder_lm: inputs, targets, segment_ids, positions, weights; encoder_mlm: input_ids,
-attention_mask, token_type_ids, labels, weights; encoder_decoder: inputs, targets, weights.
+Batch layouts (the family's, ``xlps.families``; keys named there; leading dim = local batch):
+``lm``: inputs, targets, segment_ids, positions, weights; ``mlm``: inputs, input_mask,
+token_types, targets, weights; ``seq2seq``: inputs, targets, weights.
 Datasets: ``stdlib`` (the running Python's standard library; its contents and therefore
 the numbers differ between Python versions), ``algorithmic`` (copy / reverse / addition),
 ``text_files`` (a glob of your files) and ``tfds`` (any TFDS dataset prepared as
@@ -27,6 +27,7 @@ import os
 import ml_collections
 
 from xlps import config as config_lib
+from xlps import families
 from xlps.data import builders, sources
 from xlps.data import tokenizers as tok_lib
 from xlps.data.pipeline import Pipeline, sample_indices
@@ -75,7 +76,8 @@ def build(config: ml_collections.ConfigDict, *, process_index: int = 0,
     tokenizer = tok_lib.ByteTokenizer()
   if d.worker_count:
     _mark_absl_flags_parsed()
-  return Pipeline(splits=splits, tokenizer=tokenizer, family=config.model.family,
+  layout = families.FAMILIES[config.model.family].layout
+  return Pipeline(splits=splits, tokenizer=tokenizer, layout=layout,
                   seq_len=d.seq_len, batch_size=config.train.batch_size,
                   process_index=process_index, process_count=process_count,
                   num_shards=d.num_shards or process_count, seed=config.seed,

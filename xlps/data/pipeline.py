@@ -1,9 +1,9 @@
-"""grain pipelines from record sources to the batches of each model family.
+"""grain pipelines from record sources to the batch layouts of the model families.
 
 Training: the process's shard of the train split -> shuffle (a new permutation each epoch,
 seeded by ``config.seed``) -> repeat forever -> tokenize -> (text) pack documents into rows
 with grain's concat-then-split and window-shuffle the rows (long documents fill many
-consecutive rows) -> family features -> batch. Every stage is a grain ``IterDataset``,
+consecutive rows) -> the layout's features -> batch. Every stage is a grain ``IterDataset``,
 so the iterator's state is a small JSON-serialisable dict and resuming is exact.
 
 Evaluation: the eval split's records are cut into a fixed number of contiguous shards (the
@@ -81,7 +81,7 @@ class _PackDataset(grain.IterDataset):
 
 
 def lm_features(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """decoder_lm features from a packed row of seq_len + 1 tokens."""
+  """Layout ``lm`` (next-token prediction) from a packed row of seq_len + 1 tokens."""
   tokens, seg, pos = row["tokens"], row["tokens_segment_ids"], row["tokens_positions"]
   weights = (seg[1:] == seg[:-1]) & (seg[:-1] > 0)
   return {"inputs": tokens[:-1], "targets": tokens[1:], "segment_ids": seg[:-1],
@@ -90,26 +90,27 @@ def lm_features(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def mlm_features(row: Mapping[str, np.ndarray], rng: np.random.Generator, probability: float,
                  first_regular_id: int, vocab_size: int) -> dict[str, np.ndarray]:
-  """BERT masking of a packed row: each regular token is selected with ``probability``;
+  """Layout ``mlm``, BERT masking of a packed row: each regular token is selected with
+  ``probability``;
   selected tokens become MASK (80%), a random regular token (10%) or stay (10%)."""
   tokens = row["tokens"]
   selected = (tokens >= first_regular_id) & (rng.random(tokens.shape) < probability)
   action = rng.random(tokens.shape)
   random_ids = rng.integers(first_regular_id, vocab_size, tokens.shape, dtype=np.int32)
-  input_ids = np.where(selected & (action < 0.8), tok_lib.MASK, tokens)
-  input_ids = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, input_ids)
-  return {"input_ids": input_ids.astype(np.int32),
-          "attention_mask": (row["tokens_segment_ids"] > 0).astype(np.int32),
-          "token_type_ids": np.zeros_like(tokens), "labels": tokens,
+  inputs = np.where(selected & (action < 0.8), tok_lib.MASK, tokens)
+  inputs = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, inputs)
+  return {"inputs": inputs.astype(np.int32),
+          "input_mask": (row["tokens_segment_ids"] > 0).astype(np.int32),
+          "token_types": np.zeros_like(tokens), "targets": tokens,
           "weights": selected.astype(np.float32)}
 
 
-def seq2seq_features(source: np.ndarray, target: np.ndarray, family: str,
+def seq2seq_features(source: np.ndarray, target: np.ndarray, layout: str,
                      seq_len: int) -> dict[str, np.ndarray]:
-  """encoder_decoder: 0-padded source / target + EOS; decoder_lm: ``source EOS target EOS``
-  in one row of seq_len + 1 tokens, shifted, with weights on the target part only."""
+  """Layout ``seq2seq``: 0-padded source / target + EOS; layout ``lm``: ``source EOS target
+  EOS`` in one row of seq_len + 1 tokens, shifted, with weights on the target part only."""
   target = np.append(target, tok_lib.EOS).astype(np.int32)
-  if family == "encoder_decoder":
+  if layout == "seq2seq":
     inputs, targets = np.zeros((2, seq_len), np.int32)
     inputs[:len(source)], targets[:len(target)] = source, target
     return {"inputs": inputs, "targets": targets, "weights": (targets != 0).astype(np.float32)}
@@ -179,20 +180,21 @@ class ShardedIterator:
 
 
 class Pipeline:
-  """Batches for one model family from one dataset, for one process of ``process_count``.
+  """Batches of one layout (``xlps.families.LAYOUT_DATASETS``) from one dataset, for one
+  process of ``process_count``.
 
   Attributes: ``vocab_size``, ``eval_splits``, ``unigram_entropy`` (text datasets: the
   byte/token-unigram baseline loss in nats/token; None for algorithmic tasks) and
   ``tokenizer`` (``encode`` / ``decode``, e.g. for generation).
   """
 
-  def __init__(self, *, splits, tokenizer, family: str, seq_len: int, batch_size: int,
+  def __init__(self, *, splits, tokenizer, layout: str, seq_len: int, batch_size: int,
                process_index: int, process_count: int, num_shards: int, seed: int,
                mlm_probability: float,
                eval_batches: int, worker_count: int):
     self._splits = splits
     self.tokenizer = tokenizer
-    self._family = family
+    self._layout = layout
     self._seq_len = seq_len
     self._global_batch = batch_size
     self._local_batch = batch_size // process_count
@@ -216,17 +218,17 @@ class Pipeline:
 
   def _rows(self, ds: grain.MapDataset,
             read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-    """Family features, one row (packed sequence or example) per element."""
+    """The layout's features, one row (packed sequence or example) per element."""
     # Locals only: the lambdas are pickled into grain worker processes.
-    encode, key, seq_len, family = (self.tokenizer.encode, self._splits.text_key, self._seq_len,
-                                    self._family)
+    encode, key, seq_len, layout = (self.tokenizer.encode, self._splits.text_key, self._seq_len,
+                                    self._layout)
     if self._splits.kind == "seq2seq":
-      return ds.map(lambda r: seq2seq_features(encode(r["source"]), encode(r["target"]), family,
+      return ds.map(lambda r: seq2seq_features(encode(r["source"]), encode(r["target"]), layout,
                                                seq_len)).to_iter_dataset(read_options)
     docs = ds.map(lambda r: {"tokens": np.concatenate(
         [[tok_lib.BOS], encode(r[key]), [tok_lib.EOS]]).astype(np.int32)}).to_iter_dataset(
             read_options)
-    if family == "decoder_lm":
+    if layout == "lm":
       return _PackDataset(docs, seq_len + 1).map(lm_features)
     masking = dict(probability=self._mlm_probability,
                    first_regular_id=self.tokenizer.first_regular_id,
@@ -312,6 +314,6 @@ class Pipeline:
     entropy = ("" if self.unigram_entropy is None else
                f", unigram entropy {self.unigram_entropy:.3f} nats/token")
     return (f"data: {self._splits.summary}; {self.tokenizer.name} tokenizer (vocab "
-            f"{self.vocab_size}); {self._family} seq_len {self._seq_len}; batch "
+            f"{self.vocab_size}); {self._layout} seq_len {self._seq_len}; batch "
             f"{self._global_batch} = {self._process_count} x {self._local_batch} (process "
             f"{self._process_index}){entropy}")

@@ -80,6 +80,18 @@ _GLOBAL_NAMES = {
 }
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _MLM_CLASSES = {"albert": transformers.AlbertForMaskedLM, "bert": transformers.BertForMaskedLM}
+# Hugging Face batch key -> xlps batch key (the convention is in ``xlps.families``).
+HF_BATCH_KEYS = {"input_ids": "inputs", "attention_mask": "input_mask",
+                 "token_type_ids": "token_types", "position_ids": "positions", "labels": "targets"}
+
+
+def from_hf_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """A Hugging Face batch (``input_ids``, ``attention_mask``, ...) under xlps's keys."""
+  unknown = sorted(set(batch) - set(HF_BATCH_KEYS))
+  if unknown:
+    raise ValueError(f"HF batch keys {unknown} have no xlps counterpart; known: "
+                     f"{', '.join(HF_BATCH_KEYS)}")
+  return {HF_BATCH_KEYS[key]: value for key, value in batch.items()}
 
 
 # ------------------------------------------------------------------------ sharing layout
@@ -112,7 +124,7 @@ def _links(config: ml_collections.ConfigDict, arch: str, inner_group_num: int = 
   model prefix. Dense kernels are stored transposed in HF (``(out, in)``, heads flattened).
   """
   spec = models.spec_of(config)
-  plans = spec.stack_plans("encoder")
+  groups = spec.groups()
   shapes = models.param_shapes(spec)
   k = inner_group_num
   layer_prefix = ((lambda s: f"encoder.layer.{s}.") if arch == "bert" else
@@ -120,12 +132,13 @@ def _links(config: ml_collections.ConfigDict, arch: str, inner_group_num: int = 
   links = []
   for path in shapes:
     leaf = path[-1]
-    stacked = path[:2] == ("encoder", "layers") and plans[path[2]].num_unique > 1
+    group = groups.get(path[:3])
+    stacked = group is not None and group.num_unique > 1
     shape = shapes[path][1:] if stacked else shapes[path]
-    if path[:2] == ("encoder", "layers"):
+    if group is not None:
       module = _LAYER_MODULES[arch]["/".join(path[2:4])]
       keys = [(s if stacked else None, f"{layer_prefix(s)}{module}.{_LEAF_NAMES[leaf]}")
-              for s in range(plans[path[2]].num_unique)]
+              for s in range(group.num_unique)]
     else:
       names = _GLOBAL_NAMES[arch]
       joined, module = "/".join(path), "/".join(path[:-1])

@@ -23,7 +23,7 @@ import numpy as np
 
 from xlps.config import ModelSpec
 from xlps.models import layers
-from xlps.sharing import Plan
+from xlps.sharing import BLOCK_SCOPE, Plan, StackPlan
 
 Array = jax.Array
 # Folded with the applied-layer index into the dropout key, so each dropout site of each
@@ -37,10 +37,10 @@ class Norms(nn.Module):
 
   kind: str
   eps: float
-  num_slots: int
+  num_unique: int
 
   def setup(self):
-    make = lambda: layers.Norm(self.kind, self.eps, self.num_slots)  # noqa: E731
+    make = lambda: layers.Norm(self.kind, self.eps, self.num_unique)  # noqa: E731
     self.attention = make()
     self.cross_attention = make()
     self.mlp = make()
@@ -52,24 +52,24 @@ class Norms(nn.Module):
 class Block(nn.Module):
   """One applied layer: self-attention, optional cross-attention, FFN; pre- or post-LN.
 
-  ``slot_counts`` gives M for each parameter group. The block runs in encoder mode
-  (``encoded is None``) or decoder mode (``encoded`` given: adds cross-attention). Masks
-  (padding, causal, packing) come from the caller. With ``decoder_norms`` (tied encoder-decoder) decoder mode uses its
-  own norms group while self-attention and FFN are the encoder's.
+  ``uses`` lists ``(component, group, num_unique)``: the block applies each component with
+  the parameters of the submodule named ``group``, stacked over ``num_unique`` slots. The
+  same module called with other uses (a tied decoder pass) shares the groups both name.
+  Cross-attention runs when ``encoded`` is given; masks (padding, causal, packing) come
+  from the caller.
   """
 
   spec: ModelSpec
-  slot_counts: tuple[tuple[str, int], ...]
-  decoder_norms: bool = False
+  uses: tuple[tuple[str, str, int], ...]
 
   @nn.compact
   def __call__(self, x: Array, step: Mapping[str, Array], mask: Array,
                encoded: Array | None, cross_mask: Array | None,
                dropout_key: Array | None) -> tuple[Array, None]:
     s = self.spec
-    counts = dict(self.slot_counts)
-    decoder_mode = encoded is not None
-    norms_name = "decoder_norms" if decoder_mode and self.decoder_norms else "norms"
+    groups = {comp: (group, m) for comp, group, m in self.uses}
+    projected = lambda m: dict(num_unique=m, use_bias=s.use_bias,  # noqa: E731
+                               init_std=s.init_std, dtype=s.dtype)
 
     def key(site):
       if dropout_key is None:
@@ -77,20 +77,19 @@ class Block(nn.Module):
       return jax.random.fold_in(jax.random.fold_in(dropout_key, step["index"]),
                                 _DROPOUT_SITES[site])
 
-    def attention(name, count_key):
-      return layers.Attention(s.num_heads, s.num_kv_heads, s.head_dim, counts[count_key],
-                              s.use_bias, s.init_std, s.attention_dropout_rate, s.dtype,
-                              name=name)
+    def attention(comp):
+      group, m = groups[comp]
+      return layers.Attention(s.num_heads, s.num_kv_heads, s.head_dim, s.attention_dropout_rate,
+                              name=group, **projected(m))
 
-    norms = Norms(s.norm, s.norm_eps, counts[norms_name], name=norms_name)
-    sublayers = [("attention", lambda h: attention("attention", "attention")(
+    norms = Norms(s.norm, s.norm_eps, groups["norms"][1], name=groups["norms"][0])
+    sublayers = [("attention", lambda h: attention("attention")(
         h, h, mask, step["attention"], key("attention_probs")))]
-    if decoder_mode:
-      sublayers.append(("cross_attention", lambda h: attention(
-          "cross_attention", "cross_attention")(h, encoded, cross_mask, step["cross_attention"],
-                                                key("cross_attention_probs"))))
+    if "cross_attention" in groups:
+      sublayers.append(("cross_attention", lambda h: attention("cross_attention")(
+          h, encoded, cross_mask, step["cross_attention"], key("cross_attention_probs"))))
     sublayers.append(("mlp", lambda h: layers.MLP(
-        s.d_ff, s.activation, counts["mlp"], s.use_bias, s.init_std, s.dtype, name="mlp")(
+        s.d_ff, s.activation, name=groups["mlp"][0], **projected(groups["mlp"][1]))(
             h, step["mlp"])))
 
     for site, fn in sublayers:
@@ -112,14 +111,16 @@ def slot_inputs(plans: Mapping[str, Plan]) -> dict[str, Array]:
 
 
 class Stack(nn.Module):
-  """Applies ``Block`` over the applied depth given by ``plans`` (scan or unrolled)."""
+  """Owner of parameter groups; applies ``Block`` over a stack's applied depth.
+
+  Called with a :class:`~xlps.sharing.StackPlan` whose ``owner`` is this module (scan or
+  unrolled). Tied stacks are one ``Stack`` called with each stack's plan.
+  """
 
   spec: ModelSpec
-  slot_counts: tuple[tuple[str, int], ...]
-  decoder_norms: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, plans: Mapping[str, Plan], mask: Array,
+  def __call__(self, x: Array, plan: StackPlan, mask: Array,
                encoded: Array | None = None, cross_mask: Array | None = None,
                deterministic: bool = True) -> Array:
     s = self.spec
@@ -132,15 +133,15 @@ class Stack(nn.Module):
       block_cls = nn.scan(block_cls, variable_broadcast="params",
                           split_rngs={"params": False},
                           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
-    block = block_cls(spec=s, slot_counts=self.slot_counts, decoder_norms=self.decoder_norms,
-                      name="layers")
+    uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
+    block = block_cls(spec=s, uses=uses, name=BLOCK_SCOPE)
     needs_rng = not deterministic and (s.dropout_rate > 0 or s.attention_dropout_rate > 0)
     dropout_key = self.make_rng("dropout") if needs_rng else None
-    steps = slot_inputs(plans)
+    steps = slot_inputs(plan.plans)
     if s.scan_layers:
       x, _ = block(x, steps, mask, encoded, cross_mask, dropout_key)
     else:
-      for i in range(len(steps["index"])):
+      for i in range(plan.num_layers):
         x, _ = block(x, jax.tree.map(lambda a: a[i], steps), mask, encoded, cross_mask,
                      dropout_key)
     return x

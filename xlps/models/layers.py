@@ -1,7 +1,7 @@
-"""Slot-aware layers: every parameter is stacked over the component's M unique slots.
+"""Slot-aware layers: every parameter is stacked over its group's M = ``num_unique`` slots.
 
-A layer built with ``num_slots = M > 1`` owns parameters of shape ``(M, *shape)`` with the
-logical axis ``"layers"`` in front, and each call gathers the slot it is told to use. With
+A layer built with ``num_unique = M > 1`` owns parameters of shape ``(M, *shape)`` with the
+logical axis ``"unique"`` in front, and each call gathers the slot it is told to use. With
 ``M == 1`` there is no stacked axis and no gather (the fully tied fast path). Every
 parameter carries logical axis names for the sharding rules (``nn.with_logical_partitioning``).
 """
@@ -16,26 +16,41 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-LAYER_AXIS = "layers"
+UNIQUE_AXIS = "unique"
 
 
 def slot_param(module: nn.Module, name: str, init_fn: Callable, shape: Sequence[int],
-               axes: Sequence[str | None], num_slots: int, slot: Array | None) -> Array:
-  """Creates (or reads) a parameter stacked over ``num_slots`` and returns ``slot``'s entry."""
+               axes: Sequence[str | None], num_unique: int, slot: Array | None) -> Array:
+  """Creates (or reads) a parameter stacked over ``num_unique`` and returns ``slot``'s entry."""
   shape = tuple(shape)
-  if num_slots == 1:
+  if num_unique == 1:
     return module.param(name, nn.with_logical_partitioning(init_fn, tuple(axes)), shape)
 
   def stacked_init(key, shape, dtype=jnp.float32):
-    keys = jax.random.split(key, num_slots)
+    keys = jax.random.split(key, num_unique)
     return jax.vmap(lambda k: init_fn(k, shape, dtype))(keys)
 
   stacked = module.param(
-      name, nn.with_logical_partitioning(stacked_init, (LAYER_AXIS, *axes)), shape)
+      name, nn.with_logical_partitioning(stacked_init, (UNIQUE_AXIS, *axes)), shape)
   return jax.lax.dynamic_index_in_dim(stacked, slot, 0, keepdims=False)
 
 
-class Dense(nn.Module):
+class Projected(nn.Module, kw_only=True):
+  """Keyword-only settings of a module made of ``Dense`` projections."""
+
+  num_unique: int = 1          # M: slots the parameters are stacked over
+  use_bias: bool = True
+  init_std: float = 0.02
+  dtype: str = "float32"       # compute dtype (parameters stay float32)
+
+  def dense(self, name: str, features: tuple[int, ...], in_axes: tuple[str | None, ...],
+            out_axes: tuple[str | None, ...]) -> "Dense":
+    """A ``Dense`` submodule with this module's settings."""
+    return Dense(features, in_axes, out_axes, num_unique=self.num_unique,
+                 use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype, name=name)
+
+
+class Dense(Projected):
   """Contracts the last ``len(in_axes)`` input dims into ``features`` (a DenseGeneral).
 
   The kernel starts as N(0, init_std) truncated at +-2 init_std, as BERT / ALBERT's
@@ -45,10 +60,6 @@ class Dense(nn.Module):
   features: tuple[int, ...]
   in_axes: tuple[str | None, ...]
   out_axes: tuple[str | None, ...]
-  num_slots: int = 1
-  use_bias: bool = True
-  init_std: float = 0.02
-  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array, slot: Array | None = None) -> Array:
@@ -56,13 +67,13 @@ class Dense(nn.Module):
     in_shape = x.shape[-n_in:]
     kernel = slot_param(self, "kernel", nn.initializers.truncated_normal(self.init_std),
                         (*in_shape, *self.features), (*self.in_axes, *self.out_axes),
-                        self.num_slots, slot)
+                        self.num_unique, slot)
     dtype = jnp.dtype(self.dtype)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
     if self.use_bias:
       bias = slot_param(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
-                        self.num_slots, slot)
+                        self.num_unique, slot)
       y = y + bias.astype(dtype)
     return y
 
@@ -72,7 +83,7 @@ class Norm(nn.Module):
 
   kind: str = "layernorm"
   eps: float = 1e-6
-  num_slots: int = 1
+  num_unique: int = 1
   axis_name: str = "embed"
 
   @nn.compact
@@ -87,10 +98,10 @@ class Norm(nn.Module):
     else:
       y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
     y = y * slot_param(self, "scale", nn.initializers.ones, features, (self.axis_name,),
-                       self.num_slots, slot)
+                       self.num_unique, slot)
     if self.kind == "layernorm":
       y = y + slot_param(self, "bias", nn.initializers.zeros, features, (self.axis_name,),
-                         self.num_slots, slot)
+                         self.num_unique, slot)
     return y.astype(dtype)
 
 
@@ -136,7 +147,7 @@ def make_attention_mask(q_valid: Array, k_valid: Array, causal: bool = False,
   return mask[:, None]
 
 
-class Attention(nn.Module):
+class Attention(Projected):
   """Scaled dot-product attention with grouped K/V heads (MHA, GQA, MQA) and cross-attention.
 
   ``num_kv_heads`` K/V heads are shared by groups of ``num_heads // num_kv_heads`` query
@@ -146,18 +157,12 @@ class Attention(nn.Module):
   num_heads: int
   num_kv_heads: int
   head_dim: int
-  num_slots: int = 1
-  use_bias: bool = True
-  init_std: float = 0.02
   dropout_rate: float = 0.0
-  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array, kv: Array, mask: Array, slot: Array | None = None,
                dropout_key: Array | None = None) -> Array:
-    dense = lambda name, feats, in_axes, out_axes: Dense(  # noqa: E731
-        feats, in_axes, out_axes, self.num_slots, self.use_bias, self.init_std, self.dtype,
-        name=name)
+    dense = self.dense
     q = dense("query", (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"))(x, slot)
     k = dense("key", (self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "kv"))(kv, slot)
     v = dense("value", (self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "kv"))(kv,
@@ -175,21 +180,15 @@ class Attention(nn.Module):
     return dense("out", (x.shape[-1],), ("heads", "kv"), ("embed",))(out, slot)
 
 
-class MLP(nn.Module):
+class MLP(Projected):
   """Position-wise FFN: relu / gelu / gelu_tanh, or SwiGLU (silu(x W_gate) * x W_up)."""
 
   d_ff: int
   activation: str = "gelu"
-  num_slots: int = 1
-  use_bias: bool = True
-  init_std: float = 0.02
-  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: Array, slot: Array | None = None) -> Array:
-    dense = lambda name, feats, in_axes, out_axes: Dense(  # noqa: E731
-        feats, in_axes, out_axes, self.num_slots, self.use_bias, self.init_std, self.dtype,
-        name=name)
+    dense = self.dense
     h = activation_fn(self.activation)(dense("wi", (self.d_ff,), ("embed",), ("mlp",))(x, slot))
     if self.activation == "swiglu":
       h = h * dense("wi_up", (self.d_ff,), ("embed",), ("mlp",))(x, slot)

@@ -1,23 +1,15 @@
 """The three model families over one depth engine: decoder LM, encoder MLM, encoder-decoder.
 
-Batch keys (all int32, shape ``(batch, length)``):
-
-* ``decoder_lm``: ``inputs``; optional ``segment_ids`` (packing; 0 = padding) and
-  ``positions``. Returns next-token logits for every position.
-* ``encoder_mlm`` (ALBERT / BERT): ``input_ids``; optional ``attention_mask`` (1 = token)
-  and ``token_type_ids``. Returns MLM logits for every position.
-* ``encoder_decoder``: ``inputs`` (source, 0 = padding) and ``targets``; optional
-  ``decoder_inputs`` (default: ``targets`` shifted right with 0 as the start token).
-  Returns logits over the target positions.
-
-Extra outputs are sown into the ``intermediates`` collection (pass
+Each module takes a batch (keys: ``xlps.families``, which registers the families) and
+returns logits. Extra outputs are sown into the ``intermediates`` collection (pass
 ``mutable=["intermediates"]``): ``hidden_states`` (last layer, before the output head;
 encoder_decoder also ``encoder_hidden_states``) and ``pooled`` when ``pooler=True``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -52,8 +44,8 @@ class Embedder(nn.Module):
     if s.embed_norm:
       self.norm = layers.Norm(s.norm, s.norm_eps)
     if s.embed_dim != s.d_model:
-      self.projection = layers.Dense((s.d_model,), ("factor",), ("embed",), 1, True,
-                                     s.init_std, s.dtype)
+      self.projection = layers.Dense((s.d_model,), ("factor",), ("embed",), init_std=s.init_std,
+                                     dtype=s.dtype)
 
   def __call__(self, tokens: Array, positions: Array | None = None,
                token_types: Array | None = None, dropout_key: Array | None = None) -> Array:
@@ -88,19 +80,20 @@ class Embedder(nn.Module):
 class OutputHead(nn.Module):
   """Hidden states -> vocabulary logits.
 
-  The MLM family uses BERT/ALBERT's transform (dense H->E, activation, norm) and a bias
-  on the tied decoder; other families project H->E only when E < H. The vocabulary matmul
+  With ``mlm``, BERT/ALBERT's MLM transform (dense H->E, activation, norm) and a bias on
+  the tied decoder; otherwise an H->E projection only when E < H. The vocabulary matmul
   runs in float32 whatever the compute dtype (as MaxText's ``logits_dot_in_fp32``).
   """
 
   spec: ModelSpec
+  mlm: bool = False
 
   @nn.compact
   def __call__(self, x: Array, embedder: Embedder) -> Array:
     s = self.spec
-    mlm = s.family == "encoder_mlm"
+    mlm = self.mlm
     dense = lambda feats, in_ax, out_ax, name, dtype=s.dtype: layers.Dense(  # noqa: E731
-        feats, in_ax, out_ax, 1, s.use_bias, s.init_std, dtype, name=name)
+        feats, in_ax, out_ax, use_bias=s.use_bias, init_std=s.init_std, dtype=dtype, name=name)
     if mlm:
       x = dense((s.embed_dim,), ("embed",), ("factor",), "transform")(x)
       x = layers.activation_fn(s.activation)(x)
@@ -119,12 +112,9 @@ class OutputHead(nn.Module):
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
-def _counts(plans) -> tuple[tuple[str, int], ...]:
-  return tuple((comp, plan.num_unique) for comp, plan in plans.items())
-
-
-class _Family(nn.Module):
-  """Shared pieces: embedder, output head, final norm, dropout key for the embeddings."""
+class FamilyModule(nn.Module):
+  """Base of the family modules: embedding dropout key, stacks (tied ones run by one module),
+  final norm. A new family subclasses it and registers in ``xlps.families``."""
 
   spec: ModelSpec
 
@@ -138,49 +128,55 @@ class _Family(nn.Module):
       x = layers.Norm(self.spec.norm, self.spec.norm_eps, name=name)(x)
     return x
 
+  def _stacks(self) -> dict[str, Callable[..., Array]]:
+    """Stack name -> its depth: the module owning its parameter groups, bound to its plan."""
+    owners: dict[str, Stack] = {}
+    for plan in self.spec.stacks:
+      if plan.owner not in owners:
+        owners[plan.owner] = Stack(self.spec, name=plan.owner)
+    return {plan.name: functools.partial(owners[plan.owner], plan=plan)
+            for plan in self.spec.stacks}
 
-class DecoderLM(_Family):
+  def _encoder_only(self, batch: Mapping[str, Array], stack: str, mask: Array,
+                    deterministic: bool) -> tuple[Array, Embedder]:
+    """Embeds ``batch["inputs"]`` and applies the family's one stack and final norm."""
+    embedder = Embedder(self.spec, name="embedder")
+    x = embedder(batch["inputs"], batch.get("positions"), batch.get("token_types"),
+                 self._embed_key(deterministic))
+    x = self._stacks()[stack](x, mask=mask, deterministic=deterministic)
+    x = self._final_norm(x, "final_norm")
+    self.sow("intermediates", "hidden_states", x)
+    return x, embedder
+
+
+class DecoderLM(FamilyModule):
   """Causal decoder-only language model (GPT shape; Universal Transformer when M = 1)."""
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
-    s = self.spec
-    tokens = batch["inputs"]
     segments = batch.get("segment_ids")
-    valid = jnp.ones(tokens.shape, bool) if segments is None else segments != 0
+    valid = jnp.ones(batch["inputs"].shape, bool) if segments is None else segments != 0
     mask = layers.make_attention_mask(valid, valid, True, segments, segments)
-    embedder = Embedder(s, name="embedder")
-    x = embedder(tokens, batch.get("positions"), None, self._embed_key(deterministic))
-    plans = s.stack_plans("decoder")
-    x = Stack(s, _counts(plans), name="decoder")(x, plans, mask, deterministic=deterministic)
-    x = self._final_norm(x, "final_norm")
-    self.sow("intermediates", "hidden_states", x)
-    return OutputHead(s, name="head")(x, embedder)
+    x, embedder = self._encoder_only(batch, "decoder", mask, deterministic)
+    return OutputHead(self.spec, name="head")(x, embedder)
 
 
-class EncoderMLM(_Family):
+class EncoderMLM(FamilyModule):
   """Bidirectional encoder with an MLM head (ALBERT / BERT shape)."""
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
     s = self.spec
-    tokens = batch["input_ids"]
-    valid = batch.get("attention_mask")
-    valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
+    valid = batch.get("input_mask")
+    valid = jnp.ones(batch["inputs"].shape, bool) if valid is None else valid.astype(bool)
     # Padding is masked as keys only (as BERT / HF do): padded queries still attend.
     mask = layers.make_attention_mask(jnp.ones_like(valid), valid)
-    embedder = Embedder(s, name="embedder")
-    x = embedder(tokens, batch.get("position_ids"), batch.get("token_type_ids"),
-                 self._embed_key(deterministic))
-    plans = s.stack_plans("encoder")
-    x = Stack(s, _counts(plans), name="encoder")(x, plans, mask, deterministic=deterministic)
-    x = self._final_norm(x, "final_norm")
-    self.sow("intermediates", "hidden_states", x)
+    x, embedder = self._encoder_only(batch, "encoder", mask, deterministic)
     if s.pooler:
-      pooled = jnp.tanh(layers.Dense((s.d_model,), ("embed",), ("embed",), 1, True, s.init_std,
-                                     s.dtype, name="pooler")(x[:, 0]))
+      pooled = jnp.tanh(layers.Dense((s.d_model,), ("embed",), ("embed",), init_std=s.init_std,
+                                     dtype=s.dtype, name="pooler")(x[:, 0]))
       self.sow("intermediates", "pooled", pooled)
-    return OutputHead(s, name="head")(x, embedder)
+    return OutputHead(s, mlm=True, name="head")(x, embedder)
 
 
 def shift_right(targets: Array) -> Array:
@@ -188,44 +184,33 @@ def shift_right(targets: Array) -> Array:
   return jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
 
 
-class EncoderDecoder(_Family):
+class EncoderDecoder(FamilyModule):
   """Encoder-decoder Transformer (the seed article's model), optionally tied.
 
-  With ``tie_encoder_decoder`` one ``Stack`` named ``encoder`` serves both sides: the
-  decoder pass reuses its self-attention and FFN slots (with a causal mask) and owns
-  ``cross_attention`` and ``decoder_norms``.
+  With ``tie_encoder_decoder`` the decoder's plan names the encoder's self-attention and FFN
+  groups (``xlps.families``), so one ``Stack`` module named ``encoder`` runs both passes and
+  also holds the decoder's ``cross_attention`` and ``decoder_norms``.
   """
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
-    s = self.spec
     src, tgt = batch["inputs"], batch["targets"]
     dec_in = batch.get("decoder_inputs")
     dec_in = shift_right(tgt) if dec_in is None else dec_in
     src_valid = src != 0
     tgt_valid = jnp.ones(dec_in.shape, bool)
-    embedder = Embedder(s, name="embedder")
-    enc_plans, dec_plans = s.stack_plans("encoder"), s.stack_plans("decoder")
-    if s.tie_encoder_decoder:
-      counts = _counts(enc_plans) + (("cross_attention", dec_plans["cross_attention"].num_unique),
-                                     ("decoder_norms", dec_plans["norms"].num_unique))
-      encoder = decoder = Stack(s, counts, decoder_norms=True, name="encoder")
-    else:
-      encoder = Stack(s, _counts(enc_plans), name="encoder")
-      decoder = Stack(s, _counts(dec_plans), name="decoder")
+    embedder = Embedder(self.spec, name="embedder")
+    stacks = self._stacks()
     x = embedder(src, None, None, self._embed_key(deterministic))
-    x = encoder(x, enc_plans, layers.make_attention_mask(jnp.ones_like(src_valid), src_valid),
-                deterministic=deterministic)
+    x = stacks["encoder"](x, mask=layers.make_attention_mask(jnp.ones_like(src_valid), src_valid),
+                          deterministic=deterministic)
     encoded = self._final_norm(x, "encoder_norm")
     self.sow("intermediates", "encoder_hidden_states", encoded)
     y = embedder(dec_in, None, None, self._embed_key(deterministic))
-    y = decoder(y, dec_plans, layers.make_attention_mask(tgt_valid, tgt_valid, causal=True),
-                encoded, layers.make_attention_mask(tgt_valid, src_valid),
-                deterministic=deterministic)
+    y = stacks["decoder"](y, mask=layers.make_attention_mask(tgt_valid, tgt_valid, causal=True),
+                          encoded=encoded, cross_mask=layers.make_attention_mask(tgt_valid,
+                                                                                 src_valid),
+                          deterministic=deterministic)
     y = self._final_norm(y, "decoder_norm")
     self.sow("intermediates", "hidden_states", y)
-    return OutputHead(s, name="head")(y, embedder)
-
-
-FAMILY_MODULES = {"decoder_lm": DecoderLM, "encoder_mlm": EncoderMLM,
-                  "encoder_decoder": EncoderDecoder}
+    return OutputHead(self.spec, name="head")(y, embedder)
