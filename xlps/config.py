@@ -339,6 +339,10 @@ def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
 
 # ---------------------------------------------------------------------------- train
 
+NONFINITE = ("stop", "skip")
+ON_MISMATCH = ("refuse", "restart")
+
+
 def train_config() -> ml_collections.ConfigDict:
   """Every training key with its default."""
   t = ml_collections.ConfigDict()
@@ -356,9 +360,16 @@ def train_config() -> ml_collections.ConfigDict:
   t.log_every_steps = 50           # progress line + metrics.jsonl train entry (and at the end)
   t.eval_every_steps = 500         # evaluation on every eval split (and at the end)
   t.checkpoint_every_steps = 500   # checkpoint interval (and at the end / on SIGTERM)
-  t.keep_checkpoints = 3           # checkpoints kept (oldest deleted)
+  t.keep_checkpoints = 3           # the newest checkpoints kept (older ones deleted) ...
+  t.keep_every_steps = 0           # ... plus every checkpoint whose step is a multiple of this
+                                   # (0 = none), MaxText-style preservation
   t.async_checkpoints = True       # save in the background while training continues
   t.peak_flops_per_device = 0.0    # for MFU; 0 = by device kind (CPU: measured matmul peak)
+  t.nonfinite = "stop"             # NaN/Inf loss or gradients: stop (exit non-zero, nothing
+                                   # saved) | skip (drop that update, count it in the logs)
+  t.on_mismatch = "refuse"         # the workdir's checkpoints hold another model: refuse
+                                   # (name the differing fields) | restart (move them aside,
+                                   # start at step 0)
   return t
 
 
@@ -370,8 +381,10 @@ def check_train(t: ml_collections.ConfigDict) -> None:
   for key in ("num_steps", "batch_size", "log_every_steps", "eval_every_steps",
               "checkpoint_every_steps", "keep_checkpoints"):
     check_int(f"train.{key}", t[key], 1)
-  for key in ("warmup_steps", "decay_steps"):
+  for key in ("warmup_steps", "decay_steps", "keep_every_steps"):
     check_int(f"train.{key}", t[key], 0)
+  check_choice("train.nonfinite", t.nonfinite, NONFINITE)
+  check_choice("train.on_mismatch", t.on_mismatch, ON_MISMATCH)
   if not isinstance(t.learning_rate, (int, float)) or t.learning_rate <= 0:
     raise ConfigError(f"train.learning_rate={t.learning_rate!r} must be > 0")
   check_number("train.end_lr_factor", t.end_lr_factor, 0, 1)
