@@ -1,0 +1,149 @@
+"""Sweeps: bad experiment files are refused up front; the dry-run commands are the sweep;
+a sweep killed mid-way and re-run completes every point exactly once."""
+
+import csv
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import ROOT, records, run_command
+from launch import sweep as launch_sweep
+from xlps import config as config_lib
+from xlps import sweep
+
+EXPERIMENT = '''
+from xlps import sweep
+
+BASE = "configs/default.py:runlocal"
+COMMON = {{"train.num_steps": 6, "train.decay_steps": 6, "data.seq_len": 32,
+          "model.max_len": 32, "train.batch_size": 8, "data.eval_batches": 2,
+          "train.eval_every_steps": 3, "train.log_every_steps": 1,
+          "train.checkpoint_every_steps": 2, "data.data_dir": "{data_dir}"}}
+
+
+def get_grid():
+  return {grid}
+'''
+GRID = 'sweep.product([{"model.sharing.num_unique": m} for m in (1, 2)], sweep.seeds(0))'
+
+
+def write_experiment(path: pathlib.Path, data_dir, grid: str = GRID) -> pathlib.Path:
+  path.write_text(EXPERIMENT.format(data_dir=data_dir, grid=grid))
+  return path
+
+
+def sweep_command(experiment, workdir, *flags):
+  return [sys.executable, "-m", "launch.sweep", f"--experiment={experiment}",
+          f"--workdir={workdir}", *flags]
+
+
+RESULT_COLUMNS = ("point", "unique_params", "applied_params", "flops_per_token", "steps",
+                  "final_eval_loss", "best_eval_loss", "final_eval_accuracy")
+
+
+def results(workdir) -> list[dict]:
+  with open(pathlib.Path(workdir) / "results.csv") as f:
+    return [{k: row[k] for k in RESULT_COLUMNS} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir):
+  root = tmp_path_factory.mktemp("sweep")
+  experiment = write_experiment(root / "tiny.py", data_dir)
+  done = run_command(sweep_command(experiment, root / "run", "--parallel=2"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  return experiment, root / "run"
+
+
+BAD = [
+    ('[{"model.sharing.num_uniq": 2}]', r"model.sharing.num_uniq is not a config key; "
+                                        r"did you mean model.sharing.num_unique\?"),
+    ("[]", r"get_grid\(\) returned \[\]; it must return a non-empty list"),
+    ('[{"seed": 1}, {"seed": 1}]', r"points 0 and 1 are the same \(seed=1\)"),
+    ('[{"train.num_steps": "many"}]', r"train.num_steps='many' is a str; the config holds "
+                                      r"a int"),
+    ('[{"model.num_heads": 3}]', r"point 0 \(num_heads=3\): model.num_heads=3 does not divide"),
+    ('[{"model": 3}]', r"model is a section"),
+    ('[3]', r"point 0 is 3, not a dict"),
+]
+
+
+@pytest.mark.parametrize("grid,message", BAD, ids=[b[1][:24] for b in BAD])
+def test_bad_experiment_files_are_refused_before_anything_runs(tmp_path, data_dir, grid,
+                                                               message):
+  experiment = write_experiment(tmp_path / "bad.py", data_dir, grid)
+  with pytest.raises(config_lib.ConfigError, match=message):
+    launch_sweep.plan(os.fspath(experiment), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
+def test_bad_experiment_is_one_line_and_exit_2(tmp_path, data_dir):
+  experiment = write_experiment(tmp_path / "bad.py", data_dir, "[]")
+  out = run_command(sweep_command(experiment, tmp_path / "run"))
+  assert out.returncode == 2 and "Traceback" not in out.stderr
+  assert "error: " in out.stderr and "non-empty list" in out.stderr
+  missing = run_command(sweep_command(tmp_path / "nope.py", tmp_path / "run"))
+  assert missing.returncode == 2 and "experiment file" in missing.stderr
+
+
+def test_grid_helpers():
+  assert sweep.product([{"a": 1}, {"a": 2}], [{"b": 3}]) == [{"a": 1, "b": 3}, {"a": 2, "b": 3}]
+  assert sweep.zipped([{"a": 1}, {"a": 2}], [{"b": 3}, {"b": 4}]) == [{"a": 1, "b": 3},
+                                                                       {"a": 2, "b": 4}]
+  with pytest.raises(config_lib.ConfigError, match="different lengths"):
+    sweep.zipped([{"a": 1}], [])
+  assert sweep.point_name({"model.sharing.order": "cycle", "seed": 2}) == "order=cycle,seed=2"
+  assert sweep.point_name({"model.sharing.table": "0 1"}) == "table=0_1"
+
+
+def test_dry_run_commands_are_the_sweep(uninterrupted, tmp_path):
+  """Running the printed commands by hand gives the sweep's workdirs and numbers."""
+  experiment, swept = uninterrupted
+  printed = run_command(sweep_command(experiment, tmp_path / "by_hand", "--dry_run"))
+  assert printed.returncode == 0, printed.stderr[-3000:]
+  lines = [line for line in printed.stdout.splitlines() if line.startswith("python -m")]
+  assert len(lines) == 2
+  for line in lines:
+    args = shlex.split(line)
+    done = run_command([sys.executable, *args[1:]])
+    assert done.returncode == 0, done.stderr[-3000:]
+  by_hand = sorted(p.name for p in (tmp_path / "by_hand").iterdir())
+  assert by_hand == sorted(p.name for p in swept.iterdir() if p.is_dir())
+  for name in by_hand:
+    assert ([{k: r.get(k) for k in ("step", "train_loss", "eval_loss")}
+             for r in records(tmp_path / "by_hand" / name)] ==
+            [{k: r.get(k) for k in ("step", "train_loss", "eval_loss")}
+             for r in records(swept / name)])
+
+
+def test_killed_sweep_resumes_and_completes_every_point_once(uninterrupted, tmp_path):
+  experiment, swept = uninterrupted
+  proc = subprocess.Popen(sweep_command(experiment, tmp_path / "run", "--parallel=1"), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  deadline = time.time() + 300
+  while time.time() < deadline:  # kill once one point is done and the next has a checkpoint
+    marks = list((tmp_path / "run").glob(f"*/{sweep.DONE}"))
+    ckpts = [p for p in (tmp_path / "run").glob("*/checkpoints/*") if p.name.isdigit()
+             and not (p.parent.parent / sweep.DONE).exists()]
+    if marks and ckpts:
+      break
+    assert proc.poll() is None, "the sweep finished before it could be killed"
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its training child
+  proc.wait()
+  again = run_command(sweep_command(experiment, tmp_path / "run", "--parallel=1"))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "1 already done, 1 to run" in again.stdout
+  assert "Resumed from" in (ckpts[0].parent.parent / "sweep.log").read_text()
+  for point in (tmp_path / "run").iterdir():
+    if point.is_dir():
+      assert (point / sweep.DONE).exists()
+      assert [r["step"] for r in records(point)] == list(range(1, 7))
+  assert results(tmp_path / "run") == results(swept)

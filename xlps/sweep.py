@@ -1,0 +1,258 @@
+"""Config sweeps: experiment files, their points, and the table of their results.
+
+An experiment file (``experiments/<name>.py``) is plain Python with
+
+* ``BASE``: the config every point starts from, as ``launch.train`` takes it
+  (``"configs/default.py:runlocal"``);
+* ``get_grid() -> list[dict]``: one dict of ``--config.KEY=VALUE`` overrides per point
+  (dotted keys; ``seed`` is a key too), usually built with :func:`product`, :func:`zipped`
+  and :func:`seeds`;
+* optionally ``COMMON``: overrides every point gets first (not part of the point names).
+
+Each point trains in its own workdir, named from its overrides, by the plain
+``python -m launch.train`` command :func:`command` returns, so a sweep run by
+``launch.sweep`` and the same commands run by a cluster scheduler produce the same
+workdirs. ``collect`` reads the finished workdirs into rows; ``aggregate`` groups the rows
+of one group (the same overrides but ``seed``) into mean and std.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import itertools
+import json
+import math
+import os
+import pathlib
+import re
+import shlex
+import statistics
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from xlps.config import ConfigError
+
+Point = dict[str, Any]
+DONE = "sweep_done.json"  # written into a point's workdir when its run exited 0
+METRICS = ("eval_loss", "eval_accuracy", "eval_sequence_accuracy",
+           "eval_test_long_sequence_accuracy")
+
+
+def product(*axes: Iterable[Point]) -> list[Point]:
+  """Every combination of one dict from each axis, merged (later axes win)."""
+  return [dict(itertools.chain.from_iterable(d.items() for d in combo))
+          for combo in itertools.product(*map(list, axes))]
+
+
+def zipped(*axes: Iterable[Point]) -> list[Point]:
+  """The i-th dicts of all axes merged; the axes must have equal lengths."""
+  axes = [list(a) for a in axes]
+  if len({len(a) for a in axes}) > 1:
+    raise ConfigError(f"zipped axes have different lengths {[len(a) for a in axes]}")
+  return [dict(itertools.chain.from_iterable(d.items() for d in combo)) for combo in zip(*axes)]
+
+
+def seeds(*values: int) -> list[Point]:
+  return [{"seed": v} for v in values]
+
+
+def load_module(path: str | os.PathLike, what: str):
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f"{what} {os.fspath(path)!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_xlps_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config(base: str) -> ml_collections.ConfigDict:
+  """``path[:arg]`` -> ``get_config(arg)`` of that file (as ``launch.train`` loads it)."""
+  path, _, arg = base.partition(":")
+  return load_module(path, "config file").get_config(arg or None)
+
+
+def apply(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+          where: str) -> ml_collections.ConfigDict:
+  """``config`` with ``overrides`` set; unknown keys and wrong types raise ConfigError."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate([*parents, leaf]):
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {'.'.join([*parents[:i], close[0]])}?" if close else ""
+        raise ConfigError(f"{where}: {key} is not a config key{hint}")
+      if name != leaf or i < len(parents):
+        node = node[name]
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f"{where}: {key} is a section; override its keys instead")
+    if current is not None and not _same_type(current, value):
+      raise ConfigError(f"{where}: {key}={value!r} is a {type(value).__name__}; the config "
+                        f"holds a {type(current).__name__} ({current!r})")
+    node[leaf] = value
+  return config
+
+
+def _same_type(current, value) -> bool:
+  if isinstance(current, bool) or isinstance(value, bool):
+    return isinstance(current, bool) and isinstance(value, bool)
+  if isinstance(current, float):
+    return isinstance(value, (int, float))
+  return isinstance(value, type(current))
+
+
+def points(experiment) -> list[Point]:
+  """The experiment's grid, checked: non-empty, dicts of dotted keys, no duplicates."""
+  grid = experiment.get_grid()
+  if not isinstance(grid, list) or not grid:
+    raise ConfigError(f"{experiment.__file__}: get_grid() returned {grid!r}; it must return "
+                      "a non-empty list of override dicts")
+  seen = {}
+  for i, point in enumerate(grid):
+    if not isinstance(point, dict):
+      raise ConfigError(f"{experiment.__file__}: point {i} is {point!r}, not a dict")
+    name = point_name(point)
+    if name in seen:
+      raise ConfigError(f"{experiment.__file__}: points {seen[name]} and {i} are the same "
+                        f"({name}); every point needs its own overrides (add seeds?)")
+    seen[name] = i
+  return grid
+
+
+def point_name(point: Point) -> str:
+  """A workdir name from the overrides: ``order=cycle,seed=1`` (keys shortened to their last
+  part when unambiguous; characters other than ``[A-Za-z0-9._=,+-]`` become ``_``)."""
+  last = [k.split(".")[-1] for k in point]
+  keys = last if len(set(last)) == len(last) else list(point)
+  text = ",".join(f"{k}={_cli_value(v)}" for k, v in zip(keys, point.values())) or "base"
+  return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def _cli_value(value) -> str:
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def command(base: str, workdir: pathlib.Path, point: Point) -> list[str]:
+  """The ``launch.train`` command line that trains ``point`` in ``workdir``."""
+  return [sys.executable, "-m", "launch.train", f"--config={base}", f"--workdir={workdir}",
+          *(f"--config.{k}={_cli_value(v)}" for k, v in point.items())]
+
+
+def shell_line(cmd: Sequence[str]) -> str:
+  return " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+
+
+def read_rows(path: pathlib.Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def collect(config: ml_collections.ConfigDict, point: Point, workdir: pathlib.Path) -> dict:
+  """One results row of a finished point: overrides, size, cost, eval metrics, speed."""
+  from xlps import models  # JAX: only when results are collected
+  summary = models.summarize(models.spec_of(config), config.data.seq_len)
+  rows = read_rows(workdir / "metrics.jsonl")
+  evals = [r for r in rows if "eval_loss" in r]
+  speed = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
+  done = json.loads((workdir / DONE).read_text())
+  row = {"point": point_name(point),
+         "group": point_name({k: v for k, v in point.items() if k != "seed"}), **point,
+         "unique_params": summary["unique_params"], "applied_params": summary["applied_params"],
+         "flops_per_token": summary["flops_per_token"],
+         "steps": rows[-1]["step"] if rows else 0}
+  for key in METRICS:
+    values = [r[key] for r in evals if key in r]
+    if values:
+      row[f"final_{key}"] = values[-1]
+      row[f"best_{key}"] = (min if key.endswith("loss") else max)(values)
+  row["wall_time_s"] = done["wall_time_s"]
+  row["tokens_per_sec"] = statistics.median(speed) if speed else math.nan
+  return row
+
+
+def is_result(column: str) -> bool:
+  """Columns measured by a run (averaged over seeds), as opposed to what defines a point."""
+  return column.startswith(("final_", "best_")) or column in _MEASURED
+
+
+def aggregate(rows: Sequence[dict]) -> list[dict]:
+  """Rows of one ``group`` (the same overrides but ``seed``) merged: each result column as
+  its mean and ``<column>_std`` (sample std; 0 for one seed), plus ``seeds``."""
+  groups: dict[str, list[dict]] = {}
+  for row in rows:
+    groups.setdefault(row["group"], []).append(row)
+  out = []
+  for name, members in groups.items():
+    merged = {"group": name, "seeds": len(members)}
+    for column, value in members[0].items():
+      if column in ("point", "group", "seed"):
+        continue
+      if not is_result(column):
+        merged[column] = value
+        continue
+      values = [m[column] for m in members if column in m]
+      merged[column] = statistics.fmean(values)
+      merged[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out.append(merged)
+  return out
+
+
+_MEASURED = ("steps", "wall_time_s", "tokens_per_sec")
+
+
+def markdown(groups: Sequence[dict]) -> str:
+  """One table row per group: size, cost, eval metrics as mean +- std over its seeds."""
+  metrics = [c for c in dict.fromkeys(k for g in groups for k in g)
+             if c.startswith(("final_", "best_")) and not c.endswith("_std")]
+  head = ["point", "seeds", "unique params", "applied params", "FLOPs/token",
+          *(m.replace("_", " ") for m in metrics), "tokens/s", "wall s"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for g in groups:
+    cells = [g["group"], str(g["seeds"]), f"{g['unique_params']:,}", f"{g['applied_params']:,}",
+             f"{g['flops_per_token']:.3g}"]
+    cells += [f"{g[m]:.4f} +- {g[m + '_std']:.4f}" if m in g else "" for m in metrics]
+    cells += [f"{g['tokens_per_sec']:.0f}", f"{g['wall_time_s']:.0f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(root: pathlib.Path, finished: Sequence[tuple[Point, pathlib.Path]],
+         groups: Sequence[dict]) -> None:
+  """loss_vs_step.png (every point), final eval loss vs unique params and vs FLOPs/token."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for point, workdir in finished:
+    rows = [r for r in read_rows(workdir / "metrics.jsonl") if "train_loss" in r]
+    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=1,
+            label=point_name(point))
+  ax.set(xlabel="step", ylabel="train loss (nats/token)")
+  if len(finished) <= 12:
+    ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(root / "loss_vs_step.png", dpi=100)
+  plt.close(fig)
+  for x, label, name in (("unique_params", "unique parameters", "loss_vs_unique_params.png"),
+                         ("flops_per_token", "applied training FLOPs per token",
+                          "loss_vs_flops.png")):
+    metric = "final_eval_loss"
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for g in groups:
+      if metric in g:
+        ax.errorbar(g[x], g[metric], yerr=g[metric + "_std"], fmt="o", capsize=3)
+        ax.annotate(g["group"], (g[x], g[metric]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set(xscale="log", xlabel=label, ylabel="final eval loss (mean +- std over seeds)")
+    fig.tight_layout()
+    fig.savefig(root / name, dpi=100)
+    plt.close(fig)
