@@ -31,29 +31,6 @@ _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points trained at the same time
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command and exit.")
 
 
-def plan(experiment_path: str, root: pathlib.Path) -> tuple[str, list[tuple]]:
-  """``(base, [(point, overrides, config, workdir), ...])``, every point validated before any
-  runs; ``overrides`` are ``COMMON``'s then the point's."""
-  experiment = sweep.load_module(experiment_path, "experiment file")
-  base = getattr(experiment, "BASE", None)
-  if not isinstance(base, str) or not base:
-    raise config_lib.ConfigError(f"{experiment_path}: BASE must name a config, e.g. "
-                                 "'configs/default.py:runlocal'")
-  base_config = sweep.load_config(base)
-  common = getattr(experiment, "COMMON", {})
-  out = []
-  for i, point in enumerate(sweep.points(experiment)):
-    name = sweep.point_name(point)
-    overrides = {**common, **point}
-    config = sweep.apply(base_config, overrides, f"{experiment_path} point {i} ({name})")
-    try:
-      config_lib.validate(config)
-    except config_lib.ConfigError as e:
-      raise config_lib.ConfigError(f"{experiment_path} point {i} ({name}): {e}") from None
-    out.append((point, overrides, config, root / name))
-  return base, out
-
-
 def core_sets(parallel: int) -> list[set[int]]:
   cores = sorted(os.sched_getaffinity(0))
   k = max(1, min(parallel, len(cores)))
@@ -139,7 +116,7 @@ def main(argv):
       raise config_lib.ConfigError(f"--workdir={_WORKDIR.value}: a sweep runs its points on "
                                    "this machine, in a local folder; use --dry_run to print "
                                    "the commands for a cluster with a remote workdir")
-    base, jobs = plan(_EXPERIMENT.value, root)
+    base, jobs = sweep.plan(_EXPERIMENT.value, root)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -8,7 +8,9 @@ Multi-host: ``--distributed`` on every host of a pod (``launch/tpu_pod.sh``), or
 ``launch/local_multiprocess.sh`` for N local CPU processes.
 """
 
+import errno
 import logging as py_logging
+import re
 import statistics
 import sys
 
@@ -28,6 +30,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 60,  # xlps.distributed.DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
+    "With --distributed: a process silent (dead) for this long makes every other process "
+    "abort with a non-zero status and 'another task died' in its log, instead of hanging in "
+    "a collective.", lower_bound=1)
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -89,6 +96,48 @@ def report(result: dict) -> str:
   return "\n".join(lines)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that bad config input (a missing config file, a get_config
+  that raises, an unknown or mistyped ``--config.KEY``) is one line and exit status 2."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.get("seed")  # config_flags defers a file's load error to the first access
+    return rest
+  except Exception as e:  # flags.Error, or whatever the config file raised
+    print(f"error: {config_lib.config_flag_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+_DISK_FULL = re.compile(r"No space left on device|File too large|Disk quota exceeded|"
+                        r"os_error_code='(28|27|122)'")
+
+
+def disk_full_error(error: BaseException, workdir: str) -> str | None:
+  """One line for a write that failed on a full disk or past ``ulimit -f`` (Orbax and
+  TensorStore report it as a ValueError with the errno in its text), else None."""
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+      reason = error.strerror or str(error)
+      break
+    match = _DISK_FULL.search(str(error))
+    if match:
+      reason = {"28": "No space left on device", "27": "File too large",
+                "122": "Disk quota exceeded"}.get(match.group(1), match.group(0))
+      break
+    error = error.__cause__ or error.__context__
+  else:
+    return None
+  try:
+    steps = sorted(int(p.name) for p in (epath.Path(workdir) / "checkpoints").iterdir()
+                   if p.name.isdigit())
+  except OSError:
+    steps = []
+  kept = (f"the checkpoints committed before are kept (latest: step {steps[-1]})" if steps
+          else "no checkpoint had been committed")
+  return (f"workdir={workdir!r}: disk full / file size limit ({reason}) while writing; {kept}; "
+          "free space (or raise `ulimit -f`) and run the same command to resume")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -96,13 +145,24 @@ def main(argv):
     handler.addFilter(_QuietOrbax())
   import jax
   if _DISTRIBUTED.value or _COORDINATOR.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    from xlps import distributed
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    app.install_exception_handler(distributed.ExitOnError())  # no 300 s shutdown wait
   from xlps import train
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except train.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except Exception as e:  # a write to a full disk (or past `ulimit -f`): one line, not a trace
+    message = disk_full_error(e, _WORKDIR.value)
+    if message is None:
+      raise
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0 and result["history"]:
     plot_losses(result["history"], epath.Path(result["workdir"]) / "loss.png",
@@ -112,4 +172,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

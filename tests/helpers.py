@@ -87,3 +87,18 @@ def records(workdir) -> list[dict]:
   """Every record of metrics.jsonl in order."""
   lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
   return [json.loads(line) for line in lines]
+
+
+def tensorboard_steps(workdir) -> dict[str, list[int]]:
+  """Tag -> the steps of its scalars, in order, over every TensorBoard event file."""
+  from tensorboardX.proto import event_pb2
+  steps: dict[str, list[int]] = {}
+  for path in sorted((pathlib.Path(workdir) / "tensorboard").iterdir()):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      for value in event.summary.value:
+        steps.setdefault(value.tag, []).append(event.step)
+  return steps

@@ -161,11 +161,12 @@ def test_processes_read_disjoint_shards_that_cover_the_train_split(data_dir, cor
 
 def eval_parts(config, split, count):
   """The eval batches of each of ``count`` processes, padded as train._eval does (with
-  ``padding_batch()`` up to the most batches any process has)."""
+  ``padding_batch(split)`` up to the most batches any process has)."""
   pipelines = [data.build(config, process_index=i, process_count=count) for i in range(count)]
   parts = [list(p.eval_batches(split)) for p in pipelines]
   most = max(map(len, parts))
-  return [part + [p.padding_batch()] * (most - len(part)) for p, part in zip(pipelines, parts)]
+  return [part + [p.padding_batch(split)] * (most - len(part))
+          for p, part in zip(pipelines, parts)]
 
 
 @pytest.mark.parametrize("family,kind", [("decoder_lm", "text"), ("encoder_mlm", "text"),
@@ -179,7 +180,7 @@ def test_eval_global_batches_do_not_depend_on_the_process_count(data_dir, eval_c
     assert (len(whole) == 3) if eval_batches else (len(whole) > 3)
     for count in (2, 4):
       parts = eval_parts(config, split, count)
-      assert parts[0][0]["weights"].shape == (8 // count, 32)
+      assert parts[0][0]["weights"].shape == (8 // count, whole[0]["weights"].shape[1])
       assert_same([{k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
                    for batches in zip(*parts)], whole)
   assert_same(list(data.build(config).eval_batches(split)), whole)  # the same on every call
@@ -230,12 +231,28 @@ def test_eval_pads_exhausted_shards_with_weight_zero_rows(data_dir):
                                     eval_batches=0, **SMALL_ALGORITHMIC))
   batches = list(pipeline.eval_batches("test"))
   assert len(batches) == 3  # 64 examples in 24 shards of 2 or 3: 16 shards have a third
-  assert all(b["inputs"].shape == (24, 32) for b in batches)
+  assert all(b["inputs"].shape == (24, 9) for b in batches)  # copy, operands <= 8, + EOS
   real = batches[-1]["weights"].sum(1) > 0
   assert real.sum() == 16 and not any(v[~real].any() for v in batches[-1].values())
-  padding = pipeline.padding_batch()
+  padding = pipeline.padding_batch("test")
   assert padding.keys() == batches[0].keys()
-  assert all(v.shape == (24, 32) and not v.any() for v in padding.values())
+  assert all(v.shape == (24, 9) and not v.any() for v in padding.values())
+
+
+@pytest.mark.parametrize("family,task,want", [
+    ("encoder_decoder", "copy", {"train": 9, "test": 9, "test_long": 13}),
+    ("encoder_decoder", "addition", {"train": 17, "test": 17, "test_long": 25}),
+    ("decoder_lm", "reverse", {"train": 17, "test": 17, "test_long": 25})])
+def test_seq2seq_rows_are_as_long_as_their_split_needs(data_dir, family, task, want):
+  """Not data.seq_len (sized for the longest test_long example): no training on padding."""
+  config = make_config(data_dir, family=family, task=task, eval_batches=1,
+                       **{**SMALL_ALGORITHMIC, "seq_len": 64})
+  pipeline = data.build(config)
+  got = {"train": next(pipeline.train_iter())["inputs"].shape[1]}
+  got.update({s: next(pipeline.eval_batches(s))["inputs"].shape[1] for s in ("test", "test_long")})
+  assert got == want
+  assert want["test_long"] == config_lib.seq2seq_length(
+      task, 12, "lm" if family == "decoder_lm" else "seq2seq")
 
 
 def decode_seq2seq(batch):

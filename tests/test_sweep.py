@@ -13,7 +13,6 @@ import time
 import pytest
 
 from helpers import ROOT, records, run_command
-from launch import sweep as launch_sweep
 from xlps import config as config_lib
 from xlps import sweep
 
@@ -79,7 +78,7 @@ def test_bad_experiment_files_are_refused_before_anything_runs(tmp_path, data_di
                                                                message):
   experiment = write_experiment(tmp_path / "bad.py", data_dir, grid)
   with pytest.raises(config_lib.ConfigError, match=message):
-    launch_sweep.plan(os.fspath(experiment), tmp_path / "run")
+    sweep.plan(os.fspath(experiment), tmp_path / "run")
   assert not (tmp_path / "run").exists()
 
 

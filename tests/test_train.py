@@ -14,7 +14,7 @@ from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
 from xlps import train
 
-from helpers import ROOT, logged_losses, records, run_command, short_run
+from helpers import ROOT, logged_losses, records, run_command, short_run, tensorboard_steps
 
 
 def shrink(config, data_dir, steps=12):
@@ -106,6 +106,9 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
   proc = subprocess.Popen(short_run(tmp_path / "killed", data_dir, steps), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   killed_at = wait_for_checkpoint(tmp_path / "killed", proc, 4)
+  while max(r["step"] for r in records(tmp_path / "killed")) <= killed_at + 1:
+    assert proc.poll() is None, "finished before rows past its checkpoint were written"
+    time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert killed_at < steps
@@ -114,6 +117,12 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
   assert "Resumed from" in again.stderr
   ref_losses, got = logged_losses(tmp_path / "ref"), logged_losses(tmp_path / "killed")
   assert ref_losses == got
+  # Every step is recorded once, in metrics.jsonl and in TensorBoard (no rows repeated from
+  # the steps between the checkpoint and the kill).
+  ref_steps = [r["step"] for r in records(tmp_path / "ref")]
+  assert [r["step"] for r in records(tmp_path / "killed")] == ref_steps == list(range(1, steps + 1))
+  tb_steps = tensorboard_steps(tmp_path / "killed")
+  assert tb_steps == tensorboard_steps(tmp_path / "ref") and tb_steps["train_loss"] == ref_steps
   finals = []
   for wd in ("ref", "killed"):
     ckpt = checkpoint_lib.Checkpointer(tmp_path / wd / "checkpoints", async_save=False)

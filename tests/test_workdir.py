@@ -1,4 +1,5 @@
-"""Remote workdirs: gs:// paths reach the object store, never a local ``gs:`` folder.
+"""Workdir files: metrics are recorded once per step across resumes; remote workdirs:
+gs:// paths reach the object store, never a local ``gs:`` folder.
 
 An in-memory fsspec filesystem stands in for Google Cloud Storage (no network): epath
 serves gs:// through fsspec when TensorFlow is absent, as on these machines.
@@ -8,8 +9,10 @@ import os
 
 import fsspec
 import pytest
+from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
+from helpers import records, tensorboard_steps
 from launch import train as launch_train
 from xlps import checkpoint as checkpoint_lib
 from xlps import metrics, train
@@ -55,11 +58,29 @@ def test_metrics_tensorboard_and_plot_reach_the_bucket(fake_gcs):
   assert len(events) == 1 and "events.out.tfevents" in events[0]
   assert fake_gcs.size(events[0]) > 100
   assert fake_gcs.cat("gs://bucket/run/loss.png")[:4] == b"\x89PNG"
-  # A second writer (a resumed run) keeps the earlier lines: object stores cannot append.
-  writer = metrics.MetricWriter(workdir)
+  # A second writer (a run resumed at step 2) keeps the earlier lines: object stores cannot
+  # append.
+  writer = metrics.MetricWriter(workdir, start_step=2)
   writer.write(3, {"train_loss": 2.0})
   writer.close()
   assert len(fake_gcs.cat("gs://bucket/run/metrics.jsonl").decode().splitlines()) == 3
+
+
+def test_a_resumed_writer_records_each_step_once(tmp_path):
+  """Rows a killed run wrote past its last checkpoint (and a torn last line) are dropped,
+  and TensorBoard is rewritten from the rows kept."""
+  writer = metrics.MetricWriter(epath.Path(tmp_path))
+  for step in range(1, 6):
+    writer.write(step, {"train_loss": 1.0 / step})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 6, "train_lo')
+  writer = metrics.MetricWriter(epath.Path(tmp_path), start_step=3)
+  assert [r["step"] for r in records(tmp_path)] == [1, 2, 3]
+  writer.write(4, {"train_loss": 0.2})
+  writer.close()
+  assert [r["step"] for r in records(tmp_path)] == [1, 2, 3, 4]
+  assert tensorboard_steps(tmp_path) == {"train_loss": [1, 2, 3, 4]}
 
 
 def test_checkpoint_directory_stays_remote(fake_gcs):

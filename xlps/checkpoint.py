@@ -11,20 +11,72 @@ One checkpoint is a composite of three items:
 Orbax writes each step into a temporary directory and renames it when complete, so a
 crash or SIGKILL during a save leaves the previous checkpoint intact; unfinished
 directories are ignored when listing steps.
+
+Resuming (``Checkpointer.restore_latest``) checks a checkpoint before using it: every JSON
+file must parse and every byte range the array database (OCDBT) points at must exist. A
+damaged checkpoint is reported (step and file), moved aside to ``<step>.damaged-<UTC time>``
+(not a step name: Orbax no longer lists it, and a new save of that step does not collide
+with it) and the previous one is used; if none can be restored, ``CheckpointError`` lists
+what is wrong with each and nothing is moved. Checkpoints of another model than the config
+describes (``RESUMABLE_MODEL_KEYS`` aside) are refused before anything is restored
+(``ModelMismatchError``), or with ``on_mismatch='restart'`` the whole directory is moved
+aside to ``checkpoints.mismatch-<UTC time>`` and the run starts at step 0.
+
+Retention: the ``max_to_keep`` newest checkpoints plus every step that is a multiple of
+``keep_every_steps`` (Orbax preservation policies). Orbax deletes older steps only after
+the new one has committed (``CheckpointManager._finalize``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import importlib.metadata
+import json
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
+
+from xlps import config as config_lib
+from xlps.config import ConfigError
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
             "tensorflow-datasets", "ml-collections", "xlps")
+
+ITEMS = ("state", "data", "metadata")  # the composite's items (subdirectories of a step)
+# Model keys that may change when a run continues: regularisation, the init of parameters
+# that already exist, the compute dtype and how depth is traced or rematerialised change
+# neither the parameters nor what they mean. Every other model key must match.
+RESUMABLE_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "init_std", "dtype",
+                        "scan_layers", "remat_policy")
+# Orbax lists only directories named like a step (``^(0|[1-9]\d*)$``, no temporary suffix),
+# so these names are out of its way: ``8.damaged-20260101T120000Z``,
+# ``checkpoints.mismatch-20260101T120000Z``.
+DAMAGED_INFIX = ".damaged-"
+MISMATCH_INFIX = ".mismatch-"
+TMP_MARK = ".orbax-checkpoint-tmp"  # a save that never committed (Orbax ignores it)
+
+
+class CheckpointError(ConfigError):
+  """No checkpoint in the directory can be restored (the message lists each one's problem).
+
+  A ConfigError so that ``launch/`` prints the message without a traceback."""
+
+
+class ModelMismatchError(ConfigError):
+  """The checkpoints hold another model than the config describes."""
+
+  def __init__(self, message: str, differences: list[str]):
+    super().__init__(message)
+    self.differences = differences
 
 
 def package_versions() -> dict[str, str]:
@@ -41,13 +93,26 @@ class Checkpointer:
   """Saves and restores ``(state, data_state, metadata)`` under ``directory``."""
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3,
-               async_save: bool = True):
+               keep_every_steps: int = 0, async_save: bool = True):
+    """Keeps the ``max_to_keep`` newest checkpoints (None: all) plus every one whose step is
+    a multiple of ``keep_every_steps`` (0: none)."""
     path = epath.Path(directory)  # gs://... stays remote (pathlib would make it gs:/...)
     self.directory = path if "://" in os.fspath(directory) else path.absolute()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
+    if "preservation_policy" in {f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)}:
+      policies = ocp.checkpoint_managers
+      keep = policies.LatestN(max_to_keep)
+      if keep_every_steps:
+        keep = policies.AnyPreservationPolicy([keep, policies.EveryNSteps(keep_every_steps)])
+      retention = {"preservation_policy": keep}
+    else:  # orbax-checkpoint before preservation policies: the same two rules
+      retention = {"max_to_keep": max_to_keep, "keep_period": keep_every_steps or None}
+    self._options = ocp.CheckpointManagerOptions(
+        enable_async_checkpointing=async_save, create=True, **retention)
+    self._manager = self._make_manager()
+
+  def _make_manager(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self.directory, options=self._options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler(),
                        "metadata": ocp.JsonCheckpointHandler()})
@@ -88,6 +153,163 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(
         metadata=ocp.args.JsonRestore()))["metadata"]
 
+  def step_path(self, step: int) -> epath.Path:
+    return self.directory / str(step)  # Orbax's standard step name (no prefix, no padding)
+
+  def verify(self, step: int) -> list[str]:
+    """What is wrong with the files of checkpoint ``step``; empty when nothing is found.
+
+    Every JSON file must parse, and every byte range the state's array database (OCDBT)
+    points at must exist: its b-tree nodes are walked (``tensorstore.ocdbt.dump``), array
+    data is never read. A file that is present but corrupt inside may still pass; restoring
+    then fails, which ``restore_latest`` handles the same way.
+    """
+    root, problems = self.step_path(step), []
+
+    def json_file(path: epath.Path, required: bool = True) -> Any:
+      if not path.exists():
+        if required:
+          problems.append(f"{path} is missing")
+        return None
+      try:
+        return json.loads(path.read_text())
+      except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        problems.append(f"{path} is truncated or corrupt (not valid JSON: {e})")
+        return None
+
+    json_file(root / "_CHECKPOINT_METADATA", required=False)  # Orbax's step metadata
+    missing = [item for item in ITEMS if not (root / item).is_dir()]
+    problems += [f"{root / item} is missing" for item in missing]
+    for item in ("data", "metadata"):
+      if item not in missing:
+        json_file(root / item / "metadata")  # JsonCheckpointHandler's file name
+    if "state" not in missing:
+      state = root / "state"
+      tree = json_file(state / "_METADATA")
+      json_file(state / "_sharding", required=False)
+      if (state / "array_metadatas").is_dir():
+        for path in sorted((state / "array_metadatas").iterdir()):
+          json_file(path)
+      if not isinstance(tree, dict) or tree.get("use_ocdbt", True):
+        problems += _ocdbt_problems(state)
+    return problems
+
+  def restore_latest(self, abstract_state: Any, *, model: Any = None,
+                     on_mismatch: str = "refuse") -> tuple[int, Any, Any, dict] | None:
+    """The newest intact checkpoint as ``(step, state, data_state, metadata)``, or None.
+
+    Newest first, each checkpoint is verified (``verify``) and restored; a damaged one is
+    skipped with a warning naming its step and file, and once an older one has restored,
+    each damaged newer one is moved aside to ``<step>.damaged-<UTC time>`` (never deleted).
+    If none restores, ``CheckpointError`` lists every problem and nothing is moved.
+
+    With ``model`` (the run's model config), the stored ``metadata["config"]["model"]`` of
+    the checkpoint about to be restored is compared first (``model_differences``); if it
+    differs, ``on_mismatch='refuse'`` raises ``ModelMismatchError`` naming every field, and
+    ``'restart'`` moves the whole directory aside to ``<dir>.mismatch-<UTC time>`` and
+    returns None (start at step 0). Nothing is restored before the comparison.
+    """
+    self._report_uncommitted()
+    damaged: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      problem = "; ".join(self.verify(step))
+      metadata = None
+      if not problem:
+        try:
+          metadata = self.metadata(step)
+        except Exception as e:  # noqa: BLE001 - verify found nothing, reading still failed
+          problem = f"{self.step_path(step) / 'metadata'} cannot be read ({_one_line(e)})"
+      if self._is_damaged(step, problem, damaged):
+        continue
+      if model is not None and self._check_model(step, metadata, model, on_mismatch):
+        return None  # on_mismatch='restart' moved the checkpoints aside
+      try:
+        state, data_state, metadata = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 - any failure to read the arrays is damage here
+        problem = f"{self.step_path(step)} cannot be restored ({_one_line(e)})"
+      if self._is_damaged(step, problem, damaged):
+        continue
+      for bad, why in damaged:
+        aside = self._move_aside(self.step_path(bad), DAMAGED_INFIX)
+        logging.warning(
+            "Checkpoint step %d in %s is damaged: %s. Moved it aside to %s (a name Orbax does "
+            "not list as a step; nothing was deleted). Resuming from step %d.",
+            bad, self.directory, why, aside, step)
+      if damaged:
+        self._manager.reload()
+      return step, state, data_state, metadata
+    if damaged:
+      lines = "\n".join(f"  step {bad}: {why}" for bad, why in damaged)
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be restored (nothing was moved or "
+          f"deleted):\n{lines}\nRepair the files, move the damaged step directories aside (to "
+          f"any name that is not a number, e.g. {damaged[0][0]}{DAMAGED_INFIX}manual), or use "
+          "another --workdir to start afresh.")
+    return None
+
+  def _is_damaged(self, step: int, problem: str, damaged: list[tuple[int, str]]) -> bool:
+    """Whether any process found ``problem`` with ``step`` (then logged and collected)."""
+    problem = self._agree(problem, step)
+    if problem:
+      logging.info("Checkpoint step %d is damaged, trying the previous one: %s", step, problem)
+      damaged.append((step, problem))
+    return bool(problem)
+
+  def _check_model(self, step: int, metadata: dict, model: Any, on_mismatch: str) -> bool:
+    """Raises ModelMismatchError, or True once on_mismatch='restart' moved all aside."""
+    saved = (metadata.get("config") or {}).get("model") if isinstance(metadata, dict) else None
+    if not isinstance(saved, Mapping):
+      logging.warning("Checkpoint step %d stores no model config; the model is not compared",
+                      step)
+      return False
+    differences = model_differences(saved, model)
+    if not differences:
+      return False
+    fields = "\n".join(f"  {d}" for d in differences)
+    if on_mismatch == "restart":
+      aside = self._move_all_aside()
+      logging.warning(
+          "The checkpoints in %s (step %d) hold another model than the config:\n%s\n"
+          "train.on_mismatch=restart: moved them aside to %s; starting at step 0.",
+          self.directory, step, fields, aside)
+      return True
+    raise ModelMismatchError(
+        f"the checkpoints in {self.directory} (step {step}) hold another model than the "
+        f"config describes:\n{fields}\nNothing was restored. Use another --workdir for "
+        "this config, or pass --config.train.on_mismatch=restart to move these checkpoints "
+        f"aside (to {self.directory.name}{MISMATCH_INFIX}<UTC time>) and start at step 0.",
+        differences)
+
+  def _report_uncommitted(self) -> None:
+    if self.directory.exists():
+      for path in sorted(self.directory.iterdir()):
+        if TMP_MARK in path.name:
+          logging.warning("Ignoring %s: a save that never committed (Orbax renames a step's "
+                          "temporary directory only when the save is complete)", path)
+
+  def _agree(self, problem: str, step: int) -> str:
+    """``problem``, or one when another process found one: every process skips alike."""
+    if jax.process_count() == 1:
+      return problem
+    if multihost_utils.process_allgather(np.int32(bool(problem))).any() and not problem:
+      return f"{self.step_path(step)} failed to verify or restore on another process"
+    return problem
+
+  def _move_aside(self, path: epath.Path, infix: str) -> epath.Path:
+    """Renames ``path`` to a free ``<name><infix><UTC time>`` next to it (one process)."""
+    target = _aside_name(path, infix)
+    if jax.process_index() == 0:
+      path.rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"xlps checkpoint move {path}")
+    return target
+
+  def _move_all_aside(self) -> epath.Path:
+    self._manager.close()
+    target = self._move_aside(self.directory, MISMATCH_INFIX)
+    self._manager = self._make_manager()  # creates an empty directory again
+    return target
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
@@ -98,3 +320,142 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def model_differences(saved: Mapping, current: Any) -> list[str]:
+  """``model.KEY: checkpoint A, config B`` for every model key (sharing plan keys included)
+  in which the stored model config ``saved`` and ``current`` differ, RESUMABLE_MODEL_KEYS
+  aside.
+
+  Keys the checkpoint lacks (written before they existed) count as their defaults; a
+  derived value counts as what it resolves to (``embed_dim=0`` is ``d_model``); sharing keys
+  that differ count only if the slot tables they give differ (``order`` is moot with M=1).
+  """
+  defaults = _flatten(_as_dict(config_lib.model_config()))
+  old = {**defaults, **_flatten(saved)}
+  new = {**defaults, **_flatten(_as_dict(current))}
+  old_spec, new_spec = _resolved(old), _resolved(new)
+  resolved = old_spec is not None and new_spec is not None
+  differences = []
+  for key, value in new.items():
+    if key.split(".")[0] in RESUMABLE_MODEL_KEYS or old.get(key) == value:
+      continue
+    if resolved and key.startswith("sharing."):
+      if _slot_tables(old_spec) == _slot_tables(new_spec):
+        continue
+    elif resolved and hasattr(new_spec, key) and getattr(old_spec, key) == getattr(new_spec, key):
+      continue
+    differences.append(f"model.{key}: checkpoint {old.get(key)!r}, config {value!r}")
+  return differences
+
+
+def _as_dict(model: Any) -> dict:
+  if hasattr(model, "to_json_best_effort"):  # a ConfigDict, as stored (checkpoint_metadata)
+    return json.loads(model.to_json_best_effort())
+  return json.loads(json.dumps(model))
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _resolved(flat: Mapping[str, Any]) -> config_lib.ModelSpec | None:
+  """The ModelSpec of a flat model config, or None if this code cannot validate it."""
+  tree: dict = {}
+  for key, value in flat.items():
+    *parents, leaf = key.split(".")
+    node = tree
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  try:
+    return config_lib.ModelSpec.from_config(tree)
+  except (ValueError, TypeError, KeyError, AttributeError):
+    return None
+
+
+def _slot_tables(spec: config_lib.ModelSpec) -> tuple:
+  return tuple((stack.name, stack.owner, tuple((comp, group, plan.num_unique, plan.slots)
+                                               for comp, group, plan in stack.uses))
+               for stack in spec.stacks)
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _aside_name(path: epath.Path, infix: str) -> epath.Path:
+  """A free sibling ``<name><infix><UTC time>`` (``-1``, ``-2``, ... if taken)."""
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  target, n = path.parent / f"{path.name}{infix}{stamp}", 0
+  while target.exists():
+    n += 1
+    target = path.parent / f"{path.name}{infix}{stamp}-{n}"
+  return target
+
+
+def _ocdbt_problems(item: epath.Path) -> list[str]:
+  """Missing or truncated files of the OCDBT database in ``item`` (e.g. ``<step>/state``).
+
+  Walks the manifest's latest version: every b-tree node and every out-of-line value is a
+  location ``kind:base:relative_path:offset:length``; its file must hold ``offset+length``
+  bytes. Reads the manifest and the b-tree nodes only.
+  """
+  manifest = item / "manifest.ocdbt"
+  if not manifest.exists():
+    return [f"{manifest} is missing"]
+  url = os.fspath(item)
+  url = (url if "://" in url else "file://" + url).rstrip("/") + "/"
+  try:
+    kvstore = ts.KvStore.open(url).result()
+    versions = ts.ocdbt.dump(kvstore).result().get("versions") or []
+  except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError with a status text
+    return [f"{manifest} cannot be read ({_one_line(e)})"]
+  sizes: dict[str, int | None] = {}
+  problems: list[str] = []
+  reported: set[str] = set()  # one report per file
+
+  def locations(tree: Any):
+    if isinstance(tree, str) and tree.startswith(("btreenode:", "value:")):
+      yield tree
+    elif isinstance(tree, Mapping):
+      for value in tree.values():
+        yield from locations(value)
+    elif isinstance(tree, list):
+      for value in tree:
+        yield from locations(value)
+
+  def check(location: str) -> bool:
+    head, offset, length = location.rsplit(":", 2)
+    _, base, relative = head.split(":", 2)
+    path = item.joinpath(*(p.strip("/") for p in (base, relative) if p.strip("/")))
+    key = os.fspath(path)
+    if key not in sizes:
+      sizes[key] = path.stat().length if path.exists() else None
+    need = int(offset) + int(length)
+    if sizes[key] is not None and sizes[key] >= need:
+      return True
+    if key not in reported:
+      reported.add(key)
+      problems.append(f"{path} is missing (the array index points into it)" if sizes[key] is None
+                      else f"{path} is truncated ({sizes[key]} bytes; the array index points at "
+                           f"bytes up to {need})")
+    return False
+
+  pending = list(locations(versions[-1])) if versions else []
+  while pending:
+    location = pending.pop()
+    if not check(location) or not location.startswith("btreenode:"):
+      continue
+    try:
+      pending.extend(locations(ts.ocdbt.dump(kvstore, location).result()))
+    except Exception as e:  # noqa: BLE001
+      problems.append(f"{location} cannot be read ({_one_line(e)})")
+  return problems

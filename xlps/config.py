@@ -14,7 +14,11 @@ files import it without pulling in JAX's trainer, Orbax, grain or TFDS.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import os
+import re
+import traceback
 from collections.abc import Mapping
 
 import ml_collections
@@ -111,18 +115,50 @@ def parse_arg(arg: str | None, **defaults):
   return ml_collections.ConfigDict(result)
 
 
+def did_you_mean(value, valid) -> str:
+  """``"; did you mean X?"`` for the closest of ``valid`` to a mistyped ``value`` (else "")."""
+  if not isinstance(value, str):
+    return ""
+  close = difflib.get_close_matches(value, [str(v) for v in valid], n=1)
+  return f"; did you mean {close[0]}?" if close else ""
+
+
+def _then_valid(value, valid) -> str:
+  """``"; did you mean X? "`` or ``"; "``: what goes between an error and its valid list."""
+  hint = did_you_mean(value, valid)
+  return f"{hint} " if hint else "; "
+
+
+def unknown_key(field: str, key: str, known, what: str, valid: str | None = None) -> ConfigError:
+  """The error for ``field.key`` missing from a section's schema (a typo, most often)."""
+  valid = ", ".join(known) if valid is None else valid
+  return ConfigError(f"{field}.{key} is not a {what} key{_then_valid(key, known)}"
+                     f"valid keys: {valid}")
+
+
 def check_choice(field: str, value, valid: tuple) -> None:
   if value not in valid:
     raise ConfigError(f"{field}={value!r} is not valid; choose one of: "
-                      f"{', '.join(map(str, valid))}")
+                      f"{', '.join(map(str, valid))}{did_you_mean(value, valid)}")
+
+
+def check_bool(field: str, value) -> None:
+  if not isinstance(value, bool):
+    raise ConfigError(f"{field}={value!r} must be a bool; valid: True, False")
+
+
+def check_str(field: str, value) -> None:
+  if not isinstance(value, str):
+    raise ConfigError(f"{field}={value!r} must be a string")
 
 
 def check_number(field: str, value, lo: float, hi: float | None = None, *,
                  integer: bool = False, open_hi: bool = False) -> None:
   """ConfigError naming ``field`` unless ``lo <= value <= hi`` (``< hi`` with ``open_hi``)."""
   kinds = (int,) if integer else (int, float)
-  above = hi is not None and (value >= hi if open_hi else value > hi)
-  if isinstance(value, bool) or not isinstance(value, kinds) or value < lo or above:
+  wrong_type = isinstance(value, bool) or not isinstance(value, kinds)
+  above = not wrong_type and hi is not None and (value >= hi if open_hi else value > hi)
+  if wrong_type or value < lo or above:
     what = "an integer" if integer else "a number"
     bound = "" if hi is None else f" and {'<' if open_hi else '<='} {hi}"
     raise ConfigError(f"{field}={value!r} must be {what} >= {lo}{bound}")
@@ -208,8 +244,12 @@ class ModelSpec:
     check_choice(f("dtype"), m["dtype"], DTYPES)
     check_choice(f("remat_policy"), m["remat_policy"], REMAT_POLICIES)
     for key in ("dropout_rate", "attention_dropout_rate"):
-      if not 0.0 <= float(m[key]) < 1.0:
-        raise ConfigError(f"{f(key)}={m[key]!r} must be in [0, 1)")
+      check_number(f(key), m[key], 0, 1, open_hi=True)
+    check_number(f("norm_eps"), m["norm_eps"], 0)
+    check_number(f("init_std"), m["init_std"], 0)
+    for key in ("embed_norm", "use_bias", "tie_embeddings", "tie_encoder_decoder", "pooler",
+                "scan_layers"):
+      check_bool(f(key), m[key])
     if m["tie_encoder_decoder"] and m["family"] != "encoder_decoder":
       raise ConfigError(f"{f('tie_encoder_decoder')}=True needs {f('family')}='encoder_decoder' "
                         f"(family is {m['family']!r})")
@@ -242,7 +282,20 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
   known = model_config()
   for key in m:
     if key not in known:
-      raise ConfigError(f"{field}.{key} is not a model key; valid keys: {', '.join(sorted(known))}")
+      raise unknown_key(field, key, sorted(known), "model")
+  sections = (Mapping, ml_collections.ConfigDict)
+  sharing = m.get("sharing")
+  if isinstance(sharing, sections):  # sharing.py names bad keys too; here with a suggestion
+    plan_keys = ("num_unique", "order", "table")
+    for key in sharing:
+      if key not in plan_keys and key not in sharing_lib.COMPONENTS:
+        raise unknown_key(f"{field}.sharing", key, plan_keys + sharing_lib.COMPONENTS, "sharing",
+                          f"{', '.join(plan_keys)} and components "
+                          f"{', '.join(sharing_lib.COMPONENTS)}")
+      if key in sharing_lib.COMPONENTS and isinstance(sharing[key], sections):
+        for sub in sharing[key]:
+          if sub not in plan_keys:
+            raise unknown_key(f"{field}.sharing.{key}", sub, plan_keys, "sharing")
 
 
 # ----------------------------------------------------------------------------- data
@@ -280,6 +333,13 @@ def data_config() -> ml_collections.ConfigDict:
   return d
 
 
+def seq2seq_length(task: str, max_len: int, layout: str) -> int:
+  """The ``data.seq_len`` a ``task`` example with operands up to ``max_len`` needs in
+  ``layout`` (``lm``: ``source EOS target EOS`` in one row; ``seq2seq``: the longer side)."""
+  source, target = max_lengths(task, max_len)
+  return source + target + 1 if layout == "lm" else max(source, target + 1)
+
+
 def max_lengths(task: str, max_len: int) -> tuple[int, int]:
   """Longest (source, target) of ``task`` at operand length ``max_len`` (target w/o EOS)."""
   if task == "addition":
@@ -293,7 +353,7 @@ def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
   d, known = config.data, data_config()
   for key in d:
     if key not in known:
-      raise ConfigError(f"data.{key} is not a data key; valid keys: {', '.join(known)}")
+      raise unknown_key("data", key, tuple(known), "data")
   check_choice("data.name", d.name, DATA_NAMES)
   check_choice("data.task", d.task, TASKS)
   check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)
@@ -304,8 +364,11 @@ def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
     check_int(f"data.{key}", d[key], minimum)
   check_int("data.train_max_len", d.train_max_len, d.train_min_len)
   check_int("data.test_max_len", d.test_max_len, d.train_max_len + 1)
-  if not 0.0 < float(d.mlm_probability) < 1.0:
-    raise ConfigError(f"data.mlm_probability={d.mlm_probability!r} must be in (0, 1)")
+  for key in ("glob", "tfds_name", "text_key", "train_split", "eval_split", "data_dir"):
+    check_str(f"data.{key}", d[key])
+  if (isinstance(d.mlm_probability, bool) or not isinstance(d.mlm_probability, (int, float))
+      or not 0.0 < d.mlm_probability < 1.0):
+    raise ConfigError(f"data.mlm_probability={d.mlm_probability!r} must be a number in (0, 1)")
   batch = config.train.batch_size
   check_int("train.batch_size", batch, 1)
   check_int("process_count", process_count, 1)
@@ -329,8 +392,7 @@ def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
   if kind == "seq2seq":
     if d.tokenizer != "byte":
       raise ConfigError(f"data.tokenizer={d.tokenizer!r}: algorithmic tasks use 'byte'")
-    source, target = max_lengths(d.task, d.test_max_len)
-    need = source + target + 1 if layout == "lm" else max(source, target + 1)
+    need = seq2seq_length(d.task, d.test_max_len, layout)
     if d.seq_len < need:
       raise ConfigError(f"data.seq_len={d.seq_len} is too small for task {d.task!r} with "
                         f"test_max_len={d.test_max_len} and family {config.model.family!r}: the "
@@ -377,7 +439,7 @@ def check_train(t: ml_collections.ConfigDict) -> None:
   known = train_config()
   for key in t:
     if key not in known:
-      raise ConfigError(f"train.{key} is not a train key; valid keys: {', '.join(known)}")
+      raise unknown_key("train", key, tuple(known), "train")
   for key in ("num_steps", "batch_size", "log_every_steps", "eval_every_steps",
               "checkpoint_every_steps", "keep_checkpoints"):
     check_int(f"train.{key}", t[key], 1)
@@ -385,8 +447,10 @@ def check_train(t: ml_collections.ConfigDict) -> None:
     check_int(f"train.{key}", t[key], 0)
   check_choice("train.nonfinite", t.nonfinite, NONFINITE)
   check_choice("train.on_mismatch", t.on_mismatch, ON_MISMATCH)
-  if not isinstance(t.learning_rate, (int, float)) or t.learning_rate <= 0:
-    raise ConfigError(f"train.learning_rate={t.learning_rate!r} must be > 0")
+  if (isinstance(t.learning_rate, bool) or not isinstance(t.learning_rate, (int, float))
+      or t.learning_rate <= 0):
+    raise ConfigError(f"train.learning_rate={t.learning_rate!r} must be a number > 0")
+  check_bool("train.async_checkpoints", t.async_checkpoints)
   check_number("train.end_lr_factor", t.end_lr_factor, 0, 1)
   check_number("train.weight_decay", t.weight_decay, 0)
   check_number("train.grad_clip_norm", t.grad_clip_norm, 0)
@@ -398,6 +462,10 @@ def check_train(t: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------- mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The logical axis names that parameters and activations carry (xlps.partitioning maps
+# each to mesh axes; mesh.rules may remap them).
+LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "vocab", "factor",
+                "unique")
 
 
 def mesh_config() -> ml_collections.ConfigDict:
@@ -408,6 +476,34 @@ def mesh_config() -> ml_collections.ConfigDict:
   m.tensor = 1      # tensor parallelism over heads / mlp / vocab
   m.rules = ()      # extra (logical, mesh axis) rules placed before the standard ones
   return m
+
+
+def check_mesh(cfg: ml_collections.ConfigDict) -> None:
+  """The mesh section's keys and ``rules``: (logical axis, mesh axis | tuple of them | None)."""
+  known = mesh_config()
+  for key in cfg:
+    if key not in known:
+      raise unknown_key("mesh", key, tuple(known), "mesh")
+  rules = cfg.get("rules", ())
+  example = "(('mlp', 'fsdp'), ('vocab', None))"
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, (tuple, list)):
+    raise ConfigError(f"mesh.rules={rules!r} must be a sequence of (logical axis, mesh axes) "
+                      f"pairs; valid: e.g. {example}")
+  for rule in rules:
+    if isinstance(rule, (str, bytes)) or not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise ConfigError(f"mesh.rules entry {rule!r} is not a (logical axis, mesh axes) pair; "
+                        f"valid: pairs such as {example}")
+    logical, axes = rule
+    if logical not in LOGICAL_AXES:
+      raise ConfigError(f"mesh.rules entry {tuple(rule)!r} names the logical axis {logical!r}, "
+                        f"which no parameter or activation has{_then_valid(logical, LOGICAL_AXES)}"
+                        f"valid logical axes: {', '.join(LOGICAL_AXES)}")
+    names = axes if isinstance(axes, (tuple, list)) else (axes,)
+    for name in names:
+      if name is not None and name not in MESH_AXES or (name is None and len(names) > 1):
+        raise ConfigError(f"mesh.rules entry {tuple(rule)!r} names the mesh axis {name!r}, which "
+                          f"the mesh does not have{_then_valid(name, MESH_AXES)}valid mesh axes: "
+                          f"{', '.join(MESH_AXES)}, a tuple of them, or None (replicated)")
 
 
 def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
@@ -452,9 +548,11 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1,
   Runs before any data is read or anything traced. ``num_devices`` defaults to
   ``jax.device_count()`` (imported only then).
   """
+  sections = ("seed", "model", "data", "train", "mesh")
   for key in config:
-    if key not in ("seed", "model", "data", "train", "mesh"):
-      raise ConfigError(f"{key} is not a config section; valid: seed, model, data, train, mesh")
+    if key not in sections:
+      raise ConfigError(f"{key} is not a config section{_then_valid(key, sections)}valid: "
+                        f"{', '.join(sections)}")
   check_int("seed", config.seed, 0)
   spec = ModelSpec.from_config(config.model)
   check_train(config.train)
@@ -472,6 +570,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1,
   if vocab > spec.vocab_size:
     raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the {d.tokenizer} "
                       f"tokenizer's vocabulary ({vocab}); set model.vocab_size >= {vocab}")
+  check_mesh(config.mesh)
   if num_devices is None:
     import jax
     num_devices = jax.device_count()
@@ -482,3 +581,95 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1,
                       f"mesh's data x fsdp = {shape['data']} x {shape['fsdp']} = {batch_shards} "
                       "batch shards")
   return spec
+
+
+def check_override(key: str, value: str) -> None:
+  """A ``--config.KEY=VALUE`` command-line override against the schema (``base_config()``):
+  ConfigError for a key no section has (with a suggestion) or a value that cannot be the
+  key's type. ``launch/`` calls it when the flag library rejects an override."""
+  node, field = base_config(), ""
+  parts = key.split(".")
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"--config.{key}: {field}={node!r} has no keys; override {field} itself")
+    if part not in node:
+      known = tuple(node)
+      if not field:
+        raise ConfigError(f"{part} is not a config section{_then_valid(part, known)}valid: "
+                          f"{', '.join(known)}")
+      raise unknown_key(field, part, known, "sharing" if ".sharing" in field else field)
+    kind = node.get_type(part) if i == len(parts) - 1 else None
+    node, field = node[part], f"{field}.{part}" if field else part
+  if isinstance(node, ml_collections.ConfigDict):
+    return  # a whole section given as a dict literal: validate() checks its keys
+  try:
+    if kind is bool:
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError
+    elif kind in (int, float):
+      kind(value)
+  except (TypeError, ValueError):
+    what = {bool: "a bool (true / false)", int: "an integer", float: "a number"}[kind]
+    raise ConfigError(f"{field}={value!r} (from --config.{key}) is not {what}; valid: {what}, "
+                      f"e.g. the default {node!r}") from None
+
+
+def _config_spec(argv) -> str | None:
+  """The value of ``--config`` in ``argv`` (``path`` or ``path:arg``), if given."""
+  for i, arg in enumerate(argv):
+    if arg in ("--config", "-config") and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(("--config=", "-config=")):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _raised_in(path: str, error: BaseException) -> tuple[BaseException, int] | None:
+  """The innermost exception in ``error``'s chain raised from the file ``path``, and its line."""
+  target, found, seen = os.path.realpath(path), None, set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, SyntaxError) and error.filename and \
+        os.path.realpath(error.filename) == target:
+      found = (error, error.lineno or 0)
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+             if os.path.realpath(f.filename) == target]
+    if lines:
+      found = (error, lines[-1])
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else ""
+
+
+def config_flag_error(argv, error: BaseException) -> str:
+  """One line for a failure to parse ``--config`` and its ``--config.KEY=VALUE`` overrides.
+
+  ml_collections defers a missing config file to the config's first use, wraps what
+  ``get_config`` raises in the flag library's errors (with a traceback in the message), and
+  reports an unknown override as a KeyError; this names the file, the key and what is valid.
+  """
+  spec = _config_spec(argv)
+  if spec:
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+      return (f"--config={spec}: the config file {path!r} does not exist (relative to "
+              f"{os.getcwd()}); valid: a Python file with get_config(), e.g. configs/default.py "
+              "or configs/default.py:runlocal")
+    raised = _raised_in(path, error)
+    if raised is not None:
+      exc, line = raised
+      if isinstance(exc, ConfigError):
+        return f"--config={spec}: {_first_line(exc)}"
+      return f"--config={spec}: {path}:{line} raised {type(exc).__name__}: {_first_line(exc)}"
+  for arg in argv:
+    match = re.match(r"--?config\.([^=]+)=(.*)$", arg, re.S)
+    if match:
+      try:
+        check_override(*match.groups())
+      except ConfigError as e:
+        return str(e)
+  return _first_line(error) or type(error).__name__

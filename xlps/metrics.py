@@ -99,22 +99,56 @@ def log_progress(step: int, num_steps: int, record: Mapping[str, float], steps_d
 class MetricWriter:
   """``metrics.jsonl`` (one object per record) plus TensorBoard event files.
 
-  Local workdirs append to both. Object stores (gs://) cannot append: there the JSON
+  Each step is recorded exactly once: a run that starts at step ``start_step`` (0, or the
+  restored checkpoint's) first drops the rows past it, which a killed run wrote after its
+  last checkpoint and the resumed run writes again, and rewrites the TensorBoard events
+  from the rows kept (``metrics.jsonl`` is the record; the events are derived from it).
+  Local workdirs then append to both. Object stores (gs://) cannot append: there the JSON
   lines are rewritten whole and the events, written to a local staging folder, are
   copied over after every record.
   """
 
-  def __init__(self, workdir: epath.Path, enabled: bool = True):
+  def __init__(self, workdir: epath.Path, enabled: bool = True, start_step: int = 0):
     self.enabled = enabled
     self.path = workdir / "metrics.jsonl"
     self._tb = self._staging = None
-    if enabled:
-      from tensorboardX import SummaryWriter  # writes event files without TensorFlow
-      self._tb_dir = workdir / "tensorboard"
-      if "://" in os.fspath(workdir):
-        self._staging = tempfile.mkdtemp(prefix="xlps_tensorboard_")
-        self._lines = self.path.read_text().splitlines(True) if self.path.exists() else []
-      self._tb = SummaryWriter(self._staging or os.fspath(self._tb_dir))
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+    self._tb_dir = workdir / "tensorboard"
+    self._lines = self._kept_lines(start_step)
+    if "://" in os.fspath(workdir):  # one object write is atomic
+      self.path.write_text("".join(self._lines))
+    else:  # a kill leaves the old or the new file, never half of one
+      tmp = self.path.parent / f"{self.path.name}.tmp"
+      tmp.write_text("".join(self._lines))
+      os.replace(tmp, self.path)
+    if self._tb_dir.exists():
+      for event_file in self._tb_dir.iterdir():
+        event_file.unlink()
+    if "://" in os.fspath(workdir):
+      self._staging = tempfile.mkdtemp(prefix="xlps_tensorboard_")
+    self._tb = SummaryWriter(self._staging or os.fspath(self._tb_dir))
+    for line in self._lines:
+      row = json.loads(line)
+      step = row.pop("step")
+      for key, value in row.items():
+        self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+
+  def _kept_lines(self, start_step: int) -> list[str]:
+    """The existing rows up to ``start_step`` (a torn last line from a kill is dropped)."""
+    if not self.path.exists():
+      return []
+    kept = []
+    for line in self.path.read_text().splitlines(True):
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if line.endswith("\n") and row.get("step", math.inf) <= start_step:
+        kept.append(line)
+    return kept
 
   def write(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:

@@ -34,7 +34,7 @@ from typing import Any
 
 import ml_collections
 
-from xlps.config import ConfigError
+from xlps.config import ConfigError, validate
 
 Point = dict[str, Any]
 DONE = "sweep_done.json"  # written into a point's workdir when its run exited 0
@@ -148,6 +148,29 @@ def command(base: str, workdir: pathlib.Path, point: Point) -> list[str]:
 
 def shell_line(cmd: Sequence[str]) -> str:
   return " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
+
+
+def plan(experiment_path: str, root: pathlib.Path) -> tuple[str, list[tuple]]:
+  """``(base, [(point, overrides, config, workdir), ...])``, every point validated before any
+  runs; ``overrides`` are ``COMMON``'s then the point's."""
+  experiment = load_module(experiment_path, "experiment file")
+  base = getattr(experiment, "BASE", None)
+  if not isinstance(base, str) or not base:
+    raise ConfigError(f"{experiment_path}: BASE must name a config, e.g. "
+                      "'configs/default.py:runlocal'")
+  base_config = load_config(base)
+  common = getattr(experiment, "COMMON", {})
+  out = []
+  for i, point in enumerate(points(experiment)):
+    name = point_name(point)
+    overrides = {**common, **point}
+    config = apply(base_config, overrides, f"{experiment_path} point {i} ({name})")
+    try:
+      validate(config)
+    except ConfigError as e:
+      raise ConfigError(f"{experiment_path} point {i} ({name}): {e}") from None
+    out.append((point, overrides, config, root / name))
+  return base, out
 
 
 def read_rows(path: pathlib.Path) -> list[dict]:

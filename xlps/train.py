@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import signal
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,6 +31,7 @@ from jax.experimental import multihost_utils
 from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
 from xlps import data as data_lib
+from xlps import distributed
 from xlps import metrics as metrics_lib
 from xlps import models
 from xlps import partitioning
@@ -95,8 +95,14 @@ def loss_and_metrics(logits: jax.Array, targets: jax.Array,
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step; dropout keys depend only on ``(state.rng, state.step)``."""
+               optimizer: optax.GradientTransformation,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step; dropout keys depend only on ``(state.rng, state.step)``.
+
+  ``metrics["nonfinite"]`` is 1 when the loss or the gradients hold NaN/Inf. With
+  ``skip_nonfinite`` such a step keeps the params and optimizer state (only ``step``
+  advances) and contributes nothing to the metric sums.
+  """
   dropout_key = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
@@ -104,10 +110,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
                          rngs={"dropout": dropout_key})
     return loss_and_metrics(logits, batch["targets"], batch["weights"])
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+  if skip_nonfinite:
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
+  metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -182,12 +195,13 @@ class Steps:
 
 
 def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int,
-               mesh: jax.sharding.Mesh, rules) -> Steps:
+               mesh: jax.sharding.Mesh, rules, skip_nonfinite: bool = False) -> Steps:
   """``jax.jit`` with in/out shardings and donation: what ``pjit`` used to be."""
   model = models.build(spec)
   state, state_sharding = sharded_init(spec, optimizer, seed, mesh, rules)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
-  train_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer),
+  train_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
+                                       skip_nonfinite=skip_nonfinite),
                      in_shardings=(state_sharding, batch_sharding),
                      out_shardings=(state_sharding, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
@@ -202,6 +216,9 @@ REMOTE_SCHEMES = ("gs://",)
 def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   """``workdir`` as an ``epath.Path`` (``pathlib`` would turn ``gs://b`` into ``gs:/b``)."""
   text = os.fspath(workdir)
+  if not text.strip():
+    raise ConfigError(f"workdir={text!r} is empty; valid: a directory to write checkpoints "
+                      "and metrics to (created if missing), local or gs://")
   if "://" in text and not text.startswith(REMOTE_SCHEMES):
     raise ConfigError(f"workdir={text!r}: the scheme {text.split('://')[0] + '://'!r} is not "
                       f"supported; use a local path or one of {', '.join(REMOTE_SCHEMES)}")
@@ -209,14 +226,33 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
 
 
 def _check_workdir(workdir: epath.Path) -> None:
+  """ConfigError naming the workdir, unless it is (or can be made) a writable directory."""
+  import errno
+  import resource
+  text = os.fspath(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / f".write_test.{os.getpid()}"
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
-    raise ConfigError(f"workdir={os.fspath(workdir)!r} cannot be written ({e.strerror or e}); "
-                      "pass a --workdir in a writable location") from None
+    if isinstance(e, FileExistsError) or ("://" not in text and workdir.is_file()):
+      why = "it is a file, not a directory"
+    elif isinstance(e, NotADirectoryError):
+      parent = next((p for p in workdir.parents if p.is_file()), workdir.parent)
+      why = f"{os.fspath(parent)!r} is a file, not a directory"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # EFBIG: ulimit -f
+      why = f"disk full / file size limit: {e.strerror or e}"
+    else:
+      why = e.strerror or str(e)
+    raise ConfigError(f"workdir={text!r} cannot be written ({why}); valid: a --workdir that "
+                      "is a directory (or a new path) in a writable location with free space"
+                      ) from None
+  if "://" not in text:
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+      logging.warning("the file size limit (ulimit -f) is %d bytes: a checkpoint or metrics file "
+                      "in workdir=%r larger than that fails with 'File too large'", limit, text)
 
 
 def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps,
@@ -234,7 +270,7 @@ def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps,
       batch = next(batches, None)
       if not multihost_utils.process_allgather(batch is not None).any():
         break
-      batch = pipeline.padding_batch() if batch is None else batch
+      batch = pipeline.padding_batch(split) if batch is None else batch
       m = jax.device_get(steps.evaluate(params, steps.global_batch(batch)))
       sums = m if sums is None else {k: sums[k] + m[k] for k in m}
     prefix = "eval" if split in ("validation", "test") else f"eval_{split}"
@@ -255,18 +291,64 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def train_record(sums: Mapping[str, jax.Array], steps: int) -> dict[str, float]:
-  """Train loss and accuracy over the window's loss-weighted tokens; mean gradient norm."""
+  """Train loss and accuracy over the window's loss-weighted tokens; mean gradient norm;
+  the window's count of non-finite steps (skipped ones contribute nothing else)."""
   m = jax.device_get(sums)
   weighted = max(float(m["tokens"]), 1.0)
+  nonfinite = float(m["nonfinite"])
   return {"train_loss": float(m["loss_sum"]) / weighted,
           "train_accuracy": float(m["correct"]) / weighted,
-          "grad_norm": float(m["grad_norm"]) / steps}
+          "grad_norm": float(m["grad_norm"]) / max(steps - nonfinite, 1.0),
+          "nonfinite_steps": nonfinite}
+
+
+class NonFiniteError(RuntimeError):
+  """Training diverged (NaN/Inf); nothing non-finite was saved. ``launch`` prints it."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _diverged(what: str, step: int, ckpt: checkpoint_lib.Checkpointer) -> NonFiniteError:
+  last = ckpt.latest_step()
+  where = ("no checkpoint was written" if last is None else
+           f"the last checkpoint is step {last} in {os.fspath(ckpt.directory)}")
+  return NonFiniteError(
+      f"training diverged at step {step}: {what}. Nothing non-finite was saved; {where}. "
+      "Re-run the same command with a lower --config.train.learning_rate (or larger "
+      "--config.train.warmup_steps) to resume from it, or set "
+      "--config.train.nonfinite=skip to drop non-finite updates")
 
 
 def checkpoint_metadata(config, spec: ModelSpec, summary: dict) -> dict:
   """JSON stored with every checkpoint: the config, the slot tables, package versions."""
   return {"config": json.loads(config.to_json_best_effort()), "sharing": summary["slots"],
           "unique_params": summary["unique_params"], "versions": checkpoint_lib.package_versions()}
+
+
+def _check_window(record: dict, window: int, step: int, mode: str,
+                  ckpt: checkpoint_lib.Checkpointer) -> None:
+  """Stops on any non-finite step (``stop``) or on a window of only skipped ones (``skip``)."""
+  bad = int(record["nonfinite_steps"])
+  if mode == "stop":
+    del record["nonfinite_steps"]
+    if bad:
+      raise _diverged(f"{bad} of the last {window} steps had a non-finite loss or gradients "
+                      f"(train_loss {record['train_loss']}, grad_norm {record['grad_norm']})",
+                      step, ckpt)
+  elif bad == window:
+    raise _diverged(f"all of the last {window} steps had a non-finite loss or gradients and "
+                    "were skipped", step, ckpt)
+
+
+def _save_finite(ckpt: checkpoint_lib.Checkpointer, step: int, state: TrainState,
+                 data_state: Any, metadata: dict) -> None:
+  """Saves ``state`` unless its parameters hold NaN/Inf (then raises NonFiniteError)."""
+  if not bool(_all_finite(state.params)):
+    raise _diverged("the parameters hold NaN/Inf", step, ckpt)
+  ckpt.save(step, state, data_state, metadata)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -285,29 +367,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   summary = models.summarize(spec, config.data.seq_len)
   mesh = partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_of(config.mesh)
-  setup = make_steps(spec, make_optimizer(t), config.seed, mesh, rules)
+  setup = make_steps(spec, make_optimizer(t), config.seed, mesh, rules,
+                     skip_nonfinite=t.nonfinite == "skip")
   state = setup.state
 
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
+                                     keep_every_steps=t.keep_every_steps,
                                      async_save=t.async_checkpoints)
   train_iter = pipeline.train_iter()
-  start = ckpt.latest_step()
-  if start is not None:
-    state, data_state, _ = ckpt.restore(start, checkpoint_lib.abstract_like(state))
+  try:  # the newest intact checkpoint, if it holds this model (see restore_latest)
+    resumed = ckpt.restore_latest(checkpoint_lib.abstract_like(state), model=config.model,
+                                  on_mismatch=t.on_mismatch)
+  except BaseException:
+    train_iter.close()
+    ckpt.close()
+    raise
+  if resumed is not None:
+    start, state, data_state, _ = resumed
     if data_state:  # an empty state (e.g. a converted checkpoint) starts the data afresh
       train_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   step = int(state.step)
   metadata = checkpoint_metadata(config, spec, summary)
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=step)
   flops, flops_source = metrics_lib.peak_flops(t.peak_flops_per_device)
   if is_main:
     logging.info("%s | %s unique / %s applied params | %s", spec.family,
                  f"{summary['unique_params']:,}", f"{summary['applied_params']:,}",
                  pipeline.describe())
 
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  stop = distributed.StopOnSigterm(step)  # SIGTERM: every process stops at the same step
   history: list[dict] = []
   sums, window = None, 0
   try:
@@ -321,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                         summary["flops_per_token"], flops)
     t_start = time.perf_counter()
     step_start, last_eval = step, {}
-    while step < t.num_steps and stop["signal"] is None:
+    while step < t.num_steps and not stop(step):
       if batch is None:
         batch = setup.global_batch(next(train_iter))
       state, metrics = setup.train(state, batch)
@@ -334,8 +423,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       record = {}
       if due(step, t.log_every_steps, t.num_steps):
         record = {**train_record(sums, window), **throughput.report()}
+        _check_window(record, window, step, t.nonfinite, ckpt)
         sums, window = None, 0
       if due(step, t.eval_every_steps, t.num_steps):
+        if is_main:
+          logging.info("evaluating at step %d", step)
         with throughput.paused():
           last_eval = evaluate(state.params, pipeline, setup,
                                sequences=config.data.name == "algorithmic")
@@ -348,13 +440,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                    time.perf_counter() - t_start)
       if due(step, t.checkpoint_every_steps, t.num_steps):
         with throughput.paused():
-          ckpt.save(step, state, train_iter.get_state(), metadata)
-    if stop["signal"] is not None and ckpt.latest_step() != step:
+          _save_finite(ckpt, step, state, train_iter.get_state(), metadata)
+    if stop.stopped and ckpt.latest_step() != step:
       logging.warning("SIGTERM at step %d: saving a final checkpoint", step)
       data_state = train_iter.get_state() if batch is None else unconsumed_data_state
-      ckpt.save(step, state, data_state, metadata)
+      _save_finite(ckpt, step, state, data_state, metadata)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    stop.close()
     train_iter.close()
     ckpt.close()
     writer.close()
@@ -362,5 +454,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           "last_eval": last_eval, "unigram_entropy": pipeline.unigram_entropy,
           "peak_flops": flops, "peak_flops_source": flops_source,
           "wall_time": time.perf_counter() - t_start, "compile_time": compile_time,
-          "interrupted": stop["signal"] is not None,
+          "interrupted": stop.stopped,
           "workdir": os.fspath(workdir)}

@@ -62,6 +62,17 @@ def build(config: ml_collections.ConfigDict, *, process_index: int = 0,
   d = config.data
   data_dir = os.path.expanduser(d.data_dir or os.environ.get("TFDS_DATA_DIR", "")
                                 or "~/tensorflow_datasets")
+  if "://" not in data_dir:  # the first existing folder on the way must be a folder
+    existing = os.path.abspath(data_dir)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      why = ("it is a file" if existing == os.path.abspath(data_dir) else
+             f"{existing!r} is a file")
+      raise config_lib.ConfigError(
+          f"data.data_dir={d.data_dir or data_dir!r} cannot be used ({why}, not a directory); "
+          "valid: a directory for prepared datasets (created if missing), or '' for "
+          "$TFDS_DATA_DIR or ~/tensorflow_datasets")
   if d.name == "algorithmic":
     splits = sources.algorithmic(d, data_dir)
   elif d.name == "stdlib":
@@ -77,8 +88,10 @@ def build(config: ml_collections.ConfigDict, *, process_index: int = 0,
   if d.worker_count:
     _mark_absl_flags_parsed()
   layout = families.FAMILIES[config.model.family].layout
-  return Pipeline(splits=splits, tokenizer=tokenizer, layout=layout,
-                  seq_len=d.seq_len, batch_size=config.train.batch_size,
+  split_lengths = {split: min(d.seq_len, config_lib.seq2seq_length(d.task, n, layout))
+                   for split, n in splits.longest.items()}
+  return Pipeline(splits=splits, tokenizer=tokenizer, layout=layout, seq_len=d.seq_len,
+                  split_lengths=split_lengths, batch_size=config.train.batch_size,
                   process_index=process_index, process_count=process_count,
                   num_shards=d.num_shards or process_count, seed=config.seed,
                   mlm_probability=float(d.mlm_probability), eval_batches=d.eval_batches,

@@ -188,7 +188,8 @@ class Pipeline:
   ``tokenizer`` (``encode`` / ``decode``, e.g. for generation).
   """
 
-  def __init__(self, *, splits, tokenizer, layout: str, seq_len: int, batch_size: int,
+  def __init__(self, *, splits, tokenizer, layout: str, seq_len: int, split_lengths=None,
+               batch_size: int,
                process_index: int, process_count: int, num_shards: int, seed: int,
                mlm_probability: float,
                eval_batches: int, worker_count: int):
@@ -196,6 +197,8 @@ class Pipeline:
     self.tokenizer = tokenizer
     self._layout = layout
     self._seq_len = seq_len
+    # seq2seq rows of a split are as long as its longest example needs (at most seq_len).
+    self._split_lengths = dict(split_lengths or {})
     self._global_batch = batch_size
     self._local_batch = batch_size // process_count
     self._process_index = process_index
@@ -216,12 +219,12 @@ class Pipeline:
                                                           tokenizer)
       self._shuffle_window = shuffle_window(doc_tokens, seq_len, batch_size // num_shards)
 
-  def _rows(self, ds: grain.MapDataset,
-            read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-    """The layout's features, one row (packed sequence or example) per element."""
+  def _rows(self, ds: grain.MapDataset, read_options: grain.ReadOptions | None = None,
+            split: str = "train") -> grain.IterDataset:
+    """The layout's features of ``split``, one row (packed sequence or example) per element."""
     # Locals only: the lambdas are pickled into grain worker processes.
-    encode, key, seq_len, layout = (self.tokenizer.encode, self._splits.text_key, self._seq_len,
-                                    self._layout)
+    encode, key, layout = self.tokenizer.encode, self._splits.text_key, self._layout
+    seq_len = self._split_lengths.get(split, self._seq_len)
     if self._splits.kind == "seq2seq":
       return ds.map(lambda r: seq2seq_features(encode(r["source"]), encode(r["target"]), layout,
                                                seq_len)).to_iter_dataset(read_options)
@@ -281,13 +284,12 @@ class Pipeline:
     lo = self._process_index * self._local_batch
     hi = lo + self._local_batch
     ds = grain.MapDataset.source(records)
-    streams = {j: iter(self._rows(ds[j * n // shards:(j + 1) * n // shards], _EVAL_READ))
+    streams = {j: iter(self._rows(ds[j * n // shards:(j + 1) * n // shards], _EVAL_READ, split))
                for j in range(lo // per, (hi - 1) // per + 1)}
-    return self._local_eval_batches(streams, per, lo, hi)
+    return self._local_eval_batches(streams, per, lo, hi, self._padding_row(split))
 
   def _local_eval_batches(self, streams: dict[int, Iterator[dict]], per: int, lo: int,
-                          hi: int) -> Iterator[dict[str, np.ndarray]]:
-    padding = self._padding_row()
+                          hi: int, padding: dict) -> Iterator[dict[str, np.ndarray]]:
     for _ in itertools.islice(itertools.count(), self._eval_batches or None):
       rows = {j * per + i: row for j, stream in streams.items()
               for i, row in enumerate(itertools.islice(stream, per))}
@@ -296,17 +298,17 @@ class Pipeline:
       local = [rows.get(r, padding) for r in range(lo, hi)]
       yield {k: np.stack([row[k] for row in local]) for k in padding}
 
-  def padding_batch(self) -> dict[str, np.ndarray]:
-    """A local batch of weight-0 (all-zero) rows: what a process feeds to the eval step
-    after its own eval rows are exhausted, while other processes still have some."""
-    padding = self._padding_row()
+  def padding_batch(self, split: str = "train") -> dict[str, np.ndarray]:
+    """A local batch of weight-0 (all-zero) rows of ``split``'s shape: what a process feeds
+    to the eval step after its own eval rows are exhausted, while others still have some."""
+    padding = self._padding_row(split)
     return {k: np.stack([v] * self._local_batch) for k, v in padding.items()}
 
-  def _padding_row(self) -> dict[str, np.ndarray]:
-    """All-zero features shaped like this pipeline's rows (those of an empty record)."""
+  def _padding_row(self, split: str) -> dict[str, np.ndarray]:
+    """All-zero features shaped like ``split``'s rows (those of an empty record)."""
     record = ({"source": b"", "target": b""} if self._splits.kind == "seq2seq"
               else {self._splits.text_key: b""})
-    row = next(iter(self._rows(grain.MapDataset.source([record]), _EVAL_READ)))
+    row = next(iter(self._rows(grain.MapDataset.source([record]), _EVAL_READ, split)))
     return {k: np.zeros_like(v) for k, v in row.items()}
 
   def describe(self) -> str:

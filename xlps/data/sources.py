@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob as glob_lib
 import hashlib
+import operator
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,87 @@ class Splits:
   text_key: str                      # text: the feature holding a document
   cache_key: str                     # identifies the train split (tokenizer cache names)
   summary: str                       # for Pipeline.describe()
+  # seq2seq: the longest operand length of each split ("train" and the eval splits), so rows
+  # are padded to what the split needs, not to data.seq_len
+  longest: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+class CheckedSource(Sequence):
+  """A prepared array_record split whose read failures name the file, the record and the fix.
+
+  A corrupted file (a flipped byte, a truncated copy) otherwise surfaces as a bare Riegeli
+  hash error from deep inside grain. ``verify()`` reads, at build time and so before anything
+  compiles, every record of a split of up to ``VERIFY_ALL`` records and the first and last
+  record of every file of a larger one; a record that fails later, while training, raises
+  the same ``CorruptDataError``.
+  """
+
+  VERIFY_ALL = 4096
+
+  def __init__(self, source, what: str, fix: str):
+    self._source, self._what, self._fix = source, what, fix
+    self._files = []  # (first index, end index, filename) of each file's records
+    try:
+      from tensorflow_datasets.core.data_sources import base
+      start = 0
+      for fi in base.file_instructions(source.dataset_info, source.split):
+        self._files.append((start, start + fi.take, fi.filename))
+        start += fi.take
+    except Exception:  # not an array_record source (e.g. tfds.testing.mock_data)
+      self._files = []
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __iter__(self):
+    for index in range(len(self)):
+      yield self[index]
+
+  def __getitem__(self, index):
+    index, size = operator.index(index), len(self._source)
+    if not -size <= index < size:
+      raise IndexError(f"{self._what}: record {index} is out of range ({size} records)")
+    index %= size
+    try:
+      return self._source[index]
+    except Exception as e:
+      raise self._error(index, e) from None
+
+  def _error(self, index: int, e: Exception) -> "CorruptDataError":
+    where = next((f for lo, hi, f in self._files if lo <= index < hi), "?")
+    return CorruptDataError(f"{self._what}: record {index} in file {where!r} cannot be read, the "
+                            f"file is corrupted or truncated ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); {self._fix}")
+
+  def verify(self) -> "CheckedSource":
+    if not self._files:
+      return self
+    if len(self) <= self.VERIFY_ALL:
+      indices = range(len(self))
+    else:
+      indices = sorted({i for lo, hi, _ in self._files if hi > lo for i in (lo, hi - 1)})
+    read_raw = getattr(getattr(self._source, "data_source", None), "__getitems__", None)
+    try:
+      if read_raw is not None:  # one batched read of the stored bytes (no decoding) ...
+        read_raw(list(indices))
+        return self
+    except Exception:  # noqa: BLE001 ... and record by record to name the one that fails
+      pass
+    for index in indices:
+      self[index]
+    return self
+
+
+class CorruptDataError(ConfigError):
+  """A prepared dataset file that cannot be read back (bad input, like a bad config)."""
+
+
+def _checked(source, what: str, fix: str) -> CheckedSource:
+  return CheckedSource(source, what, fix).verify()
+
+
+def _rebuild_fix(builder) -> str:
+  return (f"delete {os.fspath(builder.data_dir)!r} and run again to prepare it afresh")
 
 
 def algorithmic(d, data_dir: str) -> Splits:
@@ -38,18 +120,22 @@ def algorithmic(d, data_dir: str) -> Splits:
       d.task, d.train_min_len, d.train_max_len, d.test_max_len, d.num_train_examples,
       d.num_eval_examples)
   builder = builders.prepare(builders.XlpsAlgorithmic, config, data_dir)
-  read = lambda split: builder.as_data_source(split=split)  # noqa: E731
+  read = lambda split: _checked(builder.as_data_source(split=split),  # noqa: E731
+                                f"data.name='algorithmic' split {split!r}", _rebuild_fix(builder))
   return Splits(kind="seq2seq", train=read("train"),
                 evals={"test": read("test"), "test_long": read("test_long")}, text_key="",
                 cache_key=config.name,
                 summary=(f"algorithmic/{d.task} (train lengths {d.train_min_len}..{d.train_max_len}"
-                         f", test_long {d.train_max_len + 1}..{d.test_max_len})"))
+                         f", test_long {d.train_max_len + 1}..{d.test_max_len})"),
+                longest={"train": d.train_max_len, "test": d.train_max_len,
+                         "test_long": d.test_max_len})
 
 
 def stdlib(data_dir: str) -> Splits:
   """The running Python's standard library sources (prepared on first use)."""
   builder = builders.prepare(builders.XlpsStdlib, builders.stdlib_config(), data_dir)
-  train, val = (builder.as_data_source(split=s) for s in ("train", "validation"))
+  train, val = (_checked(builder.as_data_source(split=s), f"data.name='stdlib' split {s!r}",
+                         _rebuild_fix(builder)) for s in ("train", "validation"))
   return Splits(kind="text", train=train, evals={"validation": val}, text_key="text",
                 cache_key=f"stdlib_{builder.builder_config.name}",
                 summary=(f"stdlib (Python {platform.python_version()}: {len(train)} train / "
@@ -64,15 +150,24 @@ def text_files(pattern: str, *, require_utf8: bool) -> Splits:
   last newline before 95% of its bytes. Files are read as bytes; ``require_utf8`` (set for
   SentencePiece) rejects a file that is not UTF-8.
   """
-  paths = sorted(p for p in glob_lib.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(p))
-  if not pattern or not paths:
+  matches = sorted(glob_lib.glob(os.path.expanduser(pattern), recursive=True)) if pattern else []
+  paths = [p for p in matches if os.path.isfile(p)]
+  if matches and not paths:
+    kind = "directory" if os.path.isdir(matches[0]) else "not a regular file"
+    raise ConfigError(f"data.glob={pattern!r} matched {len(matches)} path(s) but no files "
+                      f"({matches[0]!r} is a {kind}); valid: a glob of files, e.g. "
+                      f"{os.path.join(matches[0], '**', '*.txt')!r}")
+  if not paths:
     raise ConfigError(f"data.glob={pattern!r} matched no files; give a glob of your text "
                       "files, e.g. '~/corpus/**/*.txt' (with data.name='text_files')")
   texts = {}
   for path in paths:
-    with open(path, "rb") as f:
-      data = f.read()
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise ConfigError(f"data.glob={pattern!r}: file {path!r} cannot be read "
+                        f"({e.strerror or e}); fix its permissions or narrow the glob") from None
     if not data.strip():
       raise ConfigError(f"data.glob={pattern!r}: file {path!r} is empty; remove it or "
                         "narrow the glob")
@@ -117,7 +212,7 @@ def tfds_prepared(d, data_dir: str) -> Splits:
 
   def read(split):
     try:
-      return tfds.data_source(d.tfds_name, split=split, data_dir=data_dir, download=False)
+      source = tfds.data_source(d.tfds_name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # TFDS raises many types here (not found, wrong format, bad split)
       raise ConfigError(
           f"data.tfds_name={d.tfds_name!r} split {split!r} could not be read from "
@@ -125,6 +220,8 @@ def tfds_prepared(d, data_dir: str) -> Splits:
           "as array_record first, e.g. tfds.builder(name, data_dir=...).download_and_prepare("
           "file_format='array_record') or `tfds build NAME --data_dir=DIR "
           "--file_format=array_record`, and check data.train_split / data.eval_split") from None
+    return _checked(source, f"data.tfds_name={d.tfds_name!r} split {split!r}",
+                    f"prepare {d.tfds_name!r} again in {data_dir!r} (delete its folder first)")
 
   train, val = read(d.train_split), read(d.eval_split)
   for field, split, source in (("train_split", d.train_split, train),

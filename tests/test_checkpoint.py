@@ -1,0 +1,273 @@
+"""Checkpoints: damaged ones are reported and skipped, another model's are refused (or moved
+aside on request), retention keeps the newest plus multiples of a period and deletes only
+after the newer checkpoint has committed."""
+
+import asyncio
+import logging
+import shutil
+import threading
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorstore as ts
+from orbax.checkpoint._src.path import atomicity
+
+from configs import default
+from helpers import configure
+from xlps import checkpoint as checkpoint_lib
+from xlps import config as config_lib
+from xlps import interop, models, train
+
+STATE = {"w": jnp.arange(2000.0), "b": {"c": jnp.ones((8, 8))}}
+
+
+def state_at(step):
+  return jax.tree.map(lambda x: x + step, STATE)
+
+
+def save_steps(directory, steps, **options):
+  ckpt = checkpoint_lib.Checkpointer(directory, async_save=False, **options)
+  for step in steps:
+    ckpt.save(step, state_at(step), {"next": step}, {"config": {}})
+  ckpt.close()
+
+
+def array_value(step_dir):
+  """``(file, offset, length)`` of the state's largest out-of-line array value (the OCDBT
+  b-tree of a small state is its root node; a data file may hold several values, and some
+  files of the database may be unreferenced)."""
+  kvstore = ts.KvStore.open(f"file://{step_dir / 'state'}/").result()
+  root = ts.ocdbt.dump(kvstore).result()["versions"][-1]["root"]["location"]
+  values = [e["indirect_value"] for e in ts.ocdbt.dump(kvstore, root).result()["entries"]
+            if "indirect_value" in e]
+  head, offset, length = max(values, key=lambda v: int(v.rsplit(":", 1)[1])).rsplit(":", 2)
+  _, base, relative = head.split(":", 2)
+  return step_dir / "state" / base / relative, int(offset), int(length)
+
+
+def array_file(step_dir):
+  return array_value(step_dir)[0]
+
+
+def truncate(path, size=None):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2 if size is None else size])
+
+
+def truncate_array(step_dir):
+  """Cuts the file of the largest array value in the middle of that value."""
+  path, offset, length = array_value(step_dir)
+  truncate(path, offset + length // 2)
+  return path
+
+
+def resume(directory, **options):
+  ckpt = checkpoint_lib.Checkpointer(directory, async_save=False, **options)
+  try:
+    return ckpt.restore_latest(checkpoint_lib.abstract_like(STATE)), ckpt.all_steps()
+  finally:
+    ckpt.close()
+
+
+def warnings_of(caplog):
+  return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_array_file_falls_back_to_the_previous_step(damage, tmp_path, caplog):
+  save_steps(tmp_path, [2, 4])
+  bad = truncate_array(tmp_path / "4") if damage == "truncate" else array_file(tmp_path / "4")
+  if damage == "delete":
+    bad.unlink()
+  with caplog.at_level(logging.WARNING):
+    (step, state, data_state, _), steps = resume(tmp_path)
+  assert step == 2 and data_state == {"next": 2} and steps == [2]
+  np.testing.assert_array_equal(state["w"], np.arange(2000.0) + 2)
+  text = warnings_of(caplog)
+  assert "Checkpoint step 4" in text and str(bad) in text, text
+  assert ("is truncated" if damage == "truncate" else "is missing") in text, text
+  # Moved aside, never deleted, under a name Orbax does not list: step 4 can be saved again.
+  aside = list(tmp_path.glob("4.damaged-*"))
+  assert len(aside) == 1 and str(aside[0]) in text and aside[0].is_dir()
+  save_steps(tmp_path, [4])
+  assert resume(tmp_path)[0][0] == 4
+
+
+def test_damaged_json_file_is_named(tmp_path, caplog):
+  save_steps(tmp_path, [2, 4])
+  truncate(tmp_path / "4" / "data" / "metadata")
+  with caplog.at_level(logging.WARNING):
+    assert resume(tmp_path)[0][0] == 2
+  assert f"{tmp_path / '4' / 'data' / 'metadata'} is truncated or corrupt" in warnings_of(caplog)
+
+
+def test_uncommitted_save_is_ignored(tmp_path, caplog):
+  save_steps(tmp_path, [2])
+  # What a save killed before Orbax's commit (rename) leaves: a temporary directory.
+  shutil.copytree(tmp_path / "2", tmp_path / "4.orbax-checkpoint-tmp")
+  truncate_array(tmp_path / "4.orbax-checkpoint-tmp")
+  with caplog.at_level(logging.WARNING):
+    (step, _, _, _), steps = resume(tmp_path)
+  assert step == 2 and steps == [2]
+  assert "4.orbax-checkpoint-tmp: a save that never committed" in warnings_of(caplog)
+  save_steps(tmp_path, [4])  # a new save of that step replaces it
+  assert resume(tmp_path)[0][0] == 4 and not (tmp_path / "4.orbax-checkpoint-tmp").exists()
+
+
+def test_all_damaged_is_a_clear_error_and_nothing_moves(tmp_path):
+  save_steps(tmp_path, [2, 4])
+  array_file(tmp_path / "4").unlink()
+  truncate(tmp_path / "2" / "metadata" / "metadata")
+  with pytest.raises(config_lib.ConfigError) as error:
+    resume(tmp_path)
+  message = str(error.value)
+  assert f"no checkpoint in {tmp_path} can be restored" in message
+  assert "step 4: " in message and "is missing" in message
+  assert f"step 2: {tmp_path / '2' / 'metadata' / 'metadata'} is truncated" in message
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4"]
+
+
+def test_retention_keeps_the_newest_and_multiples_of_the_period(tmp_path):
+  save_steps(tmp_path, range(1, 11), max_to_keep=2, keep_every_steps=4)
+  assert sorted(int(p.name) for p in tmp_path.iterdir()) == [4, 8, 9, 10]
+  assert resume(tmp_path)[1] == [4, 8, 9, 10]
+
+
+@pytest.fixture
+def held_commit(monkeypatch):
+  """Holds Orbax's commit (the rename of a step's temporary directory) until released;
+  ``fail`` makes it raise instead."""
+  control = {"release": threading.Event(), "entered": threading.Event(), "fail": False}
+  commit = atomicity.on_commit_callback
+
+  async def held(tmp_dir, **kwargs):
+    control["entered"].set()
+    await asyncio.to_thread(control["release"].wait, 60)
+    if control["fail"]:
+      raise OSError("disk full (simulated)")
+    return await commit(tmp_dir, **kwargs)
+
+  monkeypatch.setattr(atomicity, "on_commit_callback", held)
+  return control
+
+
+def test_old_checkpoint_is_deleted_only_after_the_new_one_commits(tmp_path, held_commit):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, max_to_keep=1, async_save=True)
+  held_commit["release"].set()
+  ckpt.save(2, state_at(2), {}, {})
+  ckpt._manager.wait_until_finished()
+  held_commit["release"].clear()
+  held_commit["entered"].clear()
+  ckpt.save(4, state_at(4), {}, {})  # returns while the commit of step 4 is held
+  assert held_commit["entered"].wait(60)  # step 4 written, its rename pending
+  for _ in range(20):  # ample time for a premature deletion to show
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "2" in names and "4" not in names and "4.orbax-checkpoint-tmp" in names, names
+    time.sleep(0.05)
+  held_commit["release"].set()
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["4"]
+
+
+def test_failed_commit_deletes_nothing(tmp_path, held_commit):
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, max_to_keep=1, async_save=True)
+  held_commit["release"].set()
+  ckpt.save(2, state_at(2), {}, {})
+  ckpt._manager.wait_until_finished()
+  held_commit["fail"] = True
+  ckpt.save(4, state_at(4), {}, {})
+  with pytest.raises(OSError, match="disk full"):
+    ckpt.close()
+  assert (tmp_path / "2").is_dir() and not (tmp_path / "4").exists()
+  assert resume(tmp_path)[0][0] == 2
+
+
+# ------------------------------------------------------------------------- model mismatch
+
+def test_model_differences_name_each_field_and_skip_what_may_change():
+  saved = config_lib.model_config()
+  current = configure(config_lib.model_config(), num_layers=4, activation="relu",
+                      dropout_rate=0.1, dtype="bfloat16", remat_policy="full",
+                      scan_layers=False, init_std=0.01, attention_dropout_rate=0.1,
+                      sharing={"num_unique": 2, "mlp": {"num_unique": 4}})
+  saved_dict = checkpoint_lib._as_dict(saved)
+  assert checkpoint_lib.model_differences(saved_dict, current) == [
+      "model.num_layers: checkpoint 6, config 4",
+      "model.activation: checkpoint 'gelu', config 'relu'",
+      "model.sharing.num_unique: checkpoint 1, config 2",
+      "model.sharing.mlp.num_unique: checkpoint None, config 4"]
+  # The same model written differently: derived values, an order that M=1 makes moot, keys
+  # an older checkpoint lacks (their defaults).
+  same = configure(config_lib.model_config(), embed_dim=256, num_kv_heads=4,
+                   sharing={"order": "sequence"})
+  del saved_dict["num_decoder_layers"]
+  assert checkpoint_lib.model_differences(saved_dict, same) == []
+  assert set(checkpoint_lib.RESUMABLE_MODEL_KEYS) == {
+      "dropout_rate", "attention_dropout_rate", "init_std", "dtype", "scan_layers",
+      "remat_policy"}
+
+
+def small(data_dir, steps, **model):
+  """A decoder LM of a few thousand parameters: 2 steps per checkpoint, log every step."""
+  config = default.get_config("tied")
+  configure(config.model, **{**dict(d_model=16, num_heads=2, d_ff=32, num_layers=2, max_len=16),
+                              **model})
+  config.data.update(name="algorithmic", task="copy", train_max_len=4, test_max_len=6,
+                     num_train_examples=256, num_eval_examples=16, data_dir=str(data_dir),
+                     seq_len=16, eval_batches=1)
+  config.train.update(num_steps=steps, decay_steps=8, batch_size=8, warmup_steps=1,
+                      log_every_steps=1, eval_every_steps=100, checkpoint_every_steps=2,
+                      keep_checkpoints=10, async_checkpoints=False)
+  return config
+
+
+def converted(config, workdir):
+  """A step-0 checkpoint as launch.convert writes it (interop.write_checkpoint): its
+  metadata holds the config, like a trained one's."""
+  params = nn.unbox(models.init_params(config_lib.validate(config), seed=3))
+  interop.write_checkpoint(config, jax.tree.map(np.asarray, params), workdir)
+
+
+def test_training_resumes_from_the_step_before_a_damaged_one(tmp_path, data_dir, caplog):
+  converted(small(data_dir, 4), tmp_path)
+  result = train.train_and_evaluate(small(data_dir, 4), tmp_path)  # resumes the converted 0
+  assert [r["step"] for r in result["history"]] == [1, 2, 3, 4]
+  bad = truncate_array(tmp_path / "checkpoints" / "4")
+  with caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(small(data_dir, 4), tmp_path)
+  assert [r["step"] for r in result["history"]] == [3, 4]  # resumed at step 2
+  text = warnings_of(caplog)
+  assert "Checkpoint step 4 in" in text and f"{bad} is truncated" in text, text
+  ckpt = checkpoint_lib.Checkpointer(tmp_path / "checkpoints", async_save=False)
+  assert ckpt.all_steps() == [0, 2, 4]  # step 4 saved again next to the damaged one
+  ckpt.close()
+  assert len(list((tmp_path / "checkpoints").glob("4.damaged-*"))) == 1
+
+
+def test_another_model_is_refused_then_restarted_on_request(tmp_path, data_dir, caplog):
+  converted(small(data_dir, 2), tmp_path)
+  other = small(data_dir, 2, num_layers=3, d_ff=64, dropout_rate=0.1)
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.train_and_evaluate(other, tmp_path)
+  message = str(error.value)
+  assert "model.num_layers: checkpoint 2, config 3" in message
+  assert "model.d_ff: checkpoint 32, config 64" in message
+  assert "dropout_rate" not in message  # may change when continuing
+  assert "--workdir" in message and "--config.train.on_mismatch=restart" in message
+  assert [p.name for p in tmp_path.iterdir() if "checkpoints" in p.name] == ["checkpoints"]
+
+  other.train.on_mismatch = "restart"
+  with caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(other, tmp_path)
+  assert [r["step"] for r in result["history"]] == [1, 2]  # started at step 0
+  aside = list(tmp_path.glob("checkpoints.mismatch-*"))
+  assert len(aside) == 1 and str(aside[0]) in warnings_of(caplog)
+  assert sorted(p.name for p in aside[0].iterdir()) == ["0"]  # the old run, kept whole
+  other.train.num_steps = 4  # the same command again: these checkpoints match, it resumes
+  result = train.train_and_evaluate(other, tmp_path)
+  assert [r["step"] for r in result["history"]] == [3, 4]
+  assert len(list(tmp_path.glob("checkpoints.mismatch-*"))) == 1
