@@ -104,11 +104,11 @@ def kill_when(proc: subprocess.Popen, workdir: pathlib.Path, log: pathlib.Path, 
   text = log.read_text() if log.exists() else ""
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  if was_saving:
-    return "during an async save"
   last = text.strip().splitlines()[-1] if text.strip() else ""
   if "evaluating at step" in last:
-    return "during evaluation"
+    return "during evaluation" + (" and an async save" if was_saving else "")
+  if was_saving:
+    return "during an async save"
   if "Resumed from" not in text and "train step compiled" not in text:
     return "during start-up"
   return "during training"
