@@ -10,6 +10,7 @@ Multi-host: ``--distributed`` on every host of a pod (``launch/tpu_pod.sh``), or
 
 import errno
 import logging as py_logging
+import os
 import re
 import statistics
 import sys
@@ -162,8 +163,11 @@ def main(argv):
     message = disk_full_error(e, _WORKDIR.value)
     if message is None:
       raise
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    # Orbax's failed save leaves TensorStore writes running whose callbacks print "Event loop
+    # is closed" traces during interpreter shutdown: exit at once so this line stays last.
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
   if jax.process_index() == 0 and result["history"]:
     plot_losses(result["history"], epath.Path(result["workdir"]) / "loss.png",
                 result["unigram_entropy"])
