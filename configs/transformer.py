@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.norm = "layernorm"
   m.norm_position = "pre"
   m.position_embedding = "sinusoidal"
+  m.scale_embeddings = True            # x sqrt(d_model), as Vaswani et al.: tokens vs positions
   m.max_len = 256
   m.dropout_rate = 0.1
   m.attention_dropout_rate = 0.1

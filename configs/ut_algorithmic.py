@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.activation = "relu"
   m.norm_position = "pre"
   m.position_embedding = "sinusoidal"  # extrapolates to the longer test split
+  m.scale_embeddings = True            # x sqrt(d_model), as Vaswani et al.: tokens vs positions
   m.max_len = 128
   m.dropout_rate = 0.1
   n = m.num_layers

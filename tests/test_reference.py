@@ -307,7 +307,8 @@ ED_ENC_N, ED_DEC_N = 2, 3
 def tied_encdec_config():
   return tiny("encoder_decoder", ED_ENC_N, num_decoder_layers=ED_DEC_N, tie_encoder_decoder=True,
               norm="rmsnorm", norm_position="pre", activation="swiglu",
-              position_embedding="sinusoidal", tie_embeddings=True, sharing={"num_unique": 1})
+              position_embedding="sinusoidal", scale_embeddings=True, tie_embeddings=True,
+              sharing={"num_unique": 1})
 
 
 def tied_encdec_reference(p, inputs, targets, eps, max_len):
@@ -315,11 +316,12 @@ def tied_encdec_reference(p, inputs, targets, eps, max_len):
   lt = targets.shape[1]
   emb = p["embedder"]
   table = sinusoidal(max_len, emb["embedding"].shape[1])
+  scale = math.sqrt(emb["embedding"].shape[1])  # scale_embeddings (Vaswani et al. 3.4)
   lp = p["encoder"]["layers"]
   norm = lambda h, q: rmsnorm(h, q, eps)  # noqa: E731
   src_valid = inputs != 0
 
-  x = emb["embedding"][inputs] + table[np.arange(ls)][None]
+  x = scale * emb["embedding"][inputs] + table[np.arange(ls)][None]
   enc_mask = src_valid[:, :, None] & src_valid[:, None, :]
   for _ in range(ED_ENC_N):
     x = residual(x, lambda h: attention(h, h, enc_mask, lp["attention"], 4, 4),
@@ -328,7 +330,7 @@ def tied_encdec_reference(p, inputs, targets, eps, max_len):
   encoded = rmsnorm(x, p["encoder_norm"], eps)
 
   dec_in = np.concatenate([np.zeros((b, 1), targets.dtype), targets[:, :-1]], axis=1)
-  y = emb["embedding"][dec_in] + table[np.arange(lt)][None]
+  y = scale * emb["embedding"][dec_in] + table[np.arange(lt)][None]
   self_mask = np.broadcast_to(causal(lt), (b, lt, lt))
   cross_mask = np.broadcast_to(src_valid[:, None, :], (b, lt, ls))
   dn = lp["decoder_norms"]

@@ -99,6 +99,8 @@ def test_grid_helpers():
     sweep.zipped([{"a": 1}], [])
   assert sweep.point_name({"model.sharing.order": "cycle", "seed": 2}) == "order=cycle,seed=2"
   assert sweep.point_name({"model.sharing.table": "0 1"}) == "table=0_1"
+  assert sweep.point_name({"model.sharing.num_unique": 4, "model.sharing.mlp.num_unique": 1,
+                           "model.embed_dim": 0}) == "sharing.num_unique=4,mlp.num_unique=1,embed_dim=0"
 
 
 def test_dry_run_commands_are_the_sweep(uninterrupted, tmp_path):

@@ -227,3 +227,39 @@ def test_seq_len_beyond_max_len_never_trains(tmp_path, data_dir):
   with pytest.raises(ValueError, match="data.seq_len=40 exceeds model.max_len=32"):
     train.train_and_evaluate(config, tmp_path / "wd")
   assert not (tmp_path / "wd" / "checkpoints").exists()
+
+
+def test_ut_algorithmic_config_learns_to_copy():
+  """configs/ut_algorithmic.py learns copy (length 8, fresh digits every step) in 1200 Adam
+  steps. Without ``scale_embeddings`` its N(0, 0.02) token embeddings drown in the
+  amplitude-1 sinusoidal positions and the loss stayed at chance (2.05) over 800 steps."""
+  import jax.numpy as jnp
+  import optax
+  from configs import ut_algorithmic
+  from xlps import models
+  from xlps.data import tokenizers
+  config = ut_algorithmic.get_config("copy,runlocal")
+  config.model.dropout_rate = 0.0
+  model = models.build(config.model)
+  params = models.init_params(config.model, seed=0)
+  optimizer = optax.adam(1e-3)
+  opt_state = optimizer.init(params)
+
+  def loss_fn(p, batch):
+    logp = jax.nn.log_softmax(model.apply({"params": p}, batch))
+    return -jnp.take_along_axis(logp, batch["targets"][..., None], -1).mean()
+
+  @jax.jit
+  def step(p, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(p, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, p)
+    return optax.apply_updates(p, updates), opt_state, loss
+
+  rng = np.random.default_rng(0)
+  digits = tokenizers.NUM_SPECIAL + ord("0")
+  for _ in range(1200):
+    source = rng.integers(0, 10, (32, 8)) + digits
+    batch = {"inputs": jnp.asarray(np.pad(source, ((0, 0), (0, 1)))),
+             "targets": jnp.asarray(np.pad(source, ((0, 0), (0, 1)), constant_values=tokenizers.EOS))}
+    params, opt_state, loss = step(params, opt_state, batch)
+  assert float(loss) < 0.5, float(loss)

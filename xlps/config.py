@@ -77,6 +77,8 @@ def model_config() -> ml_collections.ConfigDict:
   m.norm_position = "pre"          # pre | post (ALBERT / BERT / original Transformer: post)
   m.embed_norm = False             # norm over the embeddings (BERT / ALBERT: True)
   m.position_embedding = "learned"  # learned | sinusoidal | none
+  m.scale_embeddings = False       # token embeddings x sqrt(E) (Vaswani et al. 3.4): with
+                                   # sinusoidal positions, else N(0, 0.02) tokens drown in them
   m.max_len = 512                  # positions available (learned) and FLOP accounting length
   m.type_vocab_size = 0            # segment embeddings (BERT / ALBERT: 2); 0 = none
   m.use_bias = True                # biases in dense layers
@@ -188,6 +190,7 @@ class ModelSpec:
   norm_position: str
   embed_norm: bool
   position_embedding: str
+  scale_embeddings: bool
   max_len: int
   type_vocab_size: int
   use_bias: bool
@@ -247,7 +250,7 @@ class ModelSpec:
       check_number(f(key), m[key], 0, 1, open_hi=True)
     check_number(f("norm_eps"), m["norm_eps"], 0)
     check_number(f("init_std"), m["init_std"], 0)
-    for key in ("embed_norm", "use_bias", "tie_embeddings", "tie_encoder_decoder", "pooler",
+    for key in ("embed_norm", "scale_embeddings", "use_bias", "tie_embeddings", "tie_encoder_decoder", "pooler",
                 "scan_layers"):
       check_bool(f(key), m[key])
     if m["tie_encoder_decoder"] and m["family"] != "encoder_decoder":
@@ -268,6 +271,7 @@ class ModelSpec:
         activation=m["activation"],
         norm=m["norm"], norm_eps=float(m["norm_eps"]), norm_position=m["norm_position"],
         embed_norm=bool(m["embed_norm"]), position_embedding=m["position_embedding"],
+        scale_embeddings=bool(m["scale_embeddings"]),
         max_len=m["max_len"], type_vocab_size=m["type_vocab_size"], use_bias=bool(m["use_bias"]),
         tie_embeddings=bool(m["tie_embeddings"]),
         tie_encoder_decoder=bool(m["tie_encoder_decoder"]), pooler=bool(m["pooler"]),

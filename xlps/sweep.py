@@ -39,7 +39,7 @@ from xlps.config import ConfigError, validate
 Point = dict[str, Any]
 DONE = "sweep_done.json"  # written into a point's workdir when its run exited 0
 METRICS = ("eval_loss", "eval_accuracy", "eval_sequence_accuracy",
-           "eval_test_long_sequence_accuracy")
+           "eval_test_long_accuracy", "eval_test_long_sequence_accuracy")
 
 
 def product(*axes: Iterable[Point]) -> list[Point]:
@@ -128,12 +128,26 @@ def points(experiment) -> list[Point]:
 
 
 def point_name(point: Point) -> str:
-  """A workdir name from the overrides: ``order=cycle,seed=1`` (keys shortened to their last
-  part when unambiguous; characters other than ``[A-Za-z0-9._=,+-]`` become ``_``)."""
-  last = [k.split(".")[-1] for k in point]
-  keys = last if len(set(last)) == len(last) else list(point)
+  """A workdir name from the overrides: ``order=cycle,seed=1`` (each key shortened to its
+  shortest dotted suffix that no other key of the point ends with: ``num_unique=4,
+  mlp.num_unique=1``; characters other than ``[A-Za-z0-9._=,+-]`` become ``_``)."""
+  keys = [_short_key(k, point) for k in point]
   text = ",".join(f"{k}={_cli_value(v)}" for k, v in zip(keys, point.values())) or "base"
   return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+
+
+def _short_key(key: str, point: Point) -> str:
+  parts = key.split(".")
+  for n in range(1, len(parts) + 1):
+    suffix = ".".join(parts[-n:])
+    if not any(k != key and (k == suffix or k.endswith("." + suffix)) for k in point):
+      return suffix
+  return key
+
+
+def group_name(point: Point) -> str:
+  """The name of the point's group: the points with the same overrides but ``seed``."""
+  return point_name({k: v for k, v in point.items() if k != "seed"})
 
 
 def _cli_value(value) -> str:
@@ -188,7 +202,7 @@ def collect(config: ml_collections.ConfigDict, point: Point, workdir: pathlib.Pa
   speed = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
   done = json.loads((workdir / DONE).read_text())
   row = {"point": point_name(point),
-         "group": point_name({k: v for k, v in point.items() if k != "seed"}), **point,
+         "group": group_name(point), **point,
          "unique_params": summary["unique_params"], "applied_params": summary["applied_params"],
          "flops_per_token": summary["flops_per_token"],
          "steps": rows[-1]["step"] if rows else 0}
@@ -255,12 +269,17 @@ def plot(root: pathlib.Path, finished: Sequence[tuple[Point, pathlib.Path]],
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
+  cmap = plt.cm.tab10 if len(groups) <= 10 else plt.cm.tab20
+  colours = {g["group"]: cmap(i % cmap.N) for i, g in enumerate(groups)}
+  labelled = set()  # one colour and one legend entry per group: its seeds share them
   for point, workdir in finished:
     rows = [r for r in read_rows(workdir / "metrics.jsonl") if "train_loss" in r]
+    group = group_name(point)
     ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=1,
-            label=point_name(point))
+            color=colours.get(group), label=None if group in labelled else group)
+    labelled.add(group)
   ax.set(xlabel="step", ylabel="train loss (nats/token)")
-  if len(finished) <= 12:
+  if len(groups) <= 20:
     ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(root / "loss_vs_step.png", dpi=100)

@@ -301,6 +301,7 @@ def _arch_of(config: ml_collections.ConfigDict) -> str:
       (s.norm_position == "post", f"norm_position={s.norm_position!r} (needs 'post')"),
       (s.norm == "layernorm", f"norm={s.norm!r} (needs 'layernorm')"),
       (s.embed_norm, "embed_norm=False (needs True)"),
+      (not s.scale_embeddings, "scale_embeddings=True (needs False)"),
       (s.activation in _HF_ACTIVATIONS,
        f"activation={s.activation!r} (needs one of {', '.join(_HF_ACTIVATIONS)})"),
       (s.num_kv_heads == s.num_heads,

@@ -55,6 +55,8 @@ class Embedder(nn.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_len={s.max_len} "
                        "positions; use sequences of at most max_len tokens or a larger max_len")
     x = jnp.take(self.embedding, tokens, axis=0)
+    if s.scale_embeddings:
+      x = x * jnp.sqrt(jnp.float32(s.embed_dim)).astype(x.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if s.position_embedding == "learned":
