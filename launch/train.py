@@ -85,10 +85,12 @@ def report(result: dict) -> str:
       lines.append(f"{key}: {value:.4f}")
   hist = [h for h in result["history"] if "tokens_per_sec" in h]
   if hist:
-    tokens_per_sec = statistics.median(h["tokens_per_sec"] for h in hist)
-    mfu = statistics.median(h["mfu"] for h in hist)
-    lines.append(f"throughput (median over logged windows): {tokens_per_sec:.0f} tokens/s, "
-                 f"MFU {100 * mfu:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
+    median = {key: statistics.median(h[key] for h in hist) for key in
+              ("tokens_per_sec", "useful_tokens_per_sec", "padding_fraction", "mfu")}
+    lines.append(f"throughput (median over logged windows): {median['tokens_per_sec']:.0f} "
+                 f"tokens/s processed, {median['useful_tokens_per_sec']:.0f} useful (non-pad; "
+                 f"{100 * median['padding_fraction']:.1f}% padding), MFU "
+                 f"{100 * median['mfu']:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
                  f"({result['peak_flops_source']}); train step compiled in "
                  f"{result['compile_time']:.1f} s")
   wd = epath.Path(result["workdir"])

@@ -57,15 +57,17 @@ def launch_train(workdir, *flags: str, config: str = "configs/default.py:runloca
           *flags]
 
 
-def short_run(workdir, data_dir, steps: int, overrides: dict | None = None) -> list[str]:
-  """``launch_train`` of a short CPU run: batch 8 x 32 tokens, dropout 0.1, a log line every
-  step, a checkpoint every 2, one evaluation at the end; ``overrides`` maps dotted config keys
-  to values."""
+def short_run(workdir, data_dir, steps: int, overrides: dict | None = None,
+              config: str = "configs/default.py:runlocal") -> list[str]:
+  """``launch_train`` of a short CPU run of ``config``: batch 8 x 32 tokens, dropout 0.1, a
+  log line every step, a checkpoint every 2, one evaluation at the end; ``overrides`` maps
+  dotted config keys to values."""
   keys = {"data.data_dir": data_dir, "data.seq_len": 32, "model.max_len": 32,
           "data.eval_batches": 2, "train.num_steps": steps, "train.decay_steps": steps,
           "train.batch_size": 8, "train.log_every_steps": 1, "train.checkpoint_every_steps": 2,
           "train.eval_every_steps": steps, "model.dropout_rate": 0.1, **(overrides or {})}
-  return launch_train(workdir, *(f"--config.{key}={value}" for key, value in keys.items()))
+  return launch_train(workdir, *(f"--config.{key}={value}" for key, value in keys.items()),
+                      config=config)
 
 
 def run_command(args: list, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:

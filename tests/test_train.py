@@ -1,6 +1,7 @@
 """Training end to end: every family learns; resume is exact; bad input is a clear error."""
 
 import pathlib
+import re
 import signal
 import subprocess
 import time
@@ -12,6 +13,7 @@ import pytest
 from configs import albert, default, transformer
 from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
+from xlps import data as data_lib
 from xlps import train
 
 from helpers import ROOT, logged_losses, records, run_command, short_run, tensorboard_steps
@@ -203,6 +205,79 @@ def test_logging_evaluation_and_checkpoints_are_independent(tmp_path, data_dir):
   for r in rows:
     if "train_loss" in r:
       assert r["tokens_per_sec"] / r["steps_per_sec"] == pytest.approx(8 * 32, rel=1e-9)
+
+
+def expected_tokens(family: str, batch) -> tuple[int, float]:
+  """(processed tokens, non-pad fraction) of one global batch, from its padding keys."""
+  if family == "encoder_decoder":
+    sizes = batch["inputs"].size + batch["targets"].size
+    return sizes, (np.count_nonzero(batch["inputs"]) + np.count_nonzero(batch["targets"])) / sizes
+  mark = batch["segment_ids"] if family == "decoder_lm" else batch["input_mask"]
+  return batch["inputs"].size, np.count_nonzero(mark) / mark.size
+
+
+def check_token_rates(config, rows: list[dict], flops_over_peak: float | None = None) -> None:
+  """Each logged step's processed tokens/s, useful tokens/s and padding fraction against the
+  same step's batch, read again from the pipeline (the run logs every step); with
+  ``flops_over_peak`` (per target position), MFU too."""
+  batches = data_lib.build(config).train_iter()
+  train_rows = [r for r in rows if "train_loss" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, config.train.num_steps + 1))
+  for r in train_rows:
+    batch = next(batches)
+    processed, fraction = expected_tokens(config.model.family, batch)
+    assert r["tokens_per_sec"] / r["steps_per_sec"] == pytest.approx(processed, rel=1e-9)
+    assert r["useful_tokens_per_sec"] / r["tokens_per_sec"] == pytest.approx(fraction, rel=1e-6)
+    assert r["padding_fraction"] == pytest.approx(1 - fraction, abs=1e-6)
+    if flops_over_peak is not None:  # MFU stays on the FLOPs run, padding included
+      assert r["mfu"] / r["steps_per_sec"] == pytest.approx(
+          flops_over_peak * batch["targets"].size, rel=1e-9)
+  batches.close()
+
+
+def algorithmic_copy(config) -> None:
+  """``config`` trains on copy with lengths 1..8: rows padded to the longest example."""
+  config.data.name, config.data.task = "algorithmic", "copy"
+  config.data.train_max_len, config.data.test_max_len = 8, 12
+
+
+@pytest.mark.parametrize("make", [lambda: default.get_config("tied"), mlm_config],
+                         ids=["decoder_lm", "encoder_mlm"])
+def test_useful_tokens_are_the_non_pad_positions(make, tmp_path, data_dir):
+  """Throughput reports processed and useful (non-pad) tokens/s; their ratio is the batch's
+  non-pad fraction (decoder_lm on copy: ``source EOS target EOS`` rows of varying length;
+  encoder_mlm: packed text, its input_mask)."""
+  config = shrink(make(), data_dir, steps=3)
+  if config.model.family == "decoder_lm":
+    algorithmic_copy(config)
+  result = train.train_and_evaluate(config, tmp_path / "wd")
+  check_token_rates(config, records(tmp_path / "wd"),
+                    result["summary"]["flops_per_token"] / result["peak_flops"])
+  assert {"useful_tokens_per_sec", "padding_fraction"} <= set(tensorboard_steps(tmp_path / "wd"))
+  if config.model.family == "decoder_lm":
+    assert 0.1 < np.mean([h["padding_fraction"] for h in result["history"]
+                          if "padding_fraction" in h]) < 0.9
+
+
+def test_progress_line_and_summary_show_processed_and_useful_tokens(tmp_path, data_dir):
+  """launch.train on a padded seq2seq task: the progress lines, metrics.jsonl and the final
+  summary carry processed and useful tokens/s; encoder_decoder counts source and target."""
+  overrides = {"data.name": "algorithmic", "data.task": "copy", "data.train_max_len": 8,
+               "data.test_max_len": 12, "train.checkpoint_every_steps": 3}
+  out = run_command(short_run(tmp_path / "wd", data_dir, 3, overrides,
+                              config="configs/transformer.py:tied,runlocal"), timeout=300)
+  assert out.returncode == 0, out.stderr
+  progress = [line for line in out.stderr.splitlines() if "| loss " in line]
+  assert len(progress) == 3, out.stderr
+  for line in progress:
+    assert re.search(r"\d+ tok/s processed, \d+ useful \(\d+\.\d% padding\)", line), line
+  assert re.search(r"throughput \(median over logged windows\): \d+ tokens/s processed, \d+ "
+                   r"useful \(non-pad; \d+\.\d% padding\)", out.stdout), out.stdout
+  config = transformer.get_config("tied,runlocal")  # what short_run ran: same batches
+  config.data.data_dir, config.data.seq_len, config.model.max_len = str(data_dir), 32, 32
+  config.train.batch_size, config.train.num_steps = 8, 3
+  algorithmic_copy(config)
+  check_token_rates(config, records(tmp_path / "wd"))
 
 
 @pytest.mark.parametrize("section,key,value,message", [

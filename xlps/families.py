@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "input_mask",
               "token_types", "decoder_inputs")
@@ -38,6 +39,14 @@ BLOCK = ("attention", "mlp", "norms")
 # Batch layouts the data pipeline makes (xlps.data.pipeline) and the dataset kinds each can
 # be made from: "text" corpora (documents) and "seq2seq" (source / target pairs).
 LAYOUT_DATASETS = {"lm": ("text", "seq2seq"), "mlm": ("text",), "seq2seq": ("seq2seq",)}
+# Tokens of each layout's batches: batch key whose positions the model runs on (processed
+# tokens, padding included) -> batch key whose non-zero entries mark the useful (non-pad)
+# ones. lm: ``segment_ids`` (0 after the last packed segment, or after ``source EOS
+# target`` in a seq2seq row); mlm: ``input_mask``; seq2seq: the source ``inputs`` and the
+# ``targets`` themselves (0 = padding; a decoder position is useful when it predicts a
+# token). A batch without the marking key has no padding.
+LAYOUT_TOKENS = {"lm": {"inputs": "segment_ids"}, "mlm": {"inputs": "input_mask"},
+                 "seq2seq": {"inputs": "inputs", "targets": "targets"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,3 +100,16 @@ FAMILIES: dict[str, Family] = {
         inputs=("inputs", "targets"), optional_inputs=("decoder_inputs",),
         stacks=_encoder_decoder_stacks),
 }
+
+
+def processed_tokens(family: str, batch: Mapping[str, Any]) -> int:
+  """Positions of ``batch`` that ``family``'s model runs on, padding included (LAYOUT_TOKENS;
+  static: from shapes only)."""
+  return sum(batch[key].size for key in LAYOUT_TOKENS[FAMILIES[family].layout])
+
+
+def useful_tokens(family: str, batch: Mapping[str, Any]) -> Any:
+  """The non-pad ones among ``processed_tokens`` (LAYOUT_TOKENS); a traced array sum under
+  ``jit``, so counting costs no host sync."""
+  return sum(((batch[mark] != 0).sum() if mark in batch else batch[key].size)
+             for key, mark in LAYOUT_TOKENS[FAMILIES[family].layout].items())

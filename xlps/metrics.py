@@ -1,8 +1,12 @@
 """What a training run reports: throughput and MFU, progress lines, metrics files.
 
 ``Throughput`` turns a window of steps into steps/s, tokens/s and MFU, leaving out the time
-spent in evaluation and checkpointing (``paused``). Tokens are every position the model
-ran on, globally (the unit of FLOPs per token), not only the loss-weighted ones.
+spent in evaluation and checkpointing (``paused``). ``tokens_per_sec`` counts processed
+tokens: every position the model ran on, globally, padding included (encoder_decoder: source
+plus target positions), not only the loss-weighted ones. ``useful_tokens_per_sec`` counts the
+non-pad ones (``xlps.families.useful_tokens``, summed on device by the train step) and
+``padding_fraction`` is the share of processed tokens that were padding. MFU counts the
+FLOPs actually run, padding included.
 ``MetricWriter`` appends each record to ``WORKDIR/metrics.jsonl`` and TensorBoard.
 """
 
@@ -54,10 +58,11 @@ def peak_flops(per_device: float = 0.0) -> tuple[float, str]:
 
 
 class Throughput:
-  """Steps/s, tokens/s and MFU of the window since the last ``report``, without pauses."""
+  """Steps/s, processed and useful tokens/s and MFU of the window since the last ``report``,
+  without pauses."""
 
-  def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float):
-    self.tokens_per_step, self.flops_per_token, self.peak = tokens_per_step, flops_per_token, peak
+  def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float):
+    self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
     self._steps, self._paused, self._start = 0, 0.0, time.perf_counter()
 
   def step(self) -> None:
@@ -72,14 +77,16 @@ class Throughput:
     finally:
       self._paused += time.perf_counter() - start
 
-  def report(self) -> dict[str, float]:
-    """The window's rates; starts a new window."""
+  def report(self, useful_tokens: float) -> dict[str, float]:
+    """The window's rates, given its count of useful (non-pad) tokens; starts a new window."""
     seconds = time.perf_counter() - self._start - self._paused
     steps_per_sec = self._steps / seconds
-    tokens_per_sec = steps_per_sec * self.tokens_per_step
+    processed = self._steps * self.tokens_per_step
     self._steps, self._paused, self._start = 0, 0.0, time.perf_counter()
-    return {"steps_per_sec": steps_per_sec, "tokens_per_sec": tokens_per_sec,
-            "mfu": tokens_per_sec * self.flops_per_token / self.peak}
+    return {"steps_per_sec": steps_per_sec, "tokens_per_sec": processed / seconds,
+            "useful_tokens_per_sec": useful_tokens / seconds,
+            "padding_fraction": 1.0 - useful_tokens / processed,
+            "mfu": steps_per_sec * self.flops_per_step / self.peak}
 
 
 def log_progress(step: int, num_steps: int, record: Mapping[str, float], steps_done: int,
@@ -87,7 +94,10 @@ def log_progress(step: int, num_steps: int, record: Mapping[str, float], steps_d
   """One console line per record: train metrics and/or eval losses, and the ETA."""
   parts = [f"step {step}/{num_steps}"]
   if "train_loss" in record:
-    parts += [f"loss {record['train_loss']:.4f}", f"{record['tokens_per_sec']:.0f} tok/s",
+    parts += [f"loss {record['train_loss']:.4f}",
+              f"{record['tokens_per_sec']:.0f} tok/s processed, "
+              f"{record['useful_tokens_per_sec']:.0f} useful "
+              f"({100 * record['padding_fraction']:.1f}% padding)",
               f"MFU {100 * record['mfu']:.1f}%"]
   eta = (num_steps - step) * seconds / max(steps_done, 1)
   parts.append("ETA " + time.strftime("%H:%M:%S", time.gmtime(eta)))

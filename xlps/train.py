@@ -32,6 +32,7 @@ from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
 from xlps import data as data_lib
 from xlps import distributed
+from xlps import families
 from xlps import metrics as metrics_lib
 from xlps import models
 from xlps import partitioning
@@ -101,7 +102,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
   ``metrics["nonfinite"]`` is 1 when the loss or the gradients hold NaN/Inf. With
   ``skip_nonfinite`` such a step keeps the params and optimizer state (only ``step``
-  advances) and contributes nothing to the metric sums.
+  advances) and contributes nothing to the metric sums but ``useful_tokens``: the batch's
+  non-pad positions (``xlps.families.useful_tokens``), which the step ran on either way.
   """
   dropout_key = jax.random.fold_in(state.rng, state.step)
 
@@ -121,6 +123,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
     opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0.0), metrics)
   metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+  metrics["useful_tokens"] = jnp.asarray(families.useful_tokens(model.spec.family, batch),
+                                         jnp.float32)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -290,10 +294,10 @@ def due(step: int, every: int, last: int) -> bool:
   return step % every == 0 or step == last
 
 
-def train_record(sums: Mapping[str, jax.Array], steps: int) -> dict[str, float]:
+def train_record(m: Mapping[str, Any], steps: int) -> dict[str, float]:
   """Train loss and accuracy over the window's loss-weighted tokens; mean gradient norm;
-  the window's count of non-finite steps (skipped ones contribute nothing else)."""
-  m = jax.device_get(sums)
+  the window's count of non-finite steps (skipped ones contribute nothing else). ``m``:
+  the window's metric sums, on the host."""
   weighted = max(float(m["tokens"]), 1.0)
   nonfinite = float(m["nonfinite"])
   return {"train_loss": float(m["loss_sum"]) / weighted,
@@ -405,9 +409,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     compile_time = setup.compile_train(state, batch)
     if is_main:
       logging.info("train step compiled in %.1f s", compile_time)
-    # Tokens the model runs on per step, globally: every position of every row.
-    throughput = metrics_lib.Throughput(math.prod(batch["targets"].shape),
-                                        summary["flops_per_token"], flops)
+    # Tokens the model runs on per step, globally: every position of every row (source and
+    # target for encoder_decoder); FLOPs per step: summary's per (target) token count.
+    throughput = metrics_lib.Throughput(families.processed_tokens(spec.family, batch),
+                                        summary["flops_per_token"] * batch["targets"].size,
+                                        flops)
     t_start = time.perf_counter()
     step_start, last_eval = step, {}
     while step < t.num_steps and not stop(step):
@@ -422,7 +428,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
       record = {}
       if due(step, t.log_every_steps, t.num_steps):
-        record = {**train_record(sums, window), **throughput.report()}
+        totals = jax.device_get(sums)
+        record = {**train_record(totals, window),
+                  **throughput.report(float(totals["useful_tokens"]))}
         _check_window(record, window, step, t.nonfinite, ckpt)
         sums, window = None, 0
       if due(step, t.eval_every_steps, t.num_steps):
