@@ -181,7 +181,7 @@ def mib(x: float) -> str:
 
 
 def gap(measured: float, predicted: float) -> str:
-  return f"{100 * (predicted - measured) / measured:+.0f}%"
+  return f"{100 * (predicted - measured) / measured:+.1f}%"
 
 
 def main() -> None:
@@ -193,12 +193,16 @@ def main() -> None:
           "|" + "---|" * 10]
   terms = ["| model | mesh | remat | saved across depth | 2 x weights as used | mask | "
            "transient | formula temp |", "|" + "---|" * 8]
+  gaps, exact, code = {remat: [] for remat in REMAT}, True, 0
   for name, (make, batch, seq_len) in MODELS.items():
     for mesh_name, axes in MESHES:
       for remat in REMAT:
         m = measure(make(batch, seq_len), axes, remat)
         p = m["predicted"]
+        gaps[remat].append((p["temp"] - m["temp"]) / m["temp"])
         args_formula = p["params"] + p["opt"] + m["batch"]
+        exact = exact and abs(m["argument"] - args_formula - m["other"]) < 1024
+        code = max(code, m["code"])
         grid.append(
             f"| {name} | {mesh_name} | {remat} | {mib(m['params'])} | {mib(m['opt'])} | "
             f"{mib(m['argument'])} / {mib(args_formula)} | {mib(m['output'])} "
@@ -235,7 +239,13 @@ def main() -> None:
       "", f"jax {jax.__version__}, 8 fake CPU devices (`--xla_force_host_platform_device_count"
       f"=8`), source {commit.stdout.strip() or 'unknown'}. MiB per device. float32 params, "
       "AdamW moments and compute; ALBERT-xxlarge batch 8 x 512, tied LM 1B batch 8 x 2048 "
-      "(global). Formula: README, \"Planning for scale\".", "", *grid, "",
+      "(global). Formula: README, \"Planning for scale\". Generated code size "
+      f"(`generated_code_size_in_bytes`): {mib(code)} MiB on this backend.", "", *grid, "",
+      "Arguments: XLA's argument bytes equal params + AdamW state + batch + step/RNG (from "
+      f"the shard shapes) {'to < 1 KiB in every row' if exact else 'NOT in every row'}; the "
+      "outputs alias them (state donated). Temp, formula against XLA: "
+      + "; ".join(f"remat {r}: {100 * min(g):+.1f}% to {100 * max(g):+.1f}%"
+                  for r, g in gaps.items()) + ".", "",
       "Formula terms of temp (MiB per device):", "", *terms, "",
       "Per-layer check on data=8: slope of XLA temp between N and N/2 applied layers against "
       "the formula's per-layer bytes (no remat: `layer_bytes`; full remat: one layer input).",
