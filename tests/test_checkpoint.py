@@ -193,6 +193,7 @@ def test_model_differences_name_each_field_and_skip_what_may_change():
   current = configure(config_lib.model_config(), num_layers=4, activation="relu",
                       dropout_rate=0.1, dtype="bfloat16", remat_policy="full",
                       scan_layers=False, init_std=0.01, attention_dropout_rate=0.1,
+                      attention_impl="einsum",
                       sharing={"num_unique": 2, "mlp": {"num_unique": 4}})
   saved_dict = checkpoint_lib._as_dict(saved)
   assert checkpoint_lib.model_differences(saved_dict, current) == [
@@ -204,11 +205,11 @@ def test_model_differences_name_each_field_and_skip_what_may_change():
   # an older checkpoint lacks (their defaults).
   same = configure(config_lib.model_config(), embed_dim=256, num_kv_heads=4,
                    sharing={"order": "sequence"})
-  del saved_dict["num_decoder_layers"]
+  del saved_dict["num_decoder_layers"], saved_dict["attention_impl"]
   assert checkpoint_lib.model_differences(saved_dict, same) == []
   assert set(checkpoint_lib.RESUMABLE_MODEL_KEYS) == {
-      "dropout_rate", "attention_dropout_rate", "init_std", "dtype", "scan_layers",
-      "remat_policy"}
+      "dropout_rate", "attention_dropout_rate", "attention_impl", "init_std", "dtype",
+      "scan_layers", "remat_policy", "remat_group_size"}
 
 
 def small(data_dir, steps, **model):

@@ -161,6 +161,61 @@ def test_remat_policies_agree():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("family, group, policy", [
+    ("decoder_lm", 2, "none"), ("decoder_lm", -1, "full"), ("encoder_mlm", 3, "dots_saveable"),
+    ("encoder_decoder", -1, "none")])
+def test_two_level_remat_equals_one_level(family, group, policy):
+  """Grouped (nested) scans run the same layers with the same dropout keys and slots."""
+  base = tiny(family=family, dropout_rate=0.1, attention_dropout_rate=0.1,
+              tie_encoder_decoder=family == "encoder_decoder", num_decoder_layers=4,
+              sharing={"num_unique": 2, "order": "cycle_rev", "mlp": {"num_unique": 3}})
+  spec = models.spec_of(base)
+  params = nn.unbox(models.init_params(spec, seed=1))
+  batch = models.example_batch(spec, batch_size=2, length=8, seed=2)
+  ref = loss_and_grads(base, params, batch, dropout=True)
+  nested = base.copy_and_resolve_references()
+  nested.remat_group_size, nested.remat_policy = group, policy
+  out = loss_and_grads(nested, params, batch, dropout=True)
+  np.testing.assert_allclose(out[1], ref[1], rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(out[2]), jax.tree.leaves(ref[2])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, n, k", [(0, 96, 0), (4, 96, 4), (-1, 96, 8), (-1, 6, 2),
+                                        (-1, 24, 4), (-1, 7, 1), (-1, 16, 4)])
+def test_remat_group_size(size, n, k):
+  assert config_lib.remat_group_size(size, n) == k
+
+
+def _train_temp_bytes(num_layers, num_unique=1, **model):
+  """XLA temp bytes of value_and_grad of a small decoder LM (compile only)."""
+  m = tiny(num_layers=num_layers, d_model=64, d_ff=128, max_len=64, num_heads=4,
+           sharing={"num_unique": num_unique}, **model)
+  spec = models.spec_of(m)
+  params = jax.eval_shape(lambda: nn.unbox(models.init_params(spec)))
+  batch = models.example_batch(spec, batch_size=4, length=64)
+  module = models.build(spec)
+  loss = lambda p: module.apply({"params": p}, batch).mean()  # noqa: E731
+  compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_two_level_remat_memory_is_flat_in_depth():
+  """One-level full remat keeps every layer's input (grows with N); two-level keeps ~2 sqrt N."""
+  flat = {n: _train_temp_bytes(n, remat_policy="full", remat_group_size=-1) for n in (6, 96)}
+  one_level = {n: _train_temp_bytes(n, remat_policy="full") for n in (6, 96)}
+  assert one_level[96] > 1.5 * one_level[6], one_level
+  assert flat[96] <= 1.5 * flat[6], flat
+
+
+def test_gathered_slot_parameters_are_not_saved_per_layer():
+  """Without remat, M = 3 must not keep a copy of a layer's weights per applied layer."""
+  n = 48
+  layer_bytes = 4 * (4 * 64 * 64 + 2 * 64 * 128)  # attention and FFN kernels of one layer
+  extra = _train_temp_bytes(n, num_unique=3) - _train_temp_bytes(n, num_unique=1)
+  assert extra < 4 * layer_bytes, (extra, n * layer_bytes)
+
+
 @pytest.mark.parametrize("family", ["decoder_lm", "encoder_mlm", "encoder_decoder"])
 def test_every_param_has_logical_axes(family):
   m = tiny(family=family, num_layers=4, embed_dim=8, type_vocab_size=2, pooler=True,

@@ -94,6 +94,11 @@ def test_component_overrides_inherit():
     ({"family": "gpt"}, ["model.family='gpt'", "decoder_lm, encoder_mlm, encoder_decoder"]),
     ({"activation": "tanh"}, ["model.activation='tanh'", "relu, gelu, gelu_tanh, swiglu"]),
     ({"remat_policy": "sometimes"}, ["model.remat_policy='sometimes'", "dots_saveable"]),
+    ({"num_layers": 6, "remat_group_size": 4},
+     ["model.remat_group_size=4", "decoder stack's depth 6", "[1, 2, 3, 6]"]),
+    ({"remat_group_size": 2, "scan_layers": False},
+     ["model.remat_group_size=2", "scan_layers=True"]),
+    ({"remat_group_size": -2}, ["model.remat_group_size=-2", ">= -1"]),
     ({"embed_dim": 512, "d_model": 256}, ["model.embed_dim=512", "d_model=256"]),
     ({"tie_encoder_decoder": True}, ["model.tie_encoder_decoder=True", "encoder_decoder"]),
 ])

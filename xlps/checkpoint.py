@@ -53,10 +53,11 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
 
 ITEMS = ("state", "data", "metadata")  # the composite's items (subdirectories of a step)
 # Model keys that may change when a run continues: regularisation, the init of parameters
-# that already exist, the compute dtype and how depth is traced or rematerialised change
-# neither the parameters nor what they mean. Every other model key must match.
-RESUMABLE_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "init_std", "dtype",
-                        "scan_layers", "remat_policy")
+# that already exist, the compute dtype, the attention kernel and how depth is traced or
+# rematerialised change neither the parameters nor what they mean. Every other model key
+# must match.
+RESUMABLE_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "init_std",
+                        "dtype", "scan_layers", "remat_policy", "remat_group_size")
 # Orbax lists only directories named like a step (``^(0|[1-9]\d*)$``, no temporary suffix),
 # so these names are out of its way: ``8.damaged-20260101T120000Z``,
 # ``checkpoints.mismatch-20260101T120000Z``.

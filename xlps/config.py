@@ -38,6 +38,9 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "sinusoidal", "none")
 DTYPES = ("float32", "bfloat16")
+# Attention kernels (xlps.models.layers.Attention): jax.nn.dot_product_attention's "xla" and
+# "cudnn" backends, the hand-written "einsum" path, or "auto" choosing among them.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 # Zero-argument policies of jax.checkpoint_policies usable as remat policies; "none"
 # disables remat, "full" rematerialises everything (nn.remat without a policy).
 REMAT_POLICIES = ("none", "full", "nothing_saveable", "everything_saveable", "dots_saveable",
@@ -87,10 +90,14 @@ def model_config() -> ml_collections.ConfigDict:
   m.pooler = False                 # BERT/ALBERT pooler (dense+tanh on the first token)
   m.dropout_rate = 0.0             # residual / embedding dropout
   m.attention_dropout_rate = 0.0   # dropout on attention probabilities
+  m.attention_impl = "auto"        # auto | xla | cudnn | einsum; auto: einsum while attention
+                                   # dropout applies, else cuDNN flash on NVIDIA bf16, else XLA
   m.init_std = 0.02                # kernel / embedding init: N(0, init_std) cut at +-2 init_std
   m.dtype = "float32"              # compute dtype: float32 | bfloat16 (params stay float32)
   m.scan_layers = True             # one nn.scan over applied depth; False = unrolled reference
   m.remat_policy = "none"          # none | full | a jax.checkpoint_policies name
+  m.remat_group_size = 0           # two-level remat: scan groups of k layers, saving only each
+                                   # group's input; 0 = off, -1 = k nearest sqrt(N) dividing N
   m.sharing = sharing_config()
   return m
 
@@ -199,10 +206,12 @@ class ModelSpec:
   pooler: bool
   dropout_rate: float
   attention_dropout_rate: float
+  attention_impl: str
   init_std: float
   dtype: str
   scan_layers: bool
   remat_policy: str
+  remat_group_size: int
   # Each stack's applied depth: per component, its sharing plan and parameter group.
   stacks: tuple[sharing_lib.StackPlan, ...]
 
@@ -246,8 +255,20 @@ class ModelSpec:
     check_choice(f("position_embedding"), m["position_embedding"], POSITIONS)
     check_choice(f("dtype"), m["dtype"], DTYPES)
     check_choice(f("remat_policy"), m["remat_policy"], REMAT_POLICIES)
+    check_int(f("remat_group_size"), m["remat_group_size"], -1)
     for key in ("dropout_rate", "attention_dropout_rate"):
       check_number(f(key), m[key], 0, 1, open_hi=True)
+    impl, attention_dropout = m["attention_impl"], m["attention_dropout_rate"]
+    check_choice(f("attention_impl"), impl, ATTENTION_IMPLS)
+    if impl in ("xla", "cudnn") and attention_dropout > 0:
+      raise ConfigError(f"{f('attention_impl')}={impl!r} has no dropout on attention "
+                        f"probabilities but {f('attention_dropout_rate')}={attention_dropout}; "
+                        "valid: attention_impl 'einsum' or 'auto' (einsum while that dropout "
+                        "applies), or attention_dropout_rate=0")
+    if impl == "cudnn" and m["dtype"] != "bfloat16":
+      raise ConfigError(f"{f('attention_impl')}='cudnn' needs {f('dtype')}='bfloat16' (cuDNN "
+                        f"flash attention takes bf16 only; dtype is {m['dtype']!r}); valid: "
+                        "dtype='bfloat16', or attention_impl 'auto', 'xla' or 'einsum'")
     check_number(f("norm_eps"), m["norm_eps"], 0)
     check_number(f("init_std"), m["init_std"], 0)
     for key in ("embed_norm", "scale_embeddings", "use_bias", "tie_embeddings", "tie_encoder_decoder", "pooler",
@@ -264,6 +285,7 @@ class ModelSpec:
       sharing_lib.parameter_groups(stacks)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    check_remat_group(m["remat_group_size"], m["scan_layers"], stacks, f("remat_group_size"))
     return cls(
         family=m["family"], vocab_size=m["vocab_size"], d_model=d, embed_dim=embed_dim,
         num_heads=h, num_kv_heads=kv, head_dim=d // h, d_ff=m["d_ff"],
@@ -277,8 +299,33 @@ class ModelSpec:
         tie_encoder_decoder=bool(m["tie_encoder_decoder"]), pooler=bool(m["pooler"]),
         dropout_rate=float(m["dropout_rate"]),
         attention_dropout_rate=float(m["attention_dropout_rate"]),
-        init_std=float(m["init_std"]), dtype=m["dtype"], scan_layers=bool(m["scan_layers"]),
-        remat_policy=m["remat_policy"], stacks=stacks)
+        attention_impl=impl, init_std=float(m["init_std"]), dtype=m["dtype"],
+        scan_layers=bool(m["scan_layers"]),
+        remat_policy=m["remat_policy"], remat_group_size=m["remat_group_size"], stacks=stacks)
+
+
+def check_remat_group(size: int, scan_layers: bool, stacks, field: str) -> None:
+  """Two-level remat needs the scanned engine and a group size dividing every stack's depth."""
+  if size and not scan_layers:
+    raise ConfigError(f"{field}={size} needs model.scan_layers=True (the unrolled reference "
+                      "has no scan to nest); valid: 0 with scan_layers=False")
+  for stack in stacks if size > 0 else ():
+    if stack.num_layers % size:
+      valid = [k for k in range(1, stack.num_layers + 1) if stack.num_layers % k == 0]
+      raise ConfigError(f"{field}={size} does not divide the {stack.name} stack's depth "
+                        f"{stack.num_layers}; valid: 0 (off), -1 (auto, about sqrt of the "
+                        f"depth) or a divisor of it: {valid}")
+
+
+def remat_group_size(size: int, num_layers: int) -> int:
+  """Layers per rematerialised group of a stack of ``num_layers``; 0 = one-level scan.
+
+  ``size = -1`` picks the divisor of ``num_layers`` nearest sqrt(num_layers), which keeps
+  about ``N/k + k`` layer inputs alive instead of N."""
+  if size >= 0:
+    return size
+  divisors = [k for k in range(1, num_layers + 1) if num_layers % k == 0]
+  return min(divisors, key=lambda k: (abs(k - math.sqrt(num_layers)), k))
 
 
 def check_known_keys(m: Mapping, field: str = "model") -> None:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlps import config as config_lib
 from xlps.config import ModelSpec
 from xlps.models import layers
 from xlps.sharing import BLOCK_SCOPE, Plan, StackPlan
@@ -115,6 +116,12 @@ class Stack(nn.Module):
 
   Called with a :class:`~xlps.sharing.StackPlan` whose ``owner`` is this module (scan or
   unrolled). Tied stacks are one ``Stack`` called with each stack's plan.
+
+  With ``remat_group_size = k`` the depth is two scans: an outer one over N/k groups, each
+  fully rematerialised (only its input is saved), and the inner one over the group's k
+  layers. Backward then holds about N/k + k layer inputs instead of N (k ~ sqrt N: memory
+  flat in depth up to a sqrt), at the price of one more forward pass. Both scans run the
+  one ``Block`` (the same parameter tree as the one-level scan).
   """
 
   spec: ModelSpec
@@ -124,24 +131,31 @@ class Stack(nn.Module):
                encoded: Array | None = None, cross_mask: Array | None = None,
                deterministic: bool = True) -> Array:
     s = self.spec
-    block_cls = Block
-    if s.remat_policy != "none":
-      policy = None if s.remat_policy == "full" else getattr(jax.checkpoint_policies,
-                                                             s.remat_policy)
-      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not s.scan_layers)
-    if s.scan_layers:
-      block_cls = nn.scan(block_cls, variable_broadcast="params",
-                          split_rngs={"params": False},
-                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast))
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
-    block = block_cls(spec=s, uses=uses, name=BLOCK_SCOPE)
+    block = Block(spec=s, uses=uses, name=BLOCK_SCOPE)
     needs_rng = not deterministic and (s.dropout_rate > 0 or s.attention_dropout_rate > 0)
     dropout_key = self.make_rng("dropout") if needs_rng else None
     steps = slot_inputs(plan.plans)
-    if s.scan_layers:
-      x, _ = block(x, steps, mask, encoded, cross_mask, dropout_key)
-    else:
+
+    def layer(blk: Block, h: Array, step: Mapping[str, Array]) -> tuple[Array, None]:
+      return blk(h, step, mask, encoded, cross_mask, dropout_key)
+
+    if s.remat_policy != "none":
+      policy = None if s.remat_policy == "full" else getattr(jax.checkpoint_policies,
+                                                             s.remat_policy)
+      layer = nn.remat(layer, policy=policy, prevent_cse=not s.scan_layers)
+    if not s.scan_layers:
       for i in range(plan.num_layers):
-        x, _ = block(x, jax.tree.map(lambda a: a[i], steps), mask, encoded, cross_mask,
-                     dropout_key)
+        x, _ = layer(block, x, jax.tree.map(lambda a: a[i], steps))
+      return x
+
+    def scan(fn):
+      return nn.scan(fn, variable_broadcast="params", split_rngs={"params": False})
+
+    k = config_lib.remat_group_size(s.remat_group_size, plan.num_layers)
+    if k:
+      inner = scan(layer)
+      layer = nn.remat(lambda blk, h, group: inner(blk, h, group), prevent_cse=False)
+      steps = jax.tree.map(lambda a: a.reshape(plan.num_layers // k, k), steps)
+    x, _ = scan(layer)(block, x, steps)
     return x

@@ -21,7 +21,8 @@ UNIQUE_AXIS = "unique"
 
 def slot_param(module: nn.Module, name: str, init_fn: Callable, shape: Sequence[int],
                axes: Sequence[str | None], num_unique: int, slot: Array | None) -> Array:
-  """Creates (or reads) a parameter stacked over ``num_unique`` and returns ``slot``'s entry."""
+  """Creates (or reads) a parameter stacked over ``num_unique`` and returns ``slot``'s entry
+  (the whole ``(M, *shape)`` stack when ``slot`` is None)."""
   shape = tuple(shape)
   if num_unique == 1:
     return module.param(name, nn.with_logical_partitioning(init_fn, tuple(axes)), shape)
@@ -32,6 +33,11 @@ def slot_param(module: nn.Module, name: str, init_fn: Callable, shape: Sequence[
 
   stacked = module.param(
       name, nn.with_logical_partitioning(stacked_init, (UNIQUE_AXIS, *axes)), shape)
+  return stacked if slot is None else take_slot(stacked, slot)
+
+
+def take_slot(stacked: Array, slot: Array) -> Array:
+  """Entry ``slot`` of a parameter stacked over its slots (one dynamic slice)."""
   return jax.lax.dynamic_index_in_dim(stacked, slot, 0, keepdims=False)
 
 
@@ -55,6 +61,9 @@ class Dense(Projected):
 
   The kernel starts as N(0, init_std) truncated at +-2 init_std, as BERT / ALBERT's
   ``tf.truncated_normal_initializer``: no rescaling, so its std is ~0.88 init_std.
+  With M > 1 the slot gather and the matmul are rematerialised together, so the backward
+  pass gathers the slot again (one dynamic slice) instead of saving a copy of its weights
+  per applied layer (N copies of a layer's parameters, whatever ``remat_policy`` says).
   """
 
   features: tuple[int, ...]
@@ -67,15 +76,23 @@ class Dense(Projected):
     in_shape = x.shape[-n_in:]
     kernel = slot_param(self, "kernel", nn.initializers.truncated_normal(self.init_std),
                         (*in_shape, *self.features), (*self.in_axes, *self.out_axes),
-                        self.num_unique, slot)
+                        self.num_unique, None)
+    bias = (slot_param(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
+                       self.num_unique, None) if self.use_bias else None)
     dtype = jnp.dtype(self.dtype)
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
-    if self.use_bias:
-      bias = slot_param(self, "bias", nn.initializers.zeros, self.features, self.out_axes,
-                        self.num_unique, slot)
-      y = y + bias.astype(dtype)
-    return y
+    stacked = self.num_unique > 1
+
+    def project(x, kernel, bias):
+      kernel = take_slot(kernel, slot) if stacked else kernel
+      y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+      if bias is None:
+        return y
+      return y + (take_slot(bias, slot) if stacked else bias).astype(dtype)
+
+    if stacked:
+      project = jax.checkpoint(project, prevent_cse=False)
+    return project(x, kernel, bias)
 
 
 class Norm(nn.Module):
@@ -147,17 +164,59 @@ def make_attention_mask(q_valid: Array, k_valid: Array, causal: bool = False,
   return mask[:, None]
 
 
+def cudnn_fits(query: Array, key: Array) -> bool:
+  """Whether cuDNN flash attention takes these inputs (``attention_impl="auto"`` asks).
+
+  An NVIDIA GPU, bf16 / fp16 inputs, a head size that is a multiple of 8 up to 128 (all
+  architectures) and even query / key lengths (its masked training kernels need them).
+  Checked here instead of catching cuDNN's errors: under remat those surface only when the
+  step is differentiated, outside this call.
+  """
+  device = jax.devices()[0]
+  head_dim, q_len, k_len = query.shape[-1], query.shape[1], key.shape[1]
+  return (device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
+          and query.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0
+          and head_dim <= 128 and q_len % 2 == 0 and k_len % 2 == 0)
+
+
+def einsum_attention(query: Array, key: Array, value: Array, mask: Array,
+                     dropout_rate: float = 0.0, dropout_key: Array | None = None) -> Array:
+  """Hand-written attention (the reference path): the only one with dropout on probabilities.
+
+  Shapes as ``jax.nn.dot_product_attention``: query (batch, q, heads, d), key / value
+  (batch, k, kv_heads, d), boolean mask (batch, 1, q, k), True = attend. Logits and
+  softmax in float32; masked logits get float32's minimum (as HF does), so a fully masked
+  row attends uniformly to every key, as in ``dot_product_attention``'s XLA path.
+  """
+  b, lq, num_heads, head_dim = query.shape
+  num_kv_heads = key.shape[2]
+  q = query.reshape(b, lq, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  logits = jnp.einsum("bqkgd,bskd->bkgqs", q, key, preferred_element_type=jnp.float32)
+  logits = logits / np.sqrt(head_dim).astype(np.float32)
+  logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = dropout(probs, dropout_rate, dropout_key).astype(value.dtype)
+  out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value)
+  return out.reshape(b, lq, num_heads, head_dim)
+
+
 class Attention(Projected):
   """Scaled dot-product attention with grouped K/V heads (MHA, GQA, MQA) and cross-attention.
 
   ``num_kv_heads`` K/V heads are shared by groups of ``num_heads // num_kv_heads`` query
-  heads. Softmax runs in float32; masked logits get the dtype's minimum (as HF does).
+  heads. ``implementation`` (``model.attention_impl``): ``einsum`` is ``einsum_attention``;
+  ``xla`` and ``cudnn`` are ``jax.nn.dot_product_attention`` with that backend (same
+  float32 logits and softmax; no dropout on probabilities); ``auto`` is ``einsum`` while
+  attention dropout applies (rate > 0 and a dropout key), else ``cudnn`` where
+  ``cudnn_fits``, else ``xla``. (``dot_product_attention(implementation=None)`` would always
+  pick XLA in jax 0.10, hence the explicit choice.)
   """
 
   num_heads: int
   num_kv_heads: int
   head_dim: int
   dropout_rate: float = 0.0
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, kv: Array, mask: Array, slot: Array | None = None,
@@ -167,15 +226,17 @@ class Attention(Projected):
     k = dense("key", (self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "kv"))(kv, slot)
     v = dense("value", (self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "kv"))(kv,
                                                                                           slot)
-    b, lq = q.shape[:2]
-    groups = self.num_heads // self.num_kv_heads
-    q = q.reshape(b, lq, self.num_kv_heads, groups, self.head_dim)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    logits = logits / np.sqrt(self.head_dim).astype(np.float32)
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = dropout(probs, self.dropout_rate, dropout_key).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, lq, self.num_heads, self.head_dim)
+    drops = self.dropout_rate > 0 and dropout_key is not None
+    impl = self.implementation
+    if impl == "auto":
+      impl = "einsum" if drops else "cudnn" if cudnn_fits(q, k) else "xla"
+    if impl == "einsum":
+      out = einsum_attention(q, k, v, mask, self.dropout_rate, dropout_key)
+    elif drops:
+      raise ValueError(f"attention implementation {impl!r} has no dropout on probabilities "
+                       f"(dropout_rate={self.dropout_rate}); use 'einsum' or 'auto'")
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
     return dense("out", (x.shape[-1],), ("heads", "kv"), ("embed",))(out, slot)
 
