@@ -12,7 +12,6 @@ import errno
 import logging as py_logging
 import os
 import re
-import statistics
 import sys
 
 from absl import app, flags
@@ -85,12 +84,14 @@ def report(result: dict) -> str:
       lines.append(f"{key}: {value:.4f}")
   hist = [h for h in result["history"] if "tokens_per_sec" in h]
   if hist:
-    median = {key: statistics.median(h[key] for h in hist) for key in
-              ("tokens_per_sec", "useful_tokens_per_sec", "padding_fraction", "mfu")}
-    lines.append(f"throughput (median over logged windows): {median['tokens_per_sec']:.0f} "
-                 f"tokens/s processed, {median['useful_tokens_per_sec']:.0f} useful (non-pad; "
-                 f"{100 * median['padding_fraction']:.1f}% padding), MFU "
-                 f"{100 * median['mfu']:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
+    # The median window by processed tokens/s (the lower one of an even count): its useful
+    # tokens/s, padding and MFU belong to it, so the numbers on the line agree.
+    mid = sorted(hist, key=lambda h: h["tokens_per_sec"])[(len(hist) - 1) // 2]
+    lines.append(f"throughput (median of {len(hist)} logged windows): "
+                 f"{mid['tokens_per_sec']:.0f} tokens/s processed, "
+                 f"{mid['useful_tokens_per_sec']:.0f} useful (non-pad; "
+                 f"{100 * mid['padding_fraction']:.1f}% padding), MFU "
+                 f"{100 * mid['mfu']:.2f}% of {result['peak_flops'] / 1e9:.0f} GFLOP/s "
                  f"({result['peak_flops_source']}); train step compiled in "
                  f"{result['compile_time']:.1f} s")
   wd = epath.Path(result["workdir"])

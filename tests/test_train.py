@@ -271,8 +271,11 @@ def test_progress_line_and_summary_show_processed_and_useful_tokens(tmp_path, da
   assert len(progress) == 3, out.stderr
   for line in progress:
     assert re.search(r"\d+ tok/s processed, \d+ useful \(\d+\.\d% padding\)", line), line
-  assert re.search(r"throughput \(median over logged windows\): \d+ tokens/s processed, \d+ "
-                   r"useful \(non-pad; \d+\.\d% padding\)", out.stdout), out.stdout
+  line = re.search(r"throughput \(median of 3 logged windows\): (\d+) tokens/s processed, "
+                   r"(\d+) useful \(non-pad; (\d+\.\d)% padding\)", out.stdout)
+  assert line, out.stdout
+  processed, useful, padding = map(float, line.groups())  # one window's numbers: they agree
+  assert useful / processed == pytest.approx(1 - padding / 100, abs=2e-3 + 1 / processed)
   config = transformer.get_config("tied,runlocal")  # what short_run ran: same batches
   config.data.data_dir, config.data.seq_len, config.model.max_len = str(data_dir), 32, 32
   config.train.batch_size, config.train.num_steps = 8, 3
