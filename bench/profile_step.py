@@ -73,7 +73,8 @@ def category(name: str, instrs: dict, comps: dict) -> str | None:
   inner = comps.get(calls, set()) if calls else {opcode}
   model = "jvp(" in op_name
   if "dot" in inner or "convolution" in inner or "custom-call" in inner:
-    if "/attention/" in op_name and ("einsum" in op_name or "dot_product_attention" in op_name):
+    projection = any(f"/{name}/" in op_name for name in ("query", "key", "value", "out"))
+    if "attention/" in op_name and not projection:
       return "matmul: attention scores/values"
     if "/block/" in op_name or "/layers/" in op_name or "/encoder/" in op_name or \
         "/decoder/" in op_name:
