@@ -130,8 +130,6 @@ def test_valid_attention_impls():
     assert models.spec_of(tiny(attention_impl=impl, attention_dropout_rate=0.1))
 
 
-@pytest.mark.xfail(strict=True, reason="xlps/models/engine.py does not yet pass "
-                   "spec.attention_impl to layers.Attention (remove this mark once it does)")
 def test_model_attention_impl_reaches_the_layers(monkeypatch):
   calls = {}
   real = jax.nn.dot_product_attention

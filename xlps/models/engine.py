@@ -81,7 +81,7 @@ class Block(nn.Module):
     def attention(comp):
       group, m = groups[comp]
       return layers.Attention(s.num_heads, s.num_kv_heads, s.head_dim, s.attention_dropout_rate,
-                              name=group, **projected(m))
+                              s.attention_impl, name=group, **projected(m))
 
     norms = Norms(s.norm, s.norm_eps, groups["norms"][1], name=groups["norms"][0])
     sublayers = [("attention", lambda h: attention("attention")(
