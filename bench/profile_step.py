@@ -17,7 +17,9 @@ the JAX ``op_name`` metadata, which carries the Flax module path):
 - ``elementwise``: the rest (norms, GELU, residual adds, embedding, loss).
 
 Container thunks (while, call, conditional) are not counted, so shares are of leaf-op time.
-``host overhead`` is the step's wall time not covered by any thunk of the step.
+``host overhead`` is the step's wall time not covered by any thunk of the step; minor page
+faults and system CPU time per (untraced) step show how much of it is the kernel mapping
+fresh pages for XLA's temp buffer.
 ``compiled.cost_analysis()`` FLOPs are printed for comparison: XLA counts a while loop's
 body once, so they undercount the scanned depth N-fold.
 
@@ -33,6 +35,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -126,6 +129,13 @@ def main(argv=None) -> int:
       state, metrics = compiled(state, batch)
     jax.block_until_ready(state)
     trace_dir = tempfile.mkdtemp(prefix="xlps_profile_")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(args.steps):  # untraced: page faults and system time per step
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    faults = (after.ru_minflt - usage.ru_minflt) / args.steps
+    sys_s = (after.ru_stime - usage.ru_stime) / args.steps
     walls = []
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.steps):
@@ -168,6 +178,9 @@ def main(argv=None) -> int:
            f"{busy / 1e6 / steps:.3f} s/step (union of intervals); host overhead "
            f"{(wall - busy / 1e6) / steps:.3f} s/step; summed leaf-thunk time "
            f"{leaf / steps:.3f} s/step (> busy when thunks overlap on the 2 threads).", "",
+           f"Untraced steps: {faults:,.0f} minor page faults and {sys_s:.2f} s of system CPU "
+           f"time per step; XLA temp {compiled.memory_analysis().temp_size_in_bytes / 2**20:,.0f}"
+           " MiB (the temp buffer is mapped afresh each step: its pages fault in again).", "",
            f"Model FLOPs/step {summary['flops_per_token'] * bench.BATCH * bench.SEQ / 1e9:.0f} G; "
            f"`cost_analysis()` flops {cost.get('flops', 0) / 1e9:.0f} G (counts the scanned "
            "body once), bytes accessed "

@@ -86,7 +86,7 @@ def xlps_config(workload: str):
   return config
 
 
-def run_xlps(workload: str, steps: int) -> dict:
+def run_xlps(workload: str, steps: int, overrides: str = "") -> dict:
   import jax
   cache = tempfile.mkdtemp(prefix="xlps_bench_cache_")
   jax.config.update("jax_compilation_cache_dir", cache)
@@ -97,6 +97,9 @@ def run_xlps(workload: str, steps: int) -> dict:
   from xlps import train as train_lib
 
   config = xlps_config(workload)
+  for item in filter(None, overrides.split(",")):  # model key=value (str keys only)
+    key, _, value = item.partition("=")
+    config.model[key] = value
   spec = config_lib.validate(config)
   mesh = partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_of(config.mesh)
@@ -213,9 +216,9 @@ def run_ceiling() -> dict:
 # -------------------------------------------------------------------------------- parent
 
 
-def child(kind: str, workload: str, steps: int, tree: str = ROOT) -> dict:
+def child(kind: str, workload: str, steps: int, tree: str = ROOT, overrides: str = "") -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--workload", workload,
-         "--steps", str(steps)]
+         "--steps", str(steps), "--overrides", overrides]
   env = dict(os.environ, PYTHONPATH=tree)
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
@@ -238,18 +241,30 @@ def main(argv=None) -> int:
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--steps", type=int, default=5, help="timed steps per process (after one)")
   p.add_argument("--before", default="", help="another xlps source tree, measured alongside")
+  p.add_argument("--variants", default="",
+                 help="semicolon-separated model overrides measured as extra xlps rows, e.g. "
+                      "'remat_policy=dots_saveable'")
+  p.add_argument("--overrides", default="", help=argparse.SUPPRESS)
   p.add_argument("--out", default="")
   p.add_argument("--child", default="", help=argparse.SUPPRESS)
   p.add_argument("--workload", default="albert", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
-    fn = {"xlps": run_xlps, "torch": run_torch, "ceiling": lambda w, s: run_ceiling()}[args.child]
-    print(json.dumps(fn(args.workload, args.steps)))
+    if args.child == "xlps":
+      print(json.dumps(run_xlps(args.workload, args.steps, args.overrides)))
+    else:
+      fn = {"torch": run_torch, "ceiling": lambda w, s: run_ceiling()}[args.child]
+      print(json.dumps(fn(args.workload, args.steps)))
     return 0
 
-  trees = [("xlps", ROOT)] + ([("xlps before", os.path.abspath(args.before))]
-                              if args.before else [])
-  names = ["torch"] + [name for name, _ in trees]
+  # name -> (source tree, model overrides)
+  runs = {"xlps": (ROOT, "")}
+  for variant in filter(None, args.variants.split(";")):
+    runs[f"xlps {variant}"] = (ROOT, variant)
+  if args.before:
+    runs["xlps before"] = (os.path.abspath(args.before), "")
+  trees = [(name, tree) for name, (tree, _) in runs.items() if name in ("xlps", "xlps before")]
+  names = ["torch", *runs]
   start, load0 = time.time(), os.getloadavg()[0]
   results = {w: {n: [] for n in names} for w in args.workloads.split(",")}
   ceilings = []
@@ -258,8 +273,8 @@ def main(argv=None) -> int:
     for workload in results:
       order = names if r % 2 == 0 else names[::-1]
       for name in order:
-        tree = dict(trees).get(name, ROOT)
-        res = child("torch" if name == "torch" else "xlps", workload, args.steps, tree)
+        tree, overrides = runs.get(name, (ROOT, ""))
+        res = child("torch" if name == "torch" else "xlps", workload, args.steps, tree, overrides)
         results[workload][name].append(res)
         print(f"[{time.time() - start:6.0f}s] round {r} {workload} {name}: median "
               f"{statistics.median(res['steps_s']):.3f}s loss {res['loss']:.4f}", file=sys.stderr)

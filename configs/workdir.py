@@ -12,7 +12,6 @@ such as ``model.sharing.mlp.num_unique`` included).
 """
 
 import json
-from collections.abc import Mapping
 
 import ml_collections
 from etils import epath
@@ -25,9 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not arg:
     raise ConfigError("configs/workdir.py needs the workdir as its argument: "
                       "--config=configs/workdir.py:WORKDIR")
-  config = config_lib.base_config()
-  _set_saved(config, saved_config(epath.Path(arg)), prefix="")
-  return config
+  return config_lib.from_saved(saved_config(epath.Path(arg)))
 
 
 def saved_config(workdir: epath.Path) -> dict:
@@ -54,21 +51,3 @@ def saved_config(workdir: epath.Path) -> dict:
   raise ConfigError(f"workdir {str(workdir)!r} has neither config.json nor a checkpoint in "
                     f"{checkpoints}; pass a workdir written by `python -m launch.convert --hf=... "
                     "--workdir=WORKDIR` or by `python -m launch.train`")
-
-
-def _set_saved(node: ml_collections.ConfigDict, values: Mapping, prefix: str) -> None:
-  """Sets saved ``values`` onto ``node`` key by key; a key ``node`` lacks is an error."""
-  for key, value in values.items():
-    name = prefix + key
-    if key not in node:
-      raise ConfigError(f"saved config key {name} is not an xlps config key; valid keys "
-                        f"here: {', '.join(sorted(node))}")
-    if isinstance(node[key], ml_collections.ConfigDict):
-      if not isinstance(value, Mapping):
-        raise ConfigError(f"saved config key {name}={value!r} must be a section (a JSON object)")
-      _set_saved(node[key], value, prefix=f"{name}.")
-      continue
-    try:
-      node[key] = value
-    except TypeError as e:
-      raise ConfigError(f"saved config key {name}={value!r}: {e}") from None

@@ -4,6 +4,7 @@ checkpoint fine-tunes, and the configs/albert.py parameter counts equal HF's."""
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -197,6 +198,28 @@ def test_converted_checkpoint_fine_tunes(tmp_path, data_dir):
   huggingface.save_hf(config2, params, tmp_path / "hf_out")
   hf_model = transformers.AlbertForMaskedLM.from_pretrained(tmp_path / "hf_out").eval()
   assert_outputs_close(hf_model, config2, params, "fine-tuned, back to HF")
+
+
+def test_checkpoint_from_before_new_model_keys_reads_with_their_defaults(tmp_path, monkeypatch):
+  """A checkpoint saved before keys existed (its metadata lacks them) converts back to HF."""
+  config = small_albert()
+  config.data.seq_len = 64
+  params = jax.tree.map(np.asarray, nn.unbox(models.init_params(config)))
+  new_metadata = train.checkpoint_metadata
+
+  def old_metadata(*args):  # what a revision without these model keys wrote
+    metadata = new_metadata(*args)
+    for key in ("attention_impl", "remat_group_size", "scale_embeddings"):
+      del metadata["config"]["model"][key]
+    return metadata
+
+  monkeypatch.setattr(train, "checkpoint_metadata", old_metadata)
+  interop.write_checkpoint(config, params, tmp_path / "old")
+  config2, params2, _ = interop.read_checkpoint(tmp_path / "old")
+  assert config2.model.attention_impl == "auto" and config2.model.remat_group_size == 0
+  huggingface.save_hf(config2, jax.tree.map(np.asarray, params2), tmp_path / "hf_out")
+  hf_model = transformers.AlbertForMaskedLM.from_pretrained(tmp_path / "hf_out").eval()
+  assert_outputs_close(hf_model, config2, params, "old checkpoint, to HF")
 
 
 HF_SIZES = {"base": (12, 768), "large": (24, 1024), "xlarge": (24, 2048), "xxlarge": (12, 4096),

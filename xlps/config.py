@@ -592,6 +592,32 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+def from_saved(values: Mapping) -> ml_collections.ConfigDict:
+  """``base_config()`` with a saved config's ``values`` set key by key (checkpoint metadata,
+  ``config.json``): keys saved before they existed keep their defaults, types stay the
+  schema's, and a saved key the schema lacks is a ConfigError naming it."""
+  config = base_config()
+  _set_saved(config, values, prefix="")
+  return config
+
+
+def _set_saved(node: ml_collections.ConfigDict, values: Mapping, prefix: str) -> None:
+  for key, value in values.items():
+    name = prefix + key
+    if key not in node:
+      raise ConfigError(f"saved config key {name} is not an xlps config key; valid keys "
+                        f"here: {', '.join(sorted(node))}")
+    if isinstance(node[key], ml_collections.ConfigDict):
+      if not isinstance(value, Mapping):
+        raise ConfigError(f"saved config key {name}={value!r} must be a section (a JSON object)")
+      _set_saved(node[key], value, prefix=f"{name}.")
+      continue
+    try:
+      node[key] = value
+    except TypeError as e:
+      raise ConfigError(f"saved config key {name}={value!r}: {e}") from None
+
+
 def validate(config: ml_collections.ConfigDict, process_count: int = 1,
              num_devices: int | None = None) -> ModelSpec:
   """Checks every section and every cross-section constraint; returns the model spec.

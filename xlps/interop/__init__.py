@@ -51,8 +51,9 @@ def read_checkpoint(workdir: str | os.PathLike,
                     step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, int]:
   """``(config, params, step)`` of a checkpoint in ``WORKDIR/checkpoints`` (default: latest).
 
-  The config is the one stored in the checkpoint's metadata; params are a tree of dicts
-  on one device, whatever topology saved them.
+  The config is the one stored in the checkpoint's metadata, set onto today's schema (keys
+  added since it was saved take their defaults); params are a tree of dicts on one device,
+  whatever topology saved them.
   """
   ckpt = checkpoint_lib.Checkpointer(train_lib.workdir_path(workdir) / "checkpoints", async_save=False)
   try:
@@ -62,4 +63,4 @@ def read_checkpoint(workdir: str | os.PathLike,
     state, _, metadata = ckpt.restore(step)
   finally:
     ckpt.close()
-  return ml_collections.ConfigDict(metadata["config"]), state["params"], step
+  return config_lib.from_saved(metadata["config"]), state["params"], step
