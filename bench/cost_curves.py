@@ -35,10 +35,10 @@ SWEEPS = {
 def point(batch: int, seq: int, depth: int, steps: int) -> dict:
   import jax
   import numpy as np
+  from bench.sharded_run import lm_batch, sharded_steps
   from configs import default
   from xlps import config as config_lib
   from xlps import models, partitioning
-  from xlps import train as train_lib
 
   jax.clear_caches()
   config = default.get_config()
@@ -46,11 +46,9 @@ def point(batch: int, seq: int, depth: int, steps: int) -> dict:
   m.num_layers, m.max_len, m.dropout_rate = depth, max(seq, 128), 0.0
   config.train.batch_size, config.data.seq_len = batch, seq
   spec = config_lib.validate(config)
-  mesh, rules = partitioning.make_mesh(config.mesh), partitioning.rules_of(config.mesh)
-  setup = train_lib.make_steps(spec, train_lib.make_optimizer(config.train), 0, mesh, rules)
-  tokens = np.random.default_rng(0).integers(1, 256, (batch, seq + 1), dtype=np.int32)
-  data = setup.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                             "weights": np.ones((batch, seq), np.float32)})
+  setup = sharded_steps(config, config.train, {})
+  mesh, rules = setup.mesh, setup.rules
+  data = setup.global_batch(lm_batch(np.random.default_rng(0), batch, seq, 1, 256))
   state = setup.state
   start = time.perf_counter()
   with partitioning.activate(mesh, rules):

@@ -37,10 +37,10 @@ def measure(num_layers: int, policy: str, group: int, num_unique: int) -> dict:
   """Compiles and runs one train step in this process; temp bytes and peak RSS."""
   import jax
   import numpy as np
+  from bench.sharded_run import lm_batch, sharded_steps
   from configs import default
   from xlps import config as config_lib
   from xlps import partitioning
-  from xlps import train as train_lib
 
   config = default.get_config()
   m = config.model
@@ -49,13 +49,10 @@ def measure(num_layers: int, policy: str, group: int, num_unique: int) -> dict:
     m.remat_group_size = group
   m.dropout_rate = 0.0
   config.train.batch_size, config.data.seq_len, m.max_len = 8, 128, 128
-  spec = config_lib.validate(config)
-  mesh, rules = partitioning.make_mesh(config.mesh), partitioning.rules_of(config.mesh)
-  setup = train_lib.make_steps(spec, train_lib.make_optimizer(config.train), 0, mesh, rules)
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(1, 256, (8, 129), dtype=np.int32)
-  batch = setup.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                              "weights": np.ones((8, 128), np.float32)})
+  config_lib.validate(config)
+  setup = sharded_steps(config, config.train, {})
+  mesh, rules = setup.mesh, setup.rules
+  batch = setup.global_batch(lm_batch(np.random.default_rng(0), 8, 128, 1, 256))
   start = time.perf_counter()
   with partitioning.activate(mesh, rules):
     compiled = setup.train_fn.lower(setup.state, batch).compile()
