@@ -1,4 +1,5 @@
-"""Prints a model's sharing plan, unique / applied parameters and training FLOPs per token.
+"""Prints a model's sharing plan, unique / applied parameters, training FLOPs per token and,
+for generating families, the decode K/V cache bytes per token.
 
     python -m launch.summary --config=configs/albert.py:base
     python -m launch.summary --config=configs/albert.py:base --config.model.num_layers=48 --json
@@ -55,6 +56,16 @@ def format_table(summary: dict, spec) -> str:
   lines.append(f"training FLOPs per token at seq_len {summary['seq_len']}: "
                f"{summary['flops_per_token']:,} ({_short(summary['flops_per_token'])}; "
                f"6 x {summary['applied_matmul_params']:,} applied matmul params + attention)")
+  cache = summary.get("kv_cache")
+  if cache:
+    lines.append(f"decode K/V cache ({cache['policy']}): {cache['entries']} entries for "
+                 f"{cache['applied_layers']} applied layers, {cache['bytes_per_token']:,} bytes "
+                 f"per token (2 x {cache['entries']} x {spec.num_kv_heads} kv heads x "
+                 f"{spec.head_dim} x {spec.dtype} + 1 validity byte)")
+    if "cross_entries" in cache:
+      lines.append(f"cross-attention K/V cache: {cache['cross_entries']} entries (one per "
+                   f"cross-attention slot), {cache['cross_bytes_per_source_token']:,} bytes per "
+                   "source token")
   return "\n".join(lines)
 
 

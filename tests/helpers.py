@@ -22,9 +22,11 @@ def configure(model: ml_collections.ConfigDict, **overrides) -> ml_collections.C
   """Sets ``overrides`` on the model config ``model`` (in place) and returns it.
 
   ``sharing={"num_unique": 2, "mlp": {"num_unique": 3}}`` sets plan keys; a dict value
-  overrides that component's plan.
+  overrides that component's plan. ``kv_sharing={"policy": "cross_layer", ...}`` sets K/V
+  plan keys.
   """
   sharing = overrides.pop("sharing", {})
+  model.kv_sharing.update(overrides.pop("kv_sharing", {}))
   for key, value in overrides.items():
     model[key] = value
   for key, value in sharing.items():

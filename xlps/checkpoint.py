@@ -329,8 +329,9 @@ def model_differences(saved: Mapping, current: Any) -> list[str]:
   aside.
 
   Keys the checkpoint lacks (written before they existed) count as their defaults; a
-  derived value counts as what it resolves to (``embed_dim=0`` is ``d_model``); sharing keys
-  that differ count only if the slot tables they give differ (``order`` is moot with M=1).
+  derived value counts as what it resolves to (``embed_dim=0`` is ``d_model``); sharing and
+  kv_sharing keys that differ count only if the slot or K/V entry tables they give differ
+  (``order`` is moot with M=1).
   """
   defaults = _flatten(_as_dict(config_lib.model_config()))
   old = {**defaults, **_flatten(saved)}
@@ -341,7 +342,7 @@ def model_differences(saved: Mapping, current: Any) -> list[str]:
   for key, value in new.items():
     if key.split(".")[0] in RESUMABLE_MODEL_KEYS or old.get(key) == value:
       continue
-    if resolved and key.startswith("sharing."):
+    if resolved and key.startswith(("sharing.", "kv_sharing.")):
       if _slot_tables(old_spec) == _slot_tables(new_spec):
         continue
     elif resolved and hasattr(new_spec, key) and getattr(old_spec, key) == getattr(new_spec, key):
@@ -383,7 +384,8 @@ def _resolved(flat: Mapping[str, Any]) -> config_lib.ModelSpec | None:
 
 def _slot_tables(spec: config_lib.ModelSpec) -> tuple:
   return tuple((stack.name, stack.owner, tuple((comp, group, plan.num_unique, plan.slots)
-                                               for comp, group, plan in stack.uses))
+                                               for comp, group, plan in stack.uses),
+                stack.kv.entries if stack.kv else None)
                for stack in spec.stacks)
 
 

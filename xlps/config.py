@@ -99,7 +99,19 @@ def model_config() -> ml_collections.ConfigDict:
   m.remat_group_size = 0           # two-level remat: scan groups of k layers, saving only each
                                    # group's input; 0 = off, -1 = k nearest sqrt(N) dividing N
   m.sharing = sharing_config()
+  m.kv_sharing = kv_sharing_config()
   return m
+
+
+def kv_sharing_config(policy: str = "per_layer", group_size: int = 0,
+                      table: str = "") -> ml_collections.ConfigDict:
+  """Which applied layers share self-attention K/V (xlps.sharing.KVPlan): part of the model,
+  trained and decoded alike."""
+  k = ml_collections.ConfigDict()
+  k.policy = policy            # per_layer | cross_layer (CLA) | recursive (MoR) | table
+  k.group_size = group_size    # cross_layer: layers per K/V group (2 = CLA2); else 0
+  k.table = table              # policy='table': entry read by each applied layer, "0 1 2 2"
+  return k
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -280,7 +292,7 @@ class ModelSpec:
 
     try:  # xlps.sharing is plain Python: its errors are ValueErrors
       stacks = tuple(sharing_lib.stack_plan(st.name, st.num_layers, st.components, st.groups,
-                                            m["sharing"], f("sharing"))
+                                            m["sharing"], f("sharing"), m["kv_sharing"])
                      for st in families_lib.FAMILIES[m["family"]].stacks(m))
       sharing_lib.parameter_groups(stacks)
     except ValueError as e:
@@ -347,6 +359,12 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
         for sub in sharing[key]:
           if sub not in plan_keys:
             raise unknown_key(f"{field}.sharing.{key}", sub, plan_keys, "sharing")
+  kv_sharing = m.get("kv_sharing")
+  if isinstance(kv_sharing, sections):
+    kv_keys = tuple(kv_sharing_config())
+    for key in kv_sharing:
+      if key not in kv_keys:
+        raise unknown_key(f"{field}.kv_sharing", key, kv_keys, "kv_sharing")
 
 
 # ----------------------------------------------------------------------------- data

@@ -69,6 +69,7 @@ class Family:
   inputs: tuple[str, ...]                   # batch keys the module needs
   optional_inputs: tuple[str, ...]          # batch keys the module reads when present
   stacks: Callable[[Mapping], tuple[StackSpec, ...]]  # from the model config section
+  generates: str | None = None              # the stack decoding runs with a K/V cache
 
 
 def _encoder_decoder_stacks(m: Mapping) -> tuple[StackSpec, ...]:
@@ -88,7 +89,7 @@ FAMILIES: dict[str, Family] = {
     "decoder_lm": Family(
         module="xlps.models.transformer:DecoderLM", layout="lm", inputs=("inputs",),
         optional_inputs=("segment_ids", "positions"),
-        stacks=lambda m: (StackSpec("decoder", m["num_layers"], BLOCK),)),
+        stacks=lambda m: (StackSpec("decoder", m["num_layers"], BLOCK),), generates="decoder"),
     # Bidirectional encoder with an MLM head (ALBERT / BERT shape).
     "encoder_mlm": Family(
         module="xlps.models.transformer:EncoderMLM", layout="mlm", inputs=("inputs",),
@@ -98,7 +99,7 @@ FAMILIES: dict[str, Family] = {
     "encoder_decoder": Family(
         module="xlps.models.transformer:EncoderDecoder", layout="seq2seq",
         inputs=("inputs", "targets"), optional_inputs=("decoder_inputs",),
-        stacks=_encoder_decoder_stacks),
+        stacks=_encoder_decoder_stacks, generates="decoder"),
 }
 
 

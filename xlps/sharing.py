@@ -23,6 +23,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 ORDERS = ("sequence", "cycle", "cycle_rev", "table")
+KV_POLICIES = ("per_layer", "cross_layer", "recursive", "table")
 COMPONENTS = ("attention", "mlp", "norms", "cross_attention")
 
 
@@ -148,6 +149,101 @@ def component_plans(sharing: Mapping, num_layers: int, components: Iterable[str]
   return plans
 
 
+# ----------------------------------------------------------------------- K/V sharing
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+  """Static map from N applied layers to the C K/V entries their self-attention reads.
+
+  ``entries[i]`` is the entry layer ``i`` attends with and ``produces[i]`` whether it writes
+  it (the entry's first reader). A decode cache holds C entries per token. Training needs
+  no cache, only a buffer carried along depth for entries read again later; entries whose
+  reader spans do not overlap share one of its ``num_registers`` rows (``registers[i]``),
+  so cross_layer trains with one row whatever N. ``shared`` is False when every layer reads
+  only its own K/V (then nothing is carried).
+  """
+
+  policy: str
+  entries: tuple[int, ...]
+  produces: tuple[bool, ...]
+  registers: tuple[int, ...]
+
+  @property
+  def num_entries(self) -> int:
+    return max(self.entries) + 1
+
+  @property
+  def num_registers(self) -> int:
+    return max(self.registers) + 1
+
+  @property
+  def shared(self) -> bool:
+    return not all(self.produces)
+
+
+def _registers(entries: Sequence[int]) -> tuple[int, ...]:
+  """Row of each layer's entry in the training buffer: an entry holds a row from its first
+  to its last reader, and rows are reused once free (interval allocation, in layer order)."""
+  last = {e: i for i, e in enumerate(entries)}
+  row_of: dict[int, int] = {}
+  free: list[int] = []
+  size = 0
+  rows = []
+  for i, e in enumerate(entries):
+    if e not in row_of:
+      if free:
+        row_of[e] = free.pop(0)
+      else:
+        row_of[e], size = size, size + 1
+    rows.append(row_of[e])
+    if last[e] == i:
+      free.append(row_of[e])
+      free.sort()
+  return tuple(rows)
+
+
+def make_kv_plan(policy: str, attention: Plan, group_size: int = 0,
+                 table: str | Sequence[int] | None = None,
+                 field: str = "model.kv_sharing") -> KVPlan:
+  """Builds a :class:`KVPlan` for a stack whose self-attention follows ``attention``;
+  ValueError naming ``field`` on bad input."""
+  n = attention.num_layers
+  if policy not in KV_POLICIES:
+    raise ValueError(f"{field}.policy={policy!r} is not a K/V sharing policy; valid: "
+                     f"{', '.join(KV_POLICIES)}")
+  if group_size and policy != "cross_layer":
+    raise ValueError(f"{field}.group_size={group_size!r} is only read when "
+                     f"{field}.policy='cross_layer' (policy is {policy!r}); set it to 0")
+  parsed = parse_table(table, f"{field}.table")
+  if parsed is not None and policy != "table":
+    raise ValueError(f"{field}.table={table!r} is only read when {field}.policy='table' "
+                     f"(policy is {policy!r}); clear it or set policy='table'")
+  if policy == "per_layer":
+    entries = tuple(range(n))
+  elif policy == "cross_layer":
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or not 1 <= group_size:
+      raise ValueError(f"{field}.group_size={group_size!r} must be an integer >= 1 with "
+                       "policy='cross_layer' (layers per K/V group; 2 = CLA2)")
+    entries = tuple(i // group_size for i in range(n))
+  elif policy == "recursive":
+    entries = attention.slots
+  else:
+    if parsed is None:
+      raise ValueError(f"{field}.policy='table' needs {field}.table, {n} entry indices "
+                       "such as '0 1 2 2'")
+    if len(parsed) != n:
+      raise ValueError(f"{field}.table has {len(parsed)} entries {parsed}; it needs exactly "
+                       f"one per applied layer ({n})")
+    first_seen = list(dict.fromkeys(parsed))
+    if first_seen != list(range(len(first_seen))):
+      raise ValueError(f"{field}.table={parsed} must number entries 0, 1, 2, ... in the order "
+                       "of their first use (the first layer reading an entry produces it)")
+    entries = parsed
+  produces = tuple(e not in entries[:i] for i, e in enumerate(entries))
+  return KVPlan(policy, tuple(entries), produces, _registers(entries))
+
+
 # ----------------------------------------------------------------------- stacks and groups
 
 BLOCK_SCOPE = "layers"  # name of a stack's (scanned) block module in the parameter tree
@@ -166,6 +262,7 @@ class StackPlan:
   name: str                                  # e.g. "encoder", "decoder"
   owner: str                                 # the stack module holding every group used here
   uses: tuple[tuple[str, str, Plan], ...]    # (component, group, plan)
+  kv: KVPlan | None = None                   # self-attention K/V sharing (None: per layer)
 
   @property
   def plans(self) -> dict[str, Plan]:
@@ -177,17 +274,24 @@ class StackPlan:
 
 
 def stack_plan(name: str, num_layers: int, components: Sequence[str], groups: Mapping[str, str],
-               sharing: Mapping, field: str = "model.sharing") -> StackPlan:
+               sharing: Mapping, field: str = "model.sharing",
+               kv_sharing: Mapping | None = None) -> StackPlan:
   """The plan of stack ``name``: ``components`` planned by ``sharing`` (see
   :func:`component_plans`), each reading the group ``groups.get(comp, f"{name}/{comp}")``
-  given as ``"owner/group"``. Every group of a stack must have one owner."""
+  given as ``"owner/group"``, and its self-attention's K/V plan from ``kv_sharing``
+  (``policy`` / ``group_size`` / ``table``, see :func:`make_kv_plan`; None = per layer).
+  Every group of a stack must have one owner."""
   plans = component_plans(sharing, num_layers, components, field)
   paths = {comp: groups.get(comp, f"{name}/{comp}").split("/") for comp in components}
   owners = {path[0] for path in paths.values()}
   if len(owners) != 1 or any(len(path) != 2 for path in paths.values()):
     raise ValueError(f"stack {name!r}: groups {paths} must all be 'owner/group' with one owner")
+  kv = kv_sharing or {"policy": "per_layer"}
+  kv_field = field.rsplit(".", 1)[0] + ".kv_sharing" if "." in field else "kv_sharing"
+  kv_plan = make_kv_plan(kv["policy"], plans["attention"], kv.get("group_size", 0),
+                         kv.get("table"), kv_field)
   return StackPlan(name, owners.pop(),
-                   tuple((comp, paths[comp][1], plans[comp]) for comp in components))
+                   tuple((comp, paths[comp][1], plans[comp]) for comp in components), kv_plan)
 
 
 @dataclasses.dataclass(frozen=True)

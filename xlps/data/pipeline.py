@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -263,6 +264,13 @@ class Pipeline:
           grain.MultiprocessingOptions(num_workers=self._worker_count)).map(
               lambda batch: {k: np.array(v) for k, v in batch.items()})
     return batches
+
+  def eval_records(self, split: str) -> Sequence[Mapping[str, Any]]:
+    """The raw records of eval split ``split`` (seq2seq: ``source`` / ``target`` bytes), for
+    evaluations that generate instead of scoring batches (``launch.generate``)."""
+    if split not in self._splits.evals:
+      raise ValueError(f"eval split {split!r} is unknown; valid: {', '.join(self.eval_splits)}")
+    return self._splits.evals[split]
 
   def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
     """This process's rows of the first ``data.eval_batches`` global batches of ``split`` (0:

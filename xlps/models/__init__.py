@@ -12,11 +12,13 @@ import importlib
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from xlps import families, sharing
 from xlps.config import ModelSpec
 
-__all__ = ["build", "spec_of", "example_batch", "init_params", "param_shapes", "summarize"]
+__all__ = ["build", "spec_of", "example_batch", "init_params", "param_shapes", "summarize",
+           "kv_cache_bytes"]
 
 
 def spec_of(config: Mapping | ModelSpec) -> ModelSpec:
@@ -67,8 +69,32 @@ def slot_tables(spec: ModelSpec) -> dict[str, list[int]]:
           for stack in spec.stacks for comp, plan in stack.plans.items()}
 
 
+def kv_cache_bytes(spec: ModelSpec) -> dict | None:
+  """Decode cache size of a generating family (None for others), from the formula:
+
+  per cached token ``2 x C x num_kv_heads x head_dim x dtype bytes + 1`` (K and V of the
+  C entries of the decoder's K/V plan, plus its key-validity flag), and for encoder-decoders
+  per source token ``2 x M_cross x num_kv_heads x head_dim x dtype bytes + 1`` (cross K/V
+  of each cross-attention slot, computed once from the encoder output).
+  """
+  name = families.FAMILIES[spec.family].generates
+  if name is None:
+    return None
+  stack = spec.stack(name)
+  per_entry = 2 * spec.num_kv_heads * spec.head_dim * jnp.dtype(spec.dtype).itemsize
+  kv = stack.kv
+  result = {"policy": kv.policy, "entries": kv.num_entries, "applied_layers": stack.num_layers,
+            "bytes_per_token": per_entry * kv.num_entries + 1}
+  cross = stack.plans.get("cross_attention")
+  if cross is not None:
+    result["cross_entries"] = cross.num_unique
+    result["cross_bytes_per_source_token"] = per_entry * cross.num_unique + 1
+  return result
+
+
 def summarize(config: Mapping | ModelSpec, seq_len: int | None = None) -> dict:
-  """Unique / applied parameters, training FLOPs per token and slot tables.
+  """Unique / applied parameters, training FLOPs per token, slot tables and, for generating
+  families, decode cache bytes (:func:`kv_cache_bytes`).
 
   Attention-score FLOPs follow PaLM's count (``12 x layers x d_attn x seq_len`` per token,
   no causal discount). For encoder_decoder, FLOPs are per target token with the source
@@ -86,4 +112,5 @@ def summarize(config: Mapping | ModelSpec, seq_len: int | None = None) -> dict:
                            output_matmul_params=output_matmul)
   result["seq_len"] = seq_len
   result["slots"] = slot_tables(spec)
+  result["kv_cache"] = kv_cache_bytes(spec)
   return result

@@ -56,8 +56,13 @@ class Block(nn.Module):
   ``uses`` lists ``(component, group, num_unique)``: the block applies each component with
   the parameters of the submodule named ``group``, stacked over ``num_unique`` slots. The
   same module called with other uses (a tied decoder pass) shares the groups both name.
-  Cross-attention runs when ``encoded`` is given; masks (padding, causal, packing) come
-  from the caller.
+  Cross-attention runs when ``encoded`` is given (or its K/V are cached); masks (padding,
+  causal, packing) come from the caller.
+
+  ``kv`` is the K/V carried along depth, or None: ``k`` / ``v`` (self-attention, entry
+  ``step["kv_entry"]``, written at ``index`` where ``step["kv_write"]``) and, decoding an
+  encoder-decoder, ``cross_k`` / ``cross_v`` (entry = the cross-attention slot: written
+  when ``encoded`` is given, else read). Returns ``(x, kv)``.
   """
 
   spec: ModelSpec
@@ -66,11 +71,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x: Array, step: Mapping[str, Array], mask: Array,
                encoded: Array | None, cross_mask: Array | None,
-               dropout_key: Array | None) -> tuple[Array, None]:
+               dropout_key: Array | None,
+               kv: Mapping[str, Array] | None = None) -> tuple[Array, dict | None]:
     s = self.spec
     groups = {comp: (group, m) for comp, group, m in self.uses}
     projected = lambda m: dict(num_unique=m, use_bias=s.use_bias,  # noqa: E731
                                init_std=s.init_std, dtype=s.dtype)
+    kv = None if kv is None else dict(kv)
 
     def key(site):
       if dropout_key is None:
@@ -78,17 +85,36 @@ class Block(nn.Module):
       return jax.random.fold_in(jax.random.fold_in(dropout_key, step["index"]),
                                 _DROPOUT_SITES[site])
 
-    def attention(comp):
+    def attention(comp, h, source, attn_mask, prefix, cache):
       group, m = groups[comp]
-      return layers.Attention(s.num_heads, s.num_kv_heads, s.head_dim, s.attention_dropout_rate,
-                              s.attention_impl, name=group, **projected(m))
+      module = layers.Attention(s.num_heads, s.num_kv_heads, s.head_dim,
+                                s.attention_dropout_rate, s.attention_impl, name=group,
+                                **projected(m))
+      args = (h, source, attn_mask, step[comp], key(f"{comp}_probs"))
+      if cache is None:
+        return module(*args)
+      out, cache = module(*args, cache=cache)
+      kv[f"{prefix}k"], kv[f"{prefix}v"] = cache.k, cache.v
+      return out
+
+    def self_attention(h):
+      cache = None
+      if kv is not None and "k" in kv:
+        cache = layers.KVSlot(kv["k"], kv["v"], step["kv_entry"], step.get("kv_write", True),
+                              kv["index"])
+      return attention("attention", h, h, mask, "", cache)
+
+    def cross_attention(h):
+      cache = None
+      if kv is not None and "cross_k" in kv:
+        cache = layers.KVSlot(kv["cross_k"], kv["cross_v"], step["cross_attention"],
+                              encoded is not None, 0)
+      return attention("cross_attention", h, encoded, cross_mask, "cross_", cache)
 
     norms = Norms(s.norm, s.norm_eps, groups["norms"][1], name=groups["norms"][0])
-    sublayers = [("attention", lambda h: attention("attention")(
-        h, h, mask, step["attention"], key("attention_probs")))]
+    sublayers = [("attention", self_attention)]
     if "cross_attention" in groups:
-      sublayers.append(("cross_attention", lambda h: attention("cross_attention")(
-          h, encoded, cross_mask, step["cross_attention"], key("cross_attention_probs"))))
+      sublayers.append(("cross_attention", cross_attention))
     sublayers.append(("mlp", lambda h: layers.MLP(
         s.d_ff, s.activation, name=groups["mlp"][0], **projected(groups["mlp"][1]))(
             h, step["mlp"])))
@@ -99,16 +125,39 @@ class Block(nn.Module):
       else:
         x = norms(site, x + layers.dropout(fn(x), s.dropout_rate, key(site)), step["norms"])
       x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, None
+    return x, kv
 
 
-def slot_inputs(plans: Mapping[str, Plan]) -> dict[str, Array]:
-  """Per-step scan inputs: the applied-layer index and each component's slot table."""
-  n = next(iter(plans.values())).num_layers
-  steps = {"index": jnp.arange(n, dtype=jnp.int32)}
-  for comp, plan in plans.items():
-    steps[comp] = jnp.asarray(np.asarray(plan.slots, np.int32))
+def slot_inputs(plan: StackPlan, decoding: bool = False) -> dict[str, Array]:
+  """Per-step scan inputs: the applied-layer index, each component's slot table and, where
+  K/V are shared, the entry each layer reads (decode cache entry, or training buffer row)
+  and whether it writes it."""
+  steps = {"index": jnp.arange(plan.num_layers, dtype=jnp.int32)}
+  for comp, p in plan.plans.items():
+    steps[comp] = jnp.asarray(np.asarray(p.slots, np.int32))
+  kv = plan.kv
+  if decoding:
+    steps["kv_entry"] = jnp.asarray(np.asarray(kv.entries if kv else range(plan.num_layers),
+                                               np.int32))
+  elif kv is not None and kv.shared:
+    steps["kv_entry"] = jnp.asarray(np.asarray(kv.registers, np.int32))
+  if kv is not None and kv.shared:
+    steps["kv_write"] = jnp.asarray(np.asarray(kv.produces, bool))
   return steps
+
+
+def cache_shapes(spec: ModelSpec, plan: StackPlan, batch_size: int, length: int,
+                 source_length: int = 0) -> dict[str, tuple[int, ...]]:
+  """Shapes of one stack's decode cache: self-attention K/V entries over ``length`` positions
+  and, with ``source_length``, cross-attention K/V per cross-attention slot."""
+  c = plan.kv.num_entries if plan.kv else plan.num_layers
+  shapes = {"k": (batch_size, c, length, spec.num_kv_heads, spec.head_dim)}
+  shapes["v"] = shapes["k"]
+  if source_length:
+    m = plan.plans["cross_attention"].num_unique
+    shapes["cross_k"] = shapes["cross_v"] = (batch_size, m, source_length, spec.num_kv_heads,
+                                             spec.head_dim)
+  return shapes
 
 
 class Stack(nn.Module):
@@ -122,6 +171,10 @@ class Stack(nn.Module):
   layers. Backward then holds about N/k + k layer inputs instead of N (k ~ sqrt N: memory
   flat in depth up to a sqrt), at the price of one more forward pass. Both scans run the
   one ``Block`` (the same parameter tree as the one-level scan).
+
+  K/V shared across layers (``plan.kv``) travel in the scan's carry: in training a buffer of
+  ``kv.num_registers`` rows; decoding, the stack's ``cache`` (``cache_shapes`` plus the
+  write position ``index``), and the call returns ``(x, cache)``.
   """
 
   spec: ModelSpec
@@ -129,33 +182,40 @@ class Stack(nn.Module):
   @nn.compact
   def __call__(self, x: Array, plan: StackPlan, mask: Array,
                encoded: Array | None = None, cross_mask: Array | None = None,
-               deterministic: bool = True) -> Array:
+               deterministic: bool = True,
+               cache: Mapping[str, Array] | None = None) -> Array | tuple[Array, dict]:
     s = self.spec
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
     block = Block(spec=s, uses=uses, name=BLOCK_SCOPE)
     needs_rng = not deterministic and (s.dropout_rate > 0 or s.attention_dropout_rate > 0)
     dropout_key = self.make_rng("dropout") if needs_rng else None
-    steps = slot_inputs(plan.plans)
+    steps = slot_inputs(plan, decoding=cache is not None)
+    kv = cache
+    if cache is None and plan.kv is not None and plan.kv.shared:
+      shape = (x.shape[0], plan.kv.num_registers, x.shape[1], s.num_kv_heads, s.head_dim)
+      buffer = jnp.zeros(shape, s.dtype)
+      kv = {"k": buffer, "v": buffer, "index": jnp.int32(0)}
 
-    def layer(blk: Block, h: Array, step: Mapping[str, Array]) -> tuple[Array, None]:
-      return blk(h, step, mask, encoded, cross_mask, dropout_key)
+    def layer(blk: Block, carry: tuple, step: Mapping[str, Array]) -> tuple[tuple, None]:
+      return blk(carry[0], step, mask, encoded, cross_mask, dropout_key, carry[1]), None
 
     if s.remat_policy != "none":
       policy = None if s.remat_policy == "full" else getattr(jax.checkpoint_policies,
                                                              s.remat_policy)
       layer = nn.remat(layer, policy=policy, prevent_cse=not s.scan_layers)
+    carry = (x, kv)
     if not s.scan_layers:
       for i in range(plan.num_layers):
-        x, _ = layer(block, x, jax.tree.map(lambda a: a[i], steps))
-      return x
+        carry, _ = layer(block, carry, jax.tree.map(lambda a: a[i], steps))
+    else:
+      def scan(fn):
+        return nn.scan(fn, variable_broadcast="params", split_rngs={"params": False})
 
-    def scan(fn):
-      return nn.scan(fn, variable_broadcast="params", split_rngs={"params": False})
-
-    k = config_lib.remat_group_size(s.remat_group_size, plan.num_layers)
-    if k:
-      inner = scan(layer)
-      layer = nn.remat(lambda blk, h, group: inner(blk, h, group), prevent_cse=False)
-      steps = jax.tree.map(lambda a: a.reshape(plan.num_layers // k, k), steps)
-    x, _ = scan(layer)(block, x, steps)
-    return x
+      k = config_lib.remat_group_size(s.remat_group_size, plan.num_layers)
+      if k:
+        inner = scan(layer)
+        layer = nn.remat(lambda blk, c, group: inner(blk, c, group), prevent_cse=False)
+        steps = jax.tree.map(lambda a: a.reshape(plan.num_layers // k, k), steps)
+      carry, _ = scan(layer)(block, carry, steps)
+    x, kv = carry
+    return x if cache is None else (x, kv)

@@ -9,6 +9,7 @@ parameter carries logical axis names for the sharding rules (``nn.with_logical_p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -164,6 +165,14 @@ def make_attention_mask(q_valid: Array, k_valid: Array, causal: bool = False,
   return mask[:, None]
 
 
+def make_decode_mask(valid: Array, index: Array | int, length: int) -> Array:
+  """Mask (batch, 1, length, T) of ``length`` queries at cache positions ``index ..`` over a
+  cache of T positions: a query sees the valid keys at or before its own position."""
+  query = index + jnp.arange(length)
+  causal = jnp.arange(valid.shape[1])[None, :] <= query[:, None]
+  return (valid[:, None, :] & causal[None])[:, None]
+
+
 def cudnn_fits(query: Array, key: Array) -> bool:
   """Whether cuDNN flash attention takes these inputs (``attention_impl="auto"`` asks).
 
@@ -200,6 +209,34 @@ def einsum_attention(query: Array, key: Array, value: Array, mask: Array,
   return out.reshape(b, lq, num_heads, head_dim)
 
 
+class KVSlot(NamedTuple):
+  """An attention call's view of K/V carried along depth (a decode cache or a training buffer).
+
+  ``k`` / ``v``: ``[batch, C, length, kv_heads, head_dim]`` for C entries. The call attends
+  with entry ``entry`` over the whole length, after writing its own K/V there at position
+  ``index`` when ``write`` (a traced bool, or a static True / False).
+  """
+
+  k: Array
+  v: Array
+  entry: Array
+  write: Array | bool
+  index: Array | int
+
+
+def write_read(buffer: Array, new: Array | None, entry: Array, write: Array | bool,
+               index: Array | int) -> tuple[Array, Array]:
+  """``buffer`` [B, C, T, ...] with ``new`` [B, l, ...] written at ``[:, entry, index:index+l]``
+  when ``write`` (never when ``new`` is None), and its entry ``entry`` [B, T, ...] after that."""
+  if new is not None and write is not False:
+    start = (0, entry, index) + (0,) * (new.ndim - 2)
+    new = new[:, None].astype(buffer.dtype)
+    if write is not True:
+      new = jnp.where(write, new, jax.lax.dynamic_slice(buffer, start, new.shape))
+    buffer = jax.lax.dynamic_update_slice(buffer, new, start)
+  return buffer, jax.lax.dynamic_index_in_dim(buffer, entry, 1, keepdims=False)
+
+
 class Attention(Projected):
   """Scaled dot-product attention with grouped K/V heads (MHA, GQA, MQA) and cross-attention.
 
@@ -210,6 +247,10 @@ class Attention(Projected):
   attention dropout applies (rate > 0 and a dropout key), else ``cudnn`` where
   ``cudnn_fits``, else ``xla``. (``dot_product_attention(implementation=None)`` would always
   pick XLA in jax 0.10, hence the explicit choice.)
+
+  With ``cache`` (a :class:`KVSlot`) the K/V projected from ``kv`` go through it (written
+  when its ``write`` says so) and the call attends with the cached entry; ``kv`` may then be
+  None (read only). It returns ``(output, cache)`` instead of the output.
   """
 
   num_heads: int
@@ -219,13 +260,20 @@ class Attention(Projected):
   implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x: Array, kv: Array, mask: Array, slot: Array | None = None,
-               dropout_key: Array | None = None) -> Array:
+  def __call__(self, x: Array, kv: Array | None, mask: Array, slot: Array | None = None,
+               dropout_key: Array | None = None,
+               cache: KVSlot | None = None) -> Array | tuple[Array, KVSlot]:
     dense = self.dense
     q = dense("query", (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"))(x, slot)
-    k = dense("key", (self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "kv"))(kv, slot)
-    v = dense("value", (self.num_kv_heads, self.head_dim), ("embed",), ("kv_heads", "kv"))(kv,
-                                                                                          slot)
+    k = v = None
+    if kv is not None:
+      kv_shape = (self.num_kv_heads, self.head_dim)
+      k = dense("key", kv_shape, ("embed",), ("kv_heads", "kv"))(kv, slot)
+      v = dense("value", kv_shape, ("embed",), ("kv_heads", "kv"))(kv, slot)
+    if cache is not None:
+      k_buffer, k = write_read(cache.k, k, cache.entry, cache.write, cache.index)
+      v_buffer, v = write_read(cache.v, v, cache.entry, cache.write, cache.index)
+      cache = cache._replace(k=k_buffer, v=v_buffer)
     drops = self.dropout_rate > 0 and dropout_key is not None
     impl = self.implementation
     if impl == "auto":
@@ -238,7 +286,8 @@ class Attention(Projected):
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    return dense("out", (x.shape[-1],), ("heads", "kv"), ("embed",))(out, slot)
+    out = dense("out", (x.shape[-1],), ("heads", "kv"), ("embed",))(out, slot)
+    return out if cache is None else (out, cache)
 
 
 class MLP(Projected):

@@ -4,6 +4,13 @@ Each module takes a batch (keys: ``xlps.families``, which registers the families
 returns logits. Extra outputs are sown into the ``intermediates`` collection (pass
 ``mutable=["intermediates"]``): ``hidden_states`` (last layer, before the output head;
 encoder_decoder also ``encoder_hidden_states``) and ``pooled`` when ``pooler=True``.
+
+Decoding: the generative families also take ``cache=`` (from :func:`init_cache`) and then
+run a chunk of new positions against it and return ``(logits, cache)``. The cache holds,
+per token, the K/V of each entry of the decoder's K/V plan (``model.kv_sharing``: every
+applied layer, one per group of layers, or one per tied slot), stacked along depth and
+carried by the same scan as training; encoder-decoders also keep the cross-attention K/V
+of each cross-attention slot, computed once from the encoder.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xlps import families
 from xlps.config import ModelSpec
 from xlps.models import layers
-from xlps.models.engine import Stack
+from xlps.models.engine import Stack, cache_shapes
 
 Array = jax.Array
 
@@ -140,27 +148,39 @@ class FamilyModule(nn.Module):
             for plan in self.spec.stacks}
 
   def _encoder_only(self, batch: Mapping[str, Array], stack: str, mask: Array,
-                    deterministic: bool) -> tuple[Array, Embedder]:
-    """Embeds ``batch["inputs"]`` and applies the family's one stack and final norm."""
+                    deterministic: bool, cache: Mapping | None = None):
+    """Embeds ``batch["inputs"]`` and applies the family's one stack and final norm (with
+    the stack's ``cache``: returns it updated too)."""
     embedder = Embedder(self.spec, name="embedder")
     x = embedder(batch["inputs"], batch.get("positions"), batch.get("token_types"),
                  self._embed_key(deterministic))
-    x = self._stacks()[stack](x, mask=mask, deterministic=deterministic)
+    x = self._stacks()[stack](x, mask=mask, deterministic=deterministic, cache=cache)
+    if cache is not None:
+      x, cache = x
     x = self._final_norm(x, "final_norm")
     self.sow("intermediates", "hidden_states", x)
-    return x, embedder
+    return x, embedder, cache
 
 
 class DecoderLM(FamilyModule):
   """Causal decoder-only language model (GPT shape; Universal Transformer when M = 1)."""
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True,
+               cache: Mapping | None = None) -> Array | tuple[Array, dict]:
     segments = batch.get("segment_ids")
     valid = jnp.ones(batch["inputs"].shape, bool) if segments is None else segments != 0
-    mask = layers.make_attention_mask(valid, valid, True, segments, segments)
-    x, embedder = self._encoder_only(batch, "decoder", mask, deterministic)
-    return OutputHead(self.spec, name="head")(x, embedder)
+    if cache is None:
+      mask = layers.make_attention_mask(valid, valid, True, segments, segments)
+      x, embedder, _ = self._encoder_only(batch, "decoder", mask, deterministic)
+      return OutputHead(self.spec, name="head")(x, embedder)
+    # Decoding: ``segment_ids`` 0 marks (left) padding; no packing.
+    index = cache["index"]
+    cache, mask, positions = _advance(cache, valid)
+    batch = {**batch, "positions": batch.get("positions", positions)}
+    x, embedder, stack = self._encoder_only(batch, "decoder", mask, deterministic,
+                                            _stack_cache(cache, "decoder", index))
+    return OutputHead(self.spec, name="head")(x, embedder), _updated(cache, "decoder", stack)
 
 
 class EncoderMLM(FamilyModule):
@@ -173,7 +193,7 @@ class EncoderMLM(FamilyModule):
     valid = jnp.ones(batch["inputs"].shape, bool) if valid is None else valid.astype(bool)
     # Padding is masked as keys only (as BERT / HF do): padded queries still attend.
     mask = layers.make_attention_mask(jnp.ones_like(valid), valid)
-    x, embedder = self._encoder_only(batch, "encoder", mask, deterministic)
+    x, embedder, _ = self._encoder_only(batch, "encoder", mask, deterministic)
     if s.pooler:
       pooled = jnp.tanh(layers.Dense((s.d_model,), ("embed",), ("embed",), init_std=s.init_std,
                                      dtype=s.dtype, name="pooler")(x[:, 0]))
@@ -192,27 +212,94 @@ class EncoderDecoder(FamilyModule):
   With ``tie_encoder_decoder`` the decoder's plan names the encoder's self-attention and FFN
   groups (``xlps.families``), so one ``Stack`` module named ``encoder`` runs both passes and
   also holds the decoder's ``cross_attention`` and ``decoder_norms``.
+
+  Decoding (``cache``): ``decoder_inputs`` is the chunk of new target positions; a batch
+  that also has ``inputs`` (the source) encodes it and fills the cross-attention cache, later
+  chunks read it. The chunk may be empty (length 0): that only encodes.
   """
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
-    src, tgt = batch["inputs"], batch["targets"]
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True,
+               cache: Mapping | None = None) -> Array | tuple[Array, dict]:
     dec_in = batch.get("decoder_inputs")
-    dec_in = shift_right(tgt) if dec_in is None else dec_in
-    src_valid = src != 0
-    tgt_valid = jnp.ones(dec_in.shape, bool)
+    if cache is None:
+      dec_in = shift_right(batch["targets"]) if dec_in is None else dec_in
     embedder = Embedder(self.spec, name="embedder")
     stacks = self._stacks()
-    x = embedder(src, None, None, self._embed_key(deterministic))
-    x = stacks["encoder"](x, mask=layers.make_attention_mask(jnp.ones_like(src_valid), src_valid),
-                          deterministic=deterministic)
-    encoded = self._final_norm(x, "encoder_norm")
-    self.sow("intermediates", "encoder_hidden_states", encoded)
-    y = embedder(dec_in, None, None, self._embed_key(deterministic))
-    y = stacks["decoder"](y, mask=layers.make_attention_mask(tgt_valid, tgt_valid, causal=True),
-                          encoded=encoded, cross_mask=layers.make_attention_mask(tgt_valid,
-                                                                                 src_valid),
-                          deterministic=deterministic)
+    encoded = None
+    if "inputs" in batch:
+      src = batch["inputs"]
+      src_valid = src != 0
+      x = embedder(src, None, None, self._embed_key(deterministic))
+      x = stacks["encoder"](x, mask=layers.make_attention_mask(jnp.ones_like(src_valid),
+                                                               src_valid),
+                            deterministic=deterministic)
+      encoded = self._final_norm(x, "encoder_norm")
+      self.sow("intermediates", "encoder_hidden_states", encoded)
+    tgt_valid = jnp.ones(dec_in.shape, bool)
+    positions = stack_cache = None
+    if cache is None:
+      mask = layers.make_attention_mask(tgt_valid, tgt_valid, causal=True)
+    else:
+      if encoded is not None:
+        cache = {**cache, "source_valid": src_valid}
+      src_valid = cache["source_valid"]
+      index = cache["index"]
+      cache, mask, positions = _advance(cache, tgt_valid)
+      stack_cache = _stack_cache(cache, "decoder", index)
+    y = embedder(dec_in, positions, None, self._embed_key(deterministic))
+    y = stacks["decoder"](y, mask=mask, encoded=encoded,
+                          cross_mask=layers.make_attention_mask(tgt_valid, src_valid),
+                          deterministic=deterministic, cache=stack_cache)
+    if cache is not None:
+      y, stack_cache = y
     y = self._final_norm(y, "decoder_norm")
     self.sow("intermediates", "hidden_states", y)
-    return OutputHead(self.spec, name="head")(y, embedder)
+    logits = OutputHead(self.spec, name="head")(y, embedder)
+    return logits if cache is None else (logits, _updated(cache, "decoder", stack_cache))
+
+
+# ------------------------------------------------------------------------------- decoding
+
+
+def init_cache(spec: ModelSpec, batch_size: int, length: int,
+               source_length: int = 0) -> dict[str, Array]:
+  """An empty decode cache for ``length`` positions (prompt plus generated tokens).
+
+  ``index``: the next position to write; ``valid`` [batch, length]: positions holding a
+  real token (left padding stays False); per generating stack (``decoder``) its
+  ``engine.cache_shapes`` buffers in the compute dtype; encoder-decoders also
+  ``source_valid`` [batch, source_length].
+  """
+  stack = families.FAMILIES[spec.family].generates
+  if stack is None:
+    raise ValueError(f"model.family={spec.family!r} does not generate; decoding needs one of "
+                     f"{', '.join(n for n, f in families.FAMILIES.items() if f.generates)}")
+  if spec.family == "encoder_decoder" and source_length < 1:
+    raise ValueError(f"an encoder_decoder cache needs source_length >= 1 (got {source_length})")
+  shapes = cache_shapes(spec, spec.stack(stack), batch_size, length, source_length)
+  cache = {"index": jnp.zeros((), jnp.int32), "valid": jnp.zeros((batch_size, length), bool),
+           stack: {name: jnp.zeros(shape, spec.dtype) for name, shape in shapes.items()}}
+  if source_length:
+    cache["source_valid"] = jnp.zeros((batch_size, source_length), bool)
+  return cache
+
+
+def _advance(cache: Mapping, chunk_valid: Array) -> tuple[dict, Array, Array]:
+  """A chunk of new positions at ``cache["index"]``: ``(cache, mask, positions)``, the cache
+  with the chunk's validity marked and its index past the chunk, the chunk's decode mask
+  and its default position ids (cache positions)."""
+  index, length = cache["index"], chunk_valid.shape[1]
+  valid = jax.lax.dynamic_update_slice(cache["valid"], chunk_valid, (0, index))
+  positions = jnp.broadcast_to(index + jnp.arange(length), chunk_valid.shape)
+  mask = layers.make_decode_mask(valid, index, length)
+  return {**cache, "valid": valid, "index": index + length}, mask, positions
+
+
+def _stack_cache(cache: Mapping, stack: str, index: Array) -> dict:
+  """A stack's view of the cache: its buffers and the chunk's write position."""
+  return {**cache[stack], "index": index}
+
+
+def _updated(cache: Mapping, stack: str, stack_cache: Mapping) -> dict:
+  return {**cache, stack: {k: v for k, v in stack_cache.items() if k != "index"}}
