@@ -212,6 +212,25 @@ def test_model_differences_name_each_field_and_skip_what_may_change():
       "scan_layers", "remat_policy", "remat_group_size"}
 
 
+def test_model_differences_compare_kv_sharing_by_its_table():
+  """K/V sharing changes the model: another table is refused, the same table written
+  another way is not, and a checkpoint from before the key existed is per_layer."""
+  cla2 = lambda: configure(config_lib.model_config(), num_layers=4,  # noqa: E731
+                           kv_sharing={"policy": "cross_layer", "group_size": 2})
+  saved = checkpoint_lib._as_dict(cla2())
+  per_layer = configure(config_lib.model_config(), num_layers=4)
+  assert checkpoint_lib.model_differences(saved, per_layer) == [
+      "model.kv_sharing.policy: checkpoint 'cross_layer', config 'per_layer'",
+      "model.kv_sharing.group_size: checkpoint 2, config 0"]
+  as_table = configure(config_lib.model_config(), num_layers=4,
+                       kv_sharing={"policy": "table", "table": "0 0 1 1"})
+  assert checkpoint_lib.model_differences(saved, as_table) == []
+  old = checkpoint_lib._as_dict(per_layer)
+  del old["kv_sharing"]
+  assert checkpoint_lib.model_differences(old, per_layer) == []
+  assert checkpoint_lib.model_differences(old, cla2()) != []
+
+
 def small(data_dir, steps, **model):
   """A decoder LM of a few thousand parameters: 2 steps per checkpoint, log every step."""
   config = default.get_config("tied")

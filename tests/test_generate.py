@@ -6,6 +6,9 @@ match to 1e-5 in float32, for every sharing order, M = 1 and M > 1, GQA / MQA, e
 sharing policy, left-padded batched prompts, and both generating families.
 """
 
+import re
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -292,6 +295,18 @@ def test_bad_kv_sharing_names_the_field(kv, needles):
     assert needle in str(err.value), (needle, str(err.value))
 
 
+def test_unknown_kv_sharing_key_is_named():
+  from xlps import config as config_lib
+  m = tiny()
+  with m.unlocked():
+    m.kv_sharing.grup_size = 2
+  with pytest.raises(ValueError, match=r"model\.kv_sharing\.grup_size is not a kv_sharing key; "
+                     r"did you mean group_size\?"):
+    models.spec_of(m)
+  with pytest.raises(ValueError, match=r"model\.kv_sharing\.polcy"):
+    config_lib.check_override("model.kv_sharing.polcy", "recursive")
+
+
 def test_bad_generation_requests():
   spec = lm()
   with pytest.raises(ValueError, match=r"max_new_tokens=12 .*18 positions.*max_len=16"):
@@ -304,3 +319,43 @@ def test_bad_generation_requests():
     transformer.init_cache(models.spec_of(tiny("encoder_mlm")), 1, 4)
   with pytest.raises(ValueError, match="Seq2SeqGenerator"):
     generate.LMGenerator(seq2seq(), 4)
+
+
+# ------------------------------------------------------------------- launch.generate
+
+
+def test_launch_generate_prompts_eval_split_and_errors(tmp_path, data_dir):
+  """The CLI on a step-0 checkpoint: its greedy continuation is the library's, the eval
+  split is scored, a workdir without checkpoints is one error line."""
+  from configs import default
+  from tests.helpers import run_command
+  from xlps import interop
+  from xlps.data.tokenizers import BOS, ByteTokenizer
+  config = default.get_config("runlocal")
+  config.model.update(num_layers=3, max_len=64)
+  config.model.kv_sharing.update(policy="cross_layer", group_size=2)
+  config.data.update(name="algorithmic", task="copy", train_max_len=4, test_max_len=6,
+                     num_train_examples=64, num_eval_examples=16, data_dir=str(data_dir),
+                     seq_len=16)
+  spec = models.spec_of(config)
+  params = params_of(spec)
+  workdir = tmp_path / "w"
+  interop.write_checkpoint(config, params, workdir)
+  base = ["-m", "launch.generate", f"--workdir={workdir}"]
+
+  out = run_command([sys.executable, *base, "--prompt=def f(", "--max_new_tokens=12"])
+  assert out.returncode == 0, out.stderr
+  tok = ByteTokenizer()
+  want = generate.LMGenerator(spec, 12)(params, [[BOS, *tok.encode("def f(").tolist()]])
+  text = tok.decode(np.asarray(want.tokens[0, :int(want.lengths[0])])).decode("utf-8", "replace")
+  assert f"--- prompt: 'def f('\ndef f({text}\n" in out.stdout, out.stdout
+  assert "cross_layer (2 entries" in out.stdout and "decode_tokens_per_sec" in out.stdout
+
+  out = run_command([sys.executable, *base, "--eval_split=test", "--num_examples=6",
+                     "--batch_size=4"])
+  assert out.returncode == 0, out.stderr
+  assert re.search(r"test: exact-sequence accuracy \d\.\d{4} \(\d/6\)", out.stdout), out.stdout
+
+  out = run_command([sys.executable, "-m", "launch.generate", f"--workdir={tmp_path / 'none'}",
+                     "--prompt=x"])
+  assert out.returncode == 2 and out.stderr.startswith("error: --workdir="), out.stderr
