@@ -17,6 +17,7 @@ depth, so compile time does not grow with the applied depth (``bench/decode.py``
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -153,37 +154,34 @@ def lm_decode(module: nn.Module, params: Any, logits: Array, cache: dict, length
                      sampling=sampling, eos_id=eos_id, return_logits=return_logits)
 
 
-@dataclasses.dataclass(frozen=True)
 class LMGenerator:
-  """Jitted prefill and decode loop of a decoder LM (one compile per batch shape)."""
+  """Jitted prefill and decode loop of a decoder LM (one compile per batch shape).
 
-  spec: ModelSpec
-  max_new_tokens: int
-  sampling: Sampling = Sampling()
-  eos_id: int = EOS
-  return_logits: bool = False
+  ``LMGenerator(spec, 64)(params, prompts)`` continues token-id prompts; ``start``,
+  ``prefill`` and ``decode`` are the three stages, for timing them apart.
+  """
 
-  def __post_init__(self):
-    if self.spec.family != "decoder_lm":
-      raise ConfigError(f"LMGenerator needs model.family='decoder_lm' (got {self.spec.family!r});"
-                       " encoder_decoder models use Seq2SeqGenerator")
-    if self.max_new_tokens < 1:
-      raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-    module = transformer.DecoderLM(self.spec)
-    object.__setattr__(self, "prefill", jax.jit(
-        lambda params, batch, cache: lm_prefill(module, params, batch, cache)))
-    object.__setattr__(self, "decode", jax.jit(
-        lambda params, logits, cache, lengths: lm_decode(
-            module, params, logits, cache, lengths, max_new_tokens=self.max_new_tokens,
-            sampling=self.sampling, eos_id=self.eos_id, return_logits=self.return_logits)))
+  def __init__(self, spec: ModelSpec, max_new_tokens: int, sampling: Sampling = Sampling(),
+               eos_id: int = EOS, return_logits: bool = False):
+    if spec.family != "decoder_lm":
+      raise ConfigError(f"LMGenerator needs model.family='decoder_lm' (got {spec.family!r}); "
+                        "encoder_decoder models use Seq2SeqGenerator")
+    if max_new_tokens < 1:
+      raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    self.spec, self.max_new_tokens = spec, max_new_tokens
+    module = transformer.DecoderLM(spec)
+    self.prefill = jax.jit(functools.partial(lm_prefill, module))
+    self.decode = jax.jit(functools.partial(
+        lm_decode, module, max_new_tokens=max_new_tokens, sampling=sampling, eos_id=eos_id,
+        return_logits=return_logits))
 
   def start(self, prompts: Sequence[Sequence[int]]) -> tuple[dict, dict]:
     """The padded batch and the empty cache for ``prompts``."""
     batch = left_pad(prompts)
-    length = batch["inputs"].shape[1] + self.max_new_tokens
+    width = batch["inputs"].shape[1]
     check_length(self.spec, int(batch["lengths"].max()) + self.max_new_tokens,
-                 f"max_new_tokens={self.max_new_tokens} after a {batch['inputs'].shape[1]}-token prompt")
-    return batch, transformer.init_cache(self.spec, len(prompts), length)
+                 f"max_new_tokens={self.max_new_tokens} after a {width}-token prompt")
+    return batch, transformer.init_cache(self.spec, len(prompts), width + self.max_new_tokens)
 
   def __call__(self, params: Any, prompts: Sequence[Sequence[int]]) -> Generated:
     """The continuations of ``prompts`` (token lists)."""
@@ -212,46 +210,39 @@ def seq2seq_step(module: nn.Module, params: Any) -> StepFn:
   return step
 
 
-@dataclasses.dataclass(frozen=True)
 class Seq2SeqGenerator:
   """Jitted encode-then-decode of an encoder-decoder: beam search when ``beam_size`` > 1
   (GNMT length penalty ``alpha``), else greedy / sampling; the start token is 0."""
 
-  spec: ModelSpec
-  max_len: int
-  beam_size: int = 1
-  alpha: float = 0.6
-  sampling: Sampling = Sampling()
-  eos_id: int = EOS
-  return_logits: bool = False
-
-  def __post_init__(self):
-    if self.spec.family != "encoder_decoder":
+  def __init__(self, spec: ModelSpec, max_len: int, beam_size: int = 1, alpha: float = 0.6,
+               sampling: Sampling = Sampling(), eos_id: int = EOS,
+               return_logits: bool = False):
+    if spec.family != "encoder_decoder":
       raise ConfigError(f"Seq2SeqGenerator needs model.family='encoder_decoder' (got "
-                       f"{self.spec.family!r}); decoder LMs use LMGenerator")
-    if self.max_len < 1 or self.beam_size < 1:
-      raise ConfigError(f"max_len={self.max_len} and beam_size={self.beam_size} must be >= 1")
-    check_length(self.spec, self.max_len, f"max_len={self.max_len}")
-    module = transformer.EncoderDecoder(self.spec)
-    object.__setattr__(self, "run", jax.jit(lambda params, sources: self._run(module, params,
-                                                                               sources)))
+                        f"{spec.family!r}); decoder LMs use LMGenerator")
+    if max_len < 1 or beam_size < 1:
+      raise ConfigError(f"max_len={max_len} and beam_size={beam_size} must be >= 1")
+    check_length(spec, max_len, f"max_len={max_len}")
+    self.spec = spec
+    module = transformer.EncoderDecoder(spec)
 
-  def _run(self, module, params, sources):
-    cache = transformer.init_cache(self.spec, sources.shape[0], self.max_len, sources.shape[1])
-    cache = seq2seq_start(module, params, sources, cache)
-    step = seq2seq_step(module, params)
-    start = jnp.zeros(sources.shape[0], jnp.int32)
-    if self.beam_size > 1:
-      def log_probs(token, cache):
-        logits, cache = step(token, cache)
-        return jax.nn.log_softmax(logits), cache
-      result = decoding.beam_search(log_probs, cache, start, beam_size=self.beam_size,
-                                    max_len=self.max_len, eos_id=self.eos_id, alpha=self.alpha)
-      return Generated(result.tokens[:, 0], result.lengths[:, 0], scores=result.scores[:, 0])
-    logits, cache = step(start, cache)
-    return sample_loop(step, cache, logits, max_new_tokens=self.max_len,
-                       sampling=self.sampling, eos_id=self.eos_id,
-                       return_logits=self.return_logits)
+    def run(params, sources):
+      cache = transformer.init_cache(spec, sources.shape[0], max_len, sources.shape[1])
+      cache = seq2seq_start(module, params, sources, cache)
+      step = seq2seq_step(module, params)
+      start = jnp.zeros(sources.shape[0], jnp.int32)
+      if beam_size > 1:
+        def log_probs(token, cache):
+          logits, cache = step(token, cache)
+          return jax.nn.log_softmax(logits), cache
+        result = decoding.beam_search(log_probs, cache, start, beam_size=beam_size,
+                                      max_len=max_len, eos_id=eos_id, alpha=alpha)
+        return Generated(result.tokens[:, 0], result.lengths[:, 0], scores=result.scores[:, 0])
+      logits, cache = step(start, cache)
+      return sample_loop(step, cache, logits, max_new_tokens=max_len, sampling=sampling,
+                         eos_id=eos_id, return_logits=return_logits)
+
+    self.run = jax.jit(run)
 
   def __call__(self, params: Any, sources: Sequence[Sequence[int]] | np.ndarray) -> Generated:
     """The outputs for ``sources`` (token lists, or a 0-padded array)."""
