@@ -100,7 +100,20 @@ def model_config() -> ml_collections.ConfigDict:
                                    # group's input; 0 = off, -1 = k nearest sqrt(N) dividing N
   m.sharing = sharing_config()
   m.kv_sharing = kv_sharing_config()
+  m.act = act_config()
   return m
+
+
+def act_config(enabled: bool = False) -> ml_collections.ConfigDict:
+  """Adaptive Computation Time over each stack's applied depth (Graves 2016; the Universal
+  Transformer's per-position halting, Dehghani et al. 2018): xlps.models.engine.act_step."""
+  a = ml_collections.ConfigDict()
+  a.enabled = enabled          # halt each position adaptively; the stack's N is the max steps
+  a.threshold = 0.99           # halt once the summed halting probability exceeds 1 - eps
+  a.ponder_weight = 0.01       # tau: loss += tau * mean over positions of (N(t) + R(t))
+  a.halting_bias_init = 1.0    # initial bias of the halting unit (t2t's act_halting_bias_init)
+  a.coordinates = True         # add the position + step sinusoid before every step (UT)
+  return a
 
 
 def kv_sharing_config(policy: str = "per_layer", group_size: int = 0,
@@ -224,6 +237,7 @@ class ModelSpec:
   scan_layers: bool
   remat_policy: str
   remat_group_size: int
+  act: "ActSpec | None"            # adaptive computation time; None = fixed depth
   # Each stack's applied depth: per component, its sharing plan and parameter group.
   stacks: tuple[sharing_lib.StackPlan, ...]
 
@@ -298,6 +312,7 @@ class ModelSpec:
     except ValueError as e:
       raise ConfigError(str(e)) from None
     check_remat_group(m["remat_group_size"], m["scan_layers"], stacks, f("remat_group_size"))
+    act = ActSpec.from_config(m["act"], f("act"))
     return cls(
         family=m["family"], vocab_size=m["vocab_size"], d_model=d, embed_dim=embed_dim,
         num_heads=h, num_kv_heads=kv, head_dim=d // h, d_ff=m["d_ff"],
@@ -313,7 +328,30 @@ class ModelSpec:
         attention_dropout_rate=float(m["attention_dropout_rate"]),
         attention_impl=impl, init_std=float(m["init_std"]), dtype=m["dtype"],
         scan_layers=bool(m["scan_layers"]),
-        remat_policy=m["remat_policy"], remat_group_size=m["remat_group_size"], stacks=stacks)
+        remat_policy=m["remat_policy"], remat_group_size=m["remat_group_size"], act=act,
+        stacks=stacks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ActSpec:
+  """Validated ``model.act`` (present only when enabled)."""
+
+  threshold: float
+  ponder_weight: float
+  halting_bias_init: float
+  coordinates: bool
+
+  @classmethod
+  def from_config(cls, a: Mapping, field: str) -> "ActSpec | None":
+    check_bool(f"{field}.enabled", a["enabled"])
+    check_bool(f"{field}.coordinates", a["coordinates"])
+    check_number(f"{field}.threshold", a["threshold"], 0, 1, open_hi=True)
+    check_number(f"{field}.ponder_weight", a["ponder_weight"], 0)
+    check_number(f"{field}.halting_bias_init", a["halting_bias_init"], -1e9, 1e9)
+    if not a["enabled"]:
+      return None
+    return cls(float(a["threshold"]), float(a["ponder_weight"]), float(a["halting_bias_init"]),
+               bool(a["coordinates"]))
 
 
 def check_remat_group(size: int, scan_layers: bool, stacks, field: str) -> None:
@@ -359,12 +397,12 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
         for sub in sharing[key]:
           if sub not in plan_keys:
             raise unknown_key(f"{field}.sharing.{key}", sub, plan_keys, "sharing")
-  kv_sharing = m.get("kv_sharing")
-  if isinstance(kv_sharing, sections):
-    kv_keys = tuple(kv_sharing_config())
-    for key in kv_sharing:
-      if key not in kv_keys:
-        raise unknown_key(f"{field}.kv_sharing", key, kv_keys, "kv_sharing")
+  for name, schema in (("kv_sharing", kv_sharing_config()), ("act", act_config())):
+    section = m.get(name)
+    if isinstance(section, sections):
+      for key in section:
+        if key not in schema:
+          raise unknown_key(f"{field}.{name}", key, tuple(schema), name)
 
 
 # ----------------------------------------------------------------------------- data

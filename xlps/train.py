@@ -95,6 +95,16 @@ def loss_and_metrics(logits: jax.Array, targets: jax.Array,
                 "sequences": has_tokens.sum().astype(jnp.float32)}
 
 
+def apply_model(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
+                **kwargs) -> tuple[jax.Array, jax.Array | None]:
+  """Logits and, with ACT (``model.spec.act``), the ponder cost: the sum over stacks of the
+  mean ``N(t) + R(t)`` over positions (the ``losses`` collection); None without ACT."""
+  if model.spec.act is None:
+    return model.apply({"params": params}, batch, **kwargs), None
+  logits, aux = model.apply({"params": params}, batch, mutable=["losses"], **kwargs)
+  return logits, sum(jax.tree.leaves(aux["losses"]))
+
+
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation,
                skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -108,9 +118,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   dropout_key = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
-    logits = model.apply({"params": params}, batch, deterministic=False,
-                         rngs={"dropout": dropout_key})
-    return loss_and_metrics(logits, batch["targets"], batch["weights"])
+    logits, ponder = apply_model(model, params, batch, deterministic=False,
+                                 rngs={"dropout": dropout_key})
+    loss, metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])
+    if ponder is not None:  # ACT: loss + tau * ponder (Graves 2016)
+      loss = loss + model.spec.act.ponder_weight * ponder
+      metrics["ponder"] = ponder
+    return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -130,8 +144,11 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
               model: nn.Module) -> dict[str, jax.Array]:
-  logits = model.apply({"params": params}, batch, deterministic=True)
-  return loss_and_metrics(logits, batch["targets"], batch["weights"])[1]
+  logits, ponder = apply_model(model, params, batch, deterministic=True)
+  metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])[1]
+  if ponder is not None:
+    metrics.update(ponder=ponder, batches=jnp.ones((), jnp.float32))
+  return metrics
 
 
 def state_of(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
@@ -285,6 +302,8 @@ def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps,
     if sequences:
       results[f"{prefix}_sequence_accuracy"] = float(sums["seq_correct"]) / max(
           float(sums["sequences"]), 1.0)
+    if "ponder" in sums:
+      results[f"{prefix}_ponder"] = float(sums["ponder"]) / float(sums["batches"])
   return results
 
 
@@ -300,10 +319,13 @@ def train_record(m: Mapping[str, Any], steps: int) -> dict[str, float]:
   the window's metric sums, on the host."""
   weighted = max(float(m["tokens"]), 1.0)
   nonfinite = float(m["nonfinite"])
-  return {"train_loss": float(m["loss_sum"]) / weighted,
-          "train_accuracy": float(m["correct"]) / weighted,
-          "grad_norm": float(m["grad_norm"]) / max(steps - nonfinite, 1.0),
-          "nonfinite_steps": nonfinite}
+  record = {"train_loss": float(m["loss_sum"]) / weighted,
+            "train_accuracy": float(m["correct"]) / weighted,
+            "grad_norm": float(m["grad_norm"]) / max(steps - nonfinite, 1.0),
+            "nonfinite_steps": nonfinite}
+  if "ponder" in m:  # ACT: mean ponder cost (N + R per position, summed over stacks)
+    record["train_ponder"] = float(m["ponder"]) / max(steps - nonfinite, 1.0)
+  return record
 
 
 class NonFiniteError(RuntimeError):

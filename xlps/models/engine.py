@@ -50,6 +50,55 @@ class Norms(nn.Module):
     return getattr(self, site)(x, slot)
 
 
+def act_step(p: Array, state: Mapping[str, Array], transformed: Array, last: Array | bool,
+             threshold: float) -> dict[str, Array]:
+  """One step of Adaptive Computation Time for every position (Graves 2016, Dehghani 2018).
+
+  ``p`` [B, L]: this step's halting probability; ``state``: ``halted`` (bool),
+  ``halting`` (sum of p while running), ``remainders`` R, ``n_updates`` N and ``output`` (the
+  running weighted sum of the block outputs). A running position halts when its summed
+  probability would pass ``threshold`` (1 - eps) or at the ``last`` step; it then weighs in
+  with its remainder ``R = 1 - halting``, so its weights sum to 1. Halted positions are
+  left exactly as they are. ``output = transformed * w + output * (1 - w)`` (the t2t code's
+  ``output * 1 - w`` is a precedence slip).
+  """
+  running = ~state["halted"]
+  total = state["halting"] + p
+  halts = running & ((total > threshold) | last)
+  continues = running & ~halts
+  remainder = 1.0 - state["halting"]
+  weight = jnp.where(continues, p, jnp.where(halts, remainder, 0.0))
+  w = weight[..., None].astype(transformed.dtype)
+  output = jnp.where(running[..., None], transformed * w + state["output"] * (1 - w),
+                     state["output"])
+  return {"halted": state["halted"] | halts,
+          "halting": jnp.where(continues, total, state["halting"]),
+          "remainders": jnp.where(halts, remainder, state["remainders"]),
+          "n_updates": state["n_updates"] + running.astype(jnp.float32),
+          "output": output}
+
+
+def act_start(x: Array) -> dict[str, Array]:
+  """ACT's state before the first step: nothing halted, summed, or written yet."""
+  zeros = jnp.zeros(x.shape[:-1], jnp.float32)
+  return {"halted": jnp.zeros(x.shape[:-1], bool), "halting": zeros, "remainders": zeros,
+          "n_updates": zeros, "output": jnp.zeros_like(x)}
+
+
+class HaltingUnit(nn.Module):
+  """ACT's halting probability ``sigmoid(x . w + b)`` per position, one unit for all steps."""
+
+  bias_init: float
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ("embed",)), (x.shape[-1],))
+    bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.constant(self.bias_init), ()), ())
+    return jax.nn.sigmoid(x.astype(jnp.float32) @ kernel + bias)
+
+
 class Block(nn.Module):
   """One applied layer: self-attention, optional cross-attention, FFN; pre- or post-LN.
 
@@ -62,7 +111,10 @@ class Block(nn.Module):
   ``kv`` is the K/V carried along depth, or None: ``k`` / ``v`` (self-attention, entry
   ``step["kv_entry"]``, written at ``index`` where ``step["kv_write"]``) and, decoding an
   encoder-decoder, ``cross_k`` / ``cross_v`` (entry = the cross-attention slot: written
-  when ``encoded`` is given, else read). Returns ``(x, kv)``.
+  when ``encoded`` is given, else read). With ACT (``spec.act``), ``act`` is its state
+  (``act_step``): the block adds the coordinates (``positions`` and step sinusoids), asks
+  its halting unit, applies the layer and folds the result into ``act["output"]``.
+  Returns ``(x, kv, act)``.
   """
 
   spec: ModelSpec
@@ -72,7 +124,9 @@ class Block(nn.Module):
   def __call__(self, x: Array, step: Mapping[str, Array], mask: Array,
                encoded: Array | None, cross_mask: Array | None,
                dropout_key: Array | None,
-               kv: Mapping[str, Array] | None = None) -> tuple[Array, dict | None]:
+               kv: Mapping[str, Array] | None = None,
+               act: Mapping[str, Array] | None = None,
+               positions: Array | None = None) -> tuple[Array, dict | None, dict | None]:
     s = self.spec
     groups = {comp: (group, m) for comp, group, m in self.uses}
     projected = lambda m: dict(num_unique=m, use_bias=s.use_bias,  # noqa: E731
@@ -119,20 +173,28 @@ class Block(nn.Module):
         s.d_ff, s.activation, name=groups["mlp"][0], **projected(groups["mlp"][1]))(
             h, step["mlp"])))
 
+    if act is not None:
+      if s.act.coordinates:
+        x = x + (layers.sinusoid(positions, x.shape[-1])
+                 + layers.sinusoid(step["index"] + 1, x.shape[-1])).astype(x.dtype)
+      p = HaltingUnit(s.act.halting_bias_init, name="halting")(x)
     for site, fn in sublayers:
       if s.norm_position == "pre":
         x = x + layers.dropout(fn(norms(site, x, step["norms"])), s.dropout_rate, key(site))
       else:
         x = norms(site, x + layers.dropout(fn(x), s.dropout_rate, key(site)), step["norms"])
       x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    return x, kv
+    if act is not None:
+      act = act_step(p, act, x, step["last"], s.act.threshold)
+    return x, kv, act
 
 
 def slot_inputs(plan: StackPlan, decoding: bool = False) -> dict[str, Array]:
   """Per-step scan inputs: the applied-layer index, each component's slot table and, where
   K/V are shared, the entry each layer reads (decode cache entry, or training buffer row)
   and whether it writes it."""
-  steps = {"index": jnp.arange(plan.num_layers, dtype=jnp.int32)}
+  steps = {"index": jnp.arange(plan.num_layers, dtype=jnp.int32),
+           "last": jnp.arange(plan.num_layers) == plan.num_layers - 1}
   for comp, p in plan.plans.items():
     steps[comp] = jnp.asarray(np.asarray(p.slots, np.int32))
   kv = plan.kv
@@ -175,6 +237,10 @@ class Stack(nn.Module):
   K/V shared across layers (``plan.kv``) travel in the scan's carry: in training a buffer of
   ``kv.num_registers`` rows; decoding, the stack's ``cache`` (``cache_shapes`` plus the
   write position ``index``), and the call returns ``(x, cache)``.
+
+  With ACT (``spec.act``) N is the most steps a position takes: the carry also holds the
+  halting state, the stack returns the halting-weighted output and sows each position's
+  ponder cost ``N(t) + R(t)`` as ``intermediates/ponder`` and its mean as ``losses/ponder``.
   """
 
   spec: ModelSpec
@@ -183,7 +249,8 @@ class Stack(nn.Module):
   def __call__(self, x: Array, plan: StackPlan, mask: Array,
                encoded: Array | None = None, cross_mask: Array | None = None,
                deterministic: bool = True,
-               cache: Mapping[str, Array] | None = None) -> Array | tuple[Array, dict]:
+               cache: Mapping[str, Array] | None = None,
+               positions: Array | None = None) -> Array | tuple[Array, dict]:
     s = self.spec
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
     block = Block(spec=s, uses=uses, name=BLOCK_SCOPE)
@@ -196,14 +263,21 @@ class Stack(nn.Module):
       buffer = jnp.zeros(shape, s.dtype)
       kv = {"k": buffer, "v": buffer, "index": jnp.int32(0)}
 
+    act = None
+    if s.act is not None:
+      act = act_start(x)
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
     def layer(blk: Block, carry: tuple, step: Mapping[str, Array]) -> tuple[tuple, None]:
-      return blk(carry[0], step, mask, encoded, cross_mask, dropout_key, carry[1]), None
+      return blk(carry[0], step, mask, encoded, cross_mask, dropout_key, *carry[1:],
+                 positions=positions), None
 
     if s.remat_policy != "none":
       policy = None if s.remat_policy == "full" else getattr(jax.checkpoint_policies,
                                                              s.remat_policy)
       layer = nn.remat(layer, policy=policy, prevent_cse=not s.scan_layers)
-    carry = (x, kv)
+    carry = (x, kv, act)
     if not s.scan_layers:
       for i in range(plan.num_layers):
         carry, _ = layer(block, carry, jax.tree.map(lambda a: a[i], steps))
@@ -217,5 +291,10 @@ class Stack(nn.Module):
         layer = nn.remat(lambda blk, c, group: inner(blk, c, group), prevent_cse=False)
         steps = jax.tree.map(lambda a: a.reshape(plan.num_layers // k, k), steps)
       carry, _ = scan(layer)(block, carry, steps)
-    x, kv = carry
+    x, kv, act = carry
+    if act is not None:
+      x = act["output"]
+      ponder = act["n_updates"] + act["remainders"]
+      self.sow("intermediates", "ponder", ponder)
+      self.sow("losses", "ponder", ponder.mean())
     return x if cache is None else (x, kv)

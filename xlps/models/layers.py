@@ -152,6 +152,16 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
+def sinusoid(values: Array, dim: int) -> Array:
+  """``sinusoidal_positions`` of traced values (positions, or the step count of ACT's
+  coordinates): shape ``values.shape + (dim,)``, float32."""
+  half = dim // 2
+  freq = jnp.exp(-np.log(10000.0) * jnp.arange(half) / max(half - 1, 1))
+  angle = jnp.asarray(values, jnp.float32)[..., None] * freq
+  table = jnp.concatenate([jnp.sin(angle), jnp.cos(angle)], axis=-1)
+  return jnp.pad(table, [(0, 0)] * (table.ndim - 1) + [(0, dim % 2)])
+
+
 def make_attention_mask(q_valid: Array, k_valid: Array, causal: bool = False,
                         q_segments: Array | None = None,
                         k_segments: Array | None = None) -> Array:

@@ -154,7 +154,8 @@ class FamilyModule(nn.Module):
     embedder = Embedder(self.spec, name="embedder")
     x = embedder(batch["inputs"], batch.get("positions"), batch.get("token_types"),
                  self._embed_key(deterministic))
-    x = self._stacks()[stack](x, mask=mask, deterministic=deterministic, cache=cache)
+    x = self._stacks()[stack](x, mask=mask, deterministic=deterministic, cache=cache,
+                              positions=batch.get("positions"))
     if cache is not None:
       x, cache = x
     x = self._final_norm(x, "final_norm")
@@ -250,7 +251,7 @@ class EncoderDecoder(FamilyModule):
     y = embedder(dec_in, positions, None, self._embed_key(deterministic))
     y = stacks["decoder"](y, mask=mask, encoded=encoded,
                           cross_mask=layers.make_attention_mask(tgt_valid, src_valid),
-                          deterministic=deterministic, cache=stack_cache)
+                          deterministic=deterministic, cache=stack_cache, positions=positions)
     if cache is not None:
       y, stack_cache = y
     y = self._final_norm(y, "decoder_norm")
