@@ -101,7 +101,32 @@ def model_config() -> ml_collections.ConfigDict:
   m.sharing = sharing_config()
   m.kv_sharing = kv_sharing_config()
   m.act = act_config()
+  m.loop = loop_config()
   return m
+
+
+LOOP_INJECTIONS = ("none", "add", "adapter")
+LOOP_INIT_STATES = ("prelude", "zeros", "random")
+LOOP_DEPTHS = ("fixed", "uniform", "poisson_lognormal")
+
+
+def loop_config() -> ml_collections.ConfigDict:
+  """A looped / recurrent-depth shape (Huginn, Geiping et al. 2025): an unshared prelude, a
+  core of layers iterated up to (num_layers - prelude - coda) / core times, an unshared coda,
+  all one sharing table in one scan (xlps.sharing.looped_slots)."""
+  l = ml_collections.ConfigDict()
+  l.prelude = 0                # unshared layers before the core
+  l.core = 0                   # layers per core iteration; 0 = no looped shape
+  l.coda = 0                   # unshared layers after the core
+  l.inject = "none"            # re-inject the prelude output e each iteration: none | add |
+                               # adapter (Dense(concat[state, e]), Huginn's adapter)
+  l.init_state = "prelude"     # core's initial state: prelude (e) | zeros | random (N(0, init_std))
+  l.train_iterations = "fixed"  # iterations per train step: fixed | uniform (1..2 mean - 1) |
+                               # poisson_lognormal (Huginn: Poisson(exp(N(log mean - 1/8, 1/2))) + 1)
+  l.mean_iterations = 0        # mean (fixed: the count) of train iterations; 0 = the maximum
+  l.backprop_iterations = 0    # k: gradients through the last k iterations only; 0 = all
+  l.eval_iterations = 0        # iterations at evaluation and generation; 0 = mean_iterations
+  return l
 
 
 def act_config(enabled: bool = False) -> ml_collections.ConfigDict:
@@ -238,6 +263,7 @@ class ModelSpec:
   remat_policy: str
   remat_group_size: int
   act: "ActSpec | None"            # adaptive computation time; None = fixed depth
+  loop: "LoopSpec | None"          # prelude / iterated core / coda; None = plain depth
   # Each stack's applied depth: per component, its sharing plan and parameter group.
   stacks: tuple[sharing_lib.StackPlan, ...]
 
@@ -304,15 +330,20 @@ class ModelSpec:
       raise ConfigError(f"{f('tie_encoder_decoder')}=True needs {f('family')}='encoder_decoder' "
                         f"(family is {m['family']!r})")
 
+    loop = LoopSpec.from_config(m, f("loop"))
+    plan_sharing = m["sharing"] if loop is None else loop.sharing()
     try:  # xlps.sharing is plain Python: its errors are ValueErrors
       stacks = tuple(sharing_lib.stack_plan(st.name, st.num_layers, st.components, st.groups,
-                                            m["sharing"], f("sharing"), m["kv_sharing"])
+                                            plan_sharing, f("sharing"), m["kv_sharing"])
                      for st in families_lib.FAMILIES[m["family"]].stacks(m))
       sharing_lib.parameter_groups(stacks)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     check_remat_group(m["remat_group_size"], m["scan_layers"], stacks, f("remat_group_size"))
     act = ActSpec.from_config(m["act"], f("act"))
+    if act is not None and loop is not None:
+      raise ConfigError(f"{f('act.enabled')}=True and {f('loop.core')}={loop.core}: ACT halting "
+                        "and a looped core are two ways to choose depth; enable one of them")
     return cls(
         family=m["family"], vocab_size=m["vocab_size"], d_model=d, embed_dim=embed_dim,
         num_heads=h, num_kv_heads=kv, head_dim=d // h, d_ff=m["d_ff"],
@@ -328,8 +359,67 @@ class ModelSpec:
         attention_dropout_rate=float(m["attention_dropout_rate"]),
         attention_impl=impl, init_std=float(m["init_std"]), dtype=m["dtype"],
         scan_layers=bool(m["scan_layers"]),
-        remat_policy=m["remat_policy"], remat_group_size=m["remat_group_size"], act=act,
+        remat_policy=m["remat_policy"], remat_group_size=m["remat_group_size"], act=act, loop=loop,
         stacks=stacks)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """Validated ``model.loop`` (present only when ``core > 0``)."""
+
+  prelude: int
+  core: int
+  coda: int
+  max_iterations: int
+  inject: str
+  init_state: str
+  train_iterations: str
+  mean_iterations: int
+  backprop_iterations: int
+  eval_iterations: int
+
+  def sharing(self) -> dict:
+    """The sharing config of the looped table (prelude and coda slots used once)."""
+    slots = sharing_lib.looped_slots(self.prelude, self.core, self.max_iterations, self.coda)
+    return {"num_unique": 0, "order": "table", "table": " ".join(map(str, slots))}
+
+  @classmethod
+  def from_config(cls, m: Mapping, field: str) -> "LoopSpec | None":
+    lp = m["loop"]
+    for key in ("prelude", "core", "coda", "mean_iterations", "backprop_iterations",
+                "eval_iterations"):
+      check_int(f"{field}.{key}", lp[key], 0)
+    for key, valid in (("inject", LOOP_INJECTIONS), ("init_state", LOOP_INIT_STATES),
+                       ("train_iterations", LOOP_DEPTHS)):
+      check_choice(f"{field}.{key}", lp[key], valid)
+    if lp["core"] == 0:
+      return None
+    family = m["family"]
+    if len(families_lib.FAMILIES[family].stacks(m)) != 1:
+      raise ConfigError(f"{field}.core={lp['core']} needs a one-stack family (decoder_lm, "
+                        f"encoder_mlm); model.family is {family!r}")
+    body = m["num_layers"] - lp["prelude"] - lp["coda"]
+    if body < lp["core"] or body % lp["core"]:
+      valid = [lp["prelude"] + lp["coda"] + lp["core"] * r for r in range(1, 5)]
+      raise ConfigError(f"model.num_layers={m['num_layers']} is not prelude {lp['prelude']} + "
+                        f"core {lp['core']} x iterations + coda {lp['coda']}; valid: "
+                        f"{', '.join(map(str, valid))}, ... (num_layers sets the most iterations)")
+    default = sharing_config()
+    if any(m["sharing"][k] != default[k] for k in ("num_unique", "order", "table")) or any(
+        v not in (None, "") for comp in sharing_lib.COMPONENTS
+        for v in dict(m["sharing"][comp]).values()):
+      raise ConfigError(f"{field}.core={lp['core']} defines the sharing table (prelude and coda "
+                        "slots used once, core slots cycled); leave model.sharing at its "
+                        "defaults")
+    most = body // lp["core"]
+    for key in ("mean_iterations", "eval_iterations", "backprop_iterations"):
+      if lp[key] > most:
+        raise ConfigError(f"{field}.{key}={lp[key]} exceeds the {most} iterations "
+                          f"model.num_layers={m['num_layers']} holds; valid: 0..{most}")
+    mean = lp["mean_iterations"] or most
+    return cls(lp["prelude"], lp["core"], lp["coda"], most, lp["inject"], lp["init_state"],
+               lp["train_iterations"], mean, lp["backprop_iterations"],
+               lp["eval_iterations"] or mean)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,7 +487,8 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
         for sub in sharing[key]:
           if sub not in plan_keys:
             raise unknown_key(f"{field}.sharing.{key}", sub, plan_keys, "sharing")
-  for name, schema in (("kv_sharing", kv_sharing_config()), ("act", act_config())):
+  for name, schema in (("kv_sharing", kv_sharing_config()), ("act", act_config()),
+                       ("loop", loop_config())):
     section = m.get(name)
     if isinstance(section, sections):
       for key in section:
@@ -528,6 +619,8 @@ def train_config() -> ml_collections.ConfigDict:
   t.grad_clip_norm = 1.0           # global-norm clipping; 0 = off
   t.log_every_steps = 50           # progress line + metrics.jsonl train entry (and at the end)
   t.eval_every_steps = 500         # evaluation on every eval split (and at the end)
+  t.eval_iterations = ""           # looped models: also evaluate at these core iterations,
+                                   # e.g. "1,2,4,8" (eval_loss_iter4, ...); "" = none
   t.checkpoint_every_steps = 500   # checkpoint interval (and at the end / on SIGTERM)
   t.keep_checkpoints = 3           # the newest checkpoints kept (older ones deleted) ...
   t.keep_every_steps = 0           # ... plus every checkpoint whose step is a multiple of this
@@ -540,6 +633,27 @@ def train_config() -> ml_collections.ConfigDict:
                                    # (name the differing fields) | restart (move them aside,
                                    # start at step 0)
   return t
+
+
+def eval_iterations(t: ml_collections.ConfigDict, spec: ModelSpec) -> tuple[int, ...]:
+  """``train.eval_iterations`` parsed: core iterations the eval loop reports loss at."""
+  text = t.eval_iterations
+  check_str("train.eval_iterations", text)
+  if not text.strip():
+    return ()
+  try:
+    values = tuple(int(v) for v in text.replace(",", " ").split())
+  except ValueError:
+    raise ConfigError(f"train.eval_iterations={text!r} is not a list of integers, e.g. "
+                      "'1,2,4,8'") from None
+  if spec.loop is None:
+    raise ConfigError(f"train.eval_iterations={text!r} needs a looped model "
+                      "(model.loop.core > 0)")
+  most = spec.loop.max_iterations
+  if any(not 1 <= v <= most for v in values):
+    raise ConfigError(f"train.eval_iterations={text!r}: each must be in 1..{most} (the "
+                      f"iterations model.num_layers={spec.num_layers} holds)")
+  return values
 
 
 def check_train(t: ml_collections.ConfigDict) -> None:
@@ -703,6 +817,7 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1,
   if vocab > spec.vocab_size:
     raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the {d.tokenizer} "
                       f"tokenizer's vocabulary ({vocab}); set model.vocab_size >= {vocab}")
+  eval_iterations(config.train, spec)
   check_mesh(config.mesh)
   if num_devices is None:
     import jax

@@ -149,6 +149,14 @@ def component_plans(sharing: Mapping, num_layers: int, components: Iterable[str]
   return plans
 
 
+def looped_slots(prelude: int, core: int, iterations: int, coda: int) -> tuple[int, ...]:
+  """Slots of a looped stack: prelude layers 0..P-1 once, the core's C slots cycled over
+  ``iterations``, coda slots once after them (Huginn's prelude / recurrent core / coda)."""
+  return (tuple(range(prelude)) + tuple(prelude + j for _ in range(iterations)
+                                        for j in range(core))
+          + tuple(prelude + core + j for j in range(coda)))
+
+
 # ----------------------------------------------------------------------- K/V sharing
 
 

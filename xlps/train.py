@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -142,9 +143,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: Mapping[str, jax.Array], *,
-              model: nn.Module) -> dict[str, jax.Array]:
-  logits, ponder = apply_model(model, params, batch, deterministic=True)
+def eval_step(params: Any, batch: Mapping[str, jax.Array], iterations: jax.Array | None = None,
+              *, model: nn.Module) -> dict[str, jax.Array]:
+  """Metric sums of one batch; a looped model runs ``iterations`` core iterations (traced:
+  one compile for every depth; None = its ``eval_iterations``)."""
+  kwargs = {} if iterations is None else {"iterations": iterations}
+  logits, ponder = apply_model(model, params, batch, deterministic=True, **kwargs)
   metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])[1]
   if ponder is not None:
     metrics.update(ponder=ponder, batches=jnp.ones((), jnp.float32))
@@ -191,6 +195,7 @@ class Steps:
   batch_sharding: jax.sharding.NamedSharding
   train_fn: Any
   eval_fn: Any
+  eval_depth_fn: Any
   mesh: jax.sharding.Mesh
   rules: partitioning.Rules
 
@@ -210,9 +215,12 @@ class Steps:
     with partitioning.activate(self.mesh, self.rules):
       return self.train_fn(state, batch)
 
-  def evaluate(self, params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  def evaluate(self, params: Any, batch: Mapping[str, jax.Array],
+               iterations: int | None = None) -> dict[str, jax.Array]:
     with partitioning.activate(self.mesh, self.rules):
-      return self.eval_fn(params, batch)
+      if iterations is None:
+        return self.eval_fn(params, batch)
+      return self.eval_depth_fn(params, batch, jnp.int32(iterations))
 
 
 def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int,
@@ -227,7 +235,10 @@ def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: i
                      out_shardings=(state_sharding, None), donate_argnums=0)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(state_sharding.params, batch_sharding))
-  return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn, mesh, rules)
+  eval_depth_fn = jax.jit(functools.partial(eval_step, model=model),
+                          in_shardings=(state_sharding.params, batch_sharding, None))
+  return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn, eval_depth_fn, mesh,
+               rules)
 
 
 # Workdir schemes served end to end: epath for our files, TensorStore for Orbax's arrays.
@@ -276,25 +287,30 @@ def _check_workdir(workdir: epath.Path) -> None:
                       "in workdir=%r larger than that fails with 'File too large'", limit, text)
 
 
-def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps,
-             sequences: bool) -> dict[str, float]:
-  """Loss, token accuracy, perplexity (and exact-sequence accuracy) per eval split.
+def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps, sequences: bool,
+             iterations: tuple[int, ...] = ()) -> dict[str, float]:
+  """Loss, token accuracy, perplexity (and exact-sequence accuracy) per eval split; for a
+  looped model also the loss at each of ``iterations`` core iterations (``..._iter{r}``).
 
   Each process reads only its shards of a split and can run out of rows before the others,
   but the step is a collective: before each batch the processes agree whether any still has
   rows, and those that have none feed ``pipeline.padding_batch()`` (weight 0, no effect).
   """
   results = {}
-  for split in pipeline.eval_splits:
+  for split, depth in itertools.product(pipeline.eval_splits, (None, *iterations)):
     sums, batches = None, pipeline.eval_batches(split)
     while True:
       batch = next(batches, None)
       if not multihost_utils.process_allgather(batch is not None).any():
         break
       batch = pipeline.padding_batch(split) if batch is None else batch
-      m = jax.device_get(steps.evaluate(params, steps.global_batch(batch)))
+      m = jax.device_get(steps.evaluate(params, steps.global_batch(batch), depth))
       sums = m if sums is None else {k: sums[k] + m[k] for k in m}
     prefix = "eval" if split in ("validation", "test") else f"eval_{split}"
+    if depth is not None:
+      tokens = max(float(sums["tokens"]), 1.0)
+      results[f"{prefix}_loss_iter{depth}"] = float(sums["loss_sum"]) / tokens
+      continue
     tokens = max(float(sums["tokens"]), 1.0)
     results[f"{prefix}_loss"] = float(sums["loss_sum"]) / tokens
     results[f"{prefix}_accuracy"] = float(sums["correct"]) / tokens
@@ -460,7 +476,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           logging.info("evaluating at step %d", step)
         with throughput.paused():
           last_eval = evaluate(state.params, pipeline, setup,
-                               sequences=config.data.name == "algorithmic")
+                               sequences=config.data.name == "algorithmic",
+                               iterations=config_lib.eval_iterations(t, spec))
         record.update(last_eval)
       if record:
         writer.write(step, record)

@@ -114,7 +114,11 @@ class Block(nn.Module):
   when ``encoded`` is given, else read). With ACT (``spec.act``), ``act`` is its state
   (``act_step``): the block adds the coordinates (``positions`` and step sinusoids), asks
   its halting unit, applies the layer and folds the result into ``act["output"]``.
-  Returns ``(x, kv, act)``.
+  In a looped stack (``spec.loop``), ``loop`` holds the prelude output ``e``, the initial
+  core state ``init`` and the ``iterations`` to run: the first core layer saves ``e`` and
+  starts from ``init``; each iteration's first layer may cut the gradient (the last
+  ``backprop_iterations`` iterations train) and re-injects ``e``; layers of iterations past
+  ``iterations`` leave the state as it is. Returns ``(x, kv, act, loop)``.
   """
 
   spec: ModelSpec
@@ -126,7 +130,8 @@ class Block(nn.Module):
                dropout_key: Array | None,
                kv: Mapping[str, Array] | None = None,
                act: Mapping[str, Array] | None = None,
-               positions: Array | None = None) -> tuple[Array, dict | None, dict | None]:
+               loop: Mapping[str, Array] | None = None,
+               positions: Array | None = None) -> tuple:
     s = self.spec
     groups = {comp: (group, m) for comp, group, m in self.uses}
     projected = lambda m: dict(num_unique=m, use_bias=s.use_bias,  # noqa: E731
@@ -173,6 +178,9 @@ class Block(nn.Module):
         s.d_ff, s.activation, name=groups["mlp"][0], **projected(groups["mlp"][1]))(
             h, step["mlp"])))
 
+    if loop is not None:
+      x_before = x
+      x, loop = self._enter_iteration(x, step, loop)
     if act is not None:
       if s.act.coordinates:
         x = x + (layers.sinusoid(positions, x.shape[-1])
@@ -186,15 +194,46 @@ class Block(nn.Module):
       x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if act is not None:
       act = act_step(p, act, x, step["last"], s.act.threshold)
-    return x, kv, act
+    if loop is not None:
+      active = (step["iteration"] < 0) | (step["iteration"] < loop["iterations"])
+      x = jnp.where(active, x, x_before)
+    return x, kv, act, loop
+
+  def _enter_iteration(self, x: Array, step: Mapping[str, Array],
+                       loop: Mapping[str, Array]) -> tuple[Array, dict]:
+    """A core iteration's start: save e / start the state (first iteration), cut the
+    gradient before the last ``backprop_iterations`` iterations, re-inject e."""
+    lp = self.spec.loop
+    starts, iteration = step["starts"], step["iteration"]
+    first = starts & (iteration == 0)
+    loop = {**loop, "e": jnp.where(first, x, loop["e"])}
+    if loop["init"] is not None:  # else the core starts from the prelude output itself
+      x = jnp.where(first, loop["init"], x)
+    if lp.backprop_iterations:
+      cut = starts & (iteration == loop["iterations"] - lp.backprop_iterations)
+      x = jnp.where(cut, jax.lax.stop_gradient(x), x)
+    if lp.inject == "add":
+      x = jnp.where(starts, x + loop["e"], x)
+    elif lp.inject == "adapter":
+      adapter = layers.Dense((x.shape[-1],), (None,), ("embed",), use_bias=self.spec.use_bias,
+                             init_std=self.spec.init_std, dtype=self.spec.dtype, name="adapter")
+      x = jnp.where(starts, adapter(jnp.concatenate([x, loop["e"]], -1)).astype(x.dtype), x)
+    return x, loop
 
 
-def slot_inputs(plan: StackPlan, decoding: bool = False) -> dict[str, Array]:
+def slot_inputs(plan: StackPlan, decoding: bool = False,
+                loop: config_lib.LoopSpec | None = None) -> dict[str, Array]:
   """Per-step scan inputs: the applied-layer index, each component's slot table and, where
   K/V are shared, the entry each layer reads (decode cache entry, or training buffer row)
-  and whether it writes it."""
-  steps = {"index": jnp.arange(plan.num_layers, dtype=jnp.int32),
-           "last": jnp.arange(plan.num_layers) == plan.num_layers - 1}
+  and whether it writes it; for a looped stack each layer's core iteration (-1 outside the
+  core) and whether it starts one."""
+  n = plan.num_layers
+  steps = {"index": jnp.arange(n, dtype=jnp.int32), "last": jnp.arange(n) == n - 1}
+  if loop is not None:
+    core = np.arange(n) - loop.prelude
+    in_core = (core >= 0) & (core < loop.core * loop.max_iterations)
+    steps["iteration"] = jnp.asarray(np.where(in_core, core // loop.core, -1), jnp.int32)
+    steps["starts"] = jnp.asarray(in_core & (core % loop.core == 0))
   for comp, p in plan.plans.items():
     steps[comp] = jnp.asarray(np.asarray(p.slots, np.int32))
   kv = plan.kv
@@ -250,13 +289,14 @@ class Stack(nn.Module):
                encoded: Array | None = None, cross_mask: Array | None = None,
                deterministic: bool = True,
                cache: Mapping[str, Array] | None = None,
-               positions: Array | None = None) -> Array | tuple[Array, dict]:
+               positions: Array | None = None,
+               iterations: Array | int | None = None) -> Array | tuple[Array, dict]:
     s = self.spec
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
     block = Block(spec=s, uses=uses, name=BLOCK_SCOPE)
     needs_rng = not deterministic and (s.dropout_rate > 0 or s.attention_dropout_rate > 0)
     dropout_key = self.make_rng("dropout") if needs_rng else None
-    steps = slot_inputs(plan, decoding=cache is not None)
+    steps = slot_inputs(plan, decoding=cache is not None, loop=s.loop)
     kv = cache
     if cache is None and plan.kv is not None and plan.kv.shared:
       shape = (x.shape[0], plan.kv.num_registers, x.shape[1], s.num_kv_heads, s.head_dim)
@@ -269,6 +309,10 @@ class Stack(nn.Module):
       if positions is None:
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
 
+    loop = None
+    if s.loop is not None:
+      loop = self._loop_state(x, deterministic, iterations)
+
     def layer(blk: Block, carry: tuple, step: Mapping[str, Array]) -> tuple[tuple, None]:
       return blk(carry[0], step, mask, encoded, cross_mask, dropout_key, *carry[1:],
                  positions=positions), None
@@ -277,7 +321,7 @@ class Stack(nn.Module):
       policy = None if s.remat_policy == "full" else getattr(jax.checkpoint_policies,
                                                              s.remat_policy)
       layer = nn.remat(layer, policy=policy, prevent_cse=not s.scan_layers)
-    carry = (x, kv, act)
+    carry = (x, kv, act, loop)
     if not s.scan_layers:
       for i in range(plan.num_layers):
         carry, _ = layer(block, carry, jax.tree.map(lambda a: a[i], steps))
@@ -291,10 +335,50 @@ class Stack(nn.Module):
         layer = nn.remat(lambda blk, c, group: inner(blk, c, group), prevent_cse=False)
         steps = jax.tree.map(lambda a: a.reshape(plan.num_layers // k, k), steps)
       carry, _ = scan(layer)(block, carry, steps)
-    x, kv, act = carry
+    x, kv, act, loop = carry
+    if loop is not None:
+      self.sow("intermediates", "iterations", loop["iterations"])
     if act is not None:
       x = act["output"]
       ponder = act["n_updates"] + act["remainders"]
       self.sow("intermediates", "ponder", ponder)
       self.sow("losses", "ponder", ponder.mean())
     return x if cache is None else (x, kv)
+
+  def _loop_state(self, x: Array, deterministic: bool,
+                  iterations: Array | int | None) -> dict[str, Array]:
+    """Core iterations to run (given, sampled in training, else ``eval_iterations``), the
+    initial core state and a slot for the prelude output."""
+    lp = self.spec.loop
+    key = None if deterministic else self.make_rng("dropout")
+    if iterations is None:
+      iterations = lp.eval_iterations
+      if key is not None:
+        iterations = sample_iterations(jax.random.fold_in(key, 1), lp)
+    iterations = jnp.asarray(iterations, jnp.int32)
+    if lp.init_state == "random":
+      init_key = jax.random.PRNGKey(0) if key is None else jax.random.fold_in(key, 2)
+      init = (jax.random.normal(init_key, x.shape) * self.spec.init_std).astype(x.dtype)
+    else:
+      init = jnp.zeros_like(x)
+    if lp.init_state == "prelude":
+      init = None
+    return {"e": jnp.zeros_like(x), "init": init, "iterations": iterations}
+
+
+def sample_iterations(key: Array, loop: config_lib.LoopSpec) -> Array:
+  """Core iterations for one train step (one draw for the whole batch), in
+  [1, loop.max_iterations]: ``fixed`` = mean; ``uniform`` over 1..2 mean - 1; Huginn's
+  ``poisson_lognormal``: ``Poisson(exp(tau)) + 1`` with ``tau ~ N(log(mean) - 1/8, 1/2)``,
+  whose mean before clipping is ``mean + 1`` (as Huginn samples it)."""
+  mean, most = loop.mean_iterations, loop.max_iterations
+  if loop.train_iterations == "fixed":
+    return jnp.int32(mean)
+  if loop.train_iterations == "uniform":
+    draw = jax.random.randint(key, (), 1, 2 * mean)
+  else:
+    normal_key, poisson_key = jax.random.split(key)
+    sigma = 0.5
+    tau = jnp.log(mean) - sigma ** 2 / 2 + sigma * jax.random.normal(normal_key)
+    draw = jax.random.poisson(poisson_key, jnp.exp(tau)) + 1
+  return jnp.clip(draw, 1, most).astype(jnp.int32)

@@ -148,14 +148,15 @@ class FamilyModule(nn.Module):
             for plan in self.spec.stacks}
 
   def _encoder_only(self, batch: Mapping[str, Array], stack: str, mask: Array,
-                    deterministic: bool, cache: Mapping | None = None):
+                    deterministic: bool, cache: Mapping | None = None,
+                    iterations: Array | int | None = None):
     """Embeds ``batch["inputs"]`` and applies the family's one stack and final norm (with
     the stack's ``cache``: returns it updated too)."""
     embedder = Embedder(self.spec, name="embedder")
     x = embedder(batch["inputs"], batch.get("positions"), batch.get("token_types"),
                  self._embed_key(deterministic))
     x = self._stacks()[stack](x, mask=mask, deterministic=deterministic, cache=cache,
-                              positions=batch.get("positions"))
+                              positions=batch.get("positions"), iterations=iterations)
     if cache is not None:
       x, cache = x
     x = self._final_norm(x, "final_norm")
@@ -168,19 +169,21 @@ class DecoderLM(FamilyModule):
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Array], deterministic: bool = True,
-               cache: Mapping | None = None) -> Array | tuple[Array, dict]:
+               cache: Mapping | None = None,
+               iterations: Array | int | None = None) -> Array | tuple[Array, dict]:
     segments = batch.get("segment_ids")
     valid = jnp.ones(batch["inputs"].shape, bool) if segments is None else segments != 0
     if cache is None:
       mask = layers.make_attention_mask(valid, valid, True, segments, segments)
-      x, embedder, _ = self._encoder_only(batch, "decoder", mask, deterministic)
+      x, embedder, _ = self._encoder_only(batch, "decoder", mask, deterministic,
+                                          iterations=iterations)
       return OutputHead(self.spec, name="head")(x, embedder)
     # Decoding: ``segment_ids`` 0 marks (left) padding; no packing.
     index = cache["index"]
     cache, mask, positions = _advance(cache, valid)
     batch = {**batch, "positions": batch.get("positions", positions)}
     x, embedder, stack = self._encoder_only(batch, "decoder", mask, deterministic,
-                                            _stack_cache(cache, "decoder", index))
+                                            _stack_cache(cache, "decoder", index), iterations)
     return OutputHead(self.spec, name="head")(x, embedder), _updated(cache, "decoder", stack)
 
 
@@ -188,13 +191,15 @@ class EncoderMLM(FamilyModule):
   """Bidirectional encoder with an MLM head (ALBERT / BERT shape)."""
 
   @nn.compact
-  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True) -> Array:
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True,
+               iterations: Array | int | None = None) -> Array:
     s = self.spec
     valid = batch.get("input_mask")
     valid = jnp.ones(batch["inputs"].shape, bool) if valid is None else valid.astype(bool)
     # Padding is masked as keys only (as BERT / HF do): padded queries still attend.
     mask = layers.make_attention_mask(jnp.ones_like(valid), valid)
-    x, embedder, _ = self._encoder_only(batch, "encoder", mask, deterministic)
+    x, embedder, _ = self._encoder_only(batch, "encoder", mask, deterministic,
+                                        iterations=iterations)
     if s.pooler:
       pooled = jnp.tanh(layers.Dense((s.d_model,), ("embed",), ("embed",), init_std=s.init_std,
                                      dtype=s.dtype, name="pooler")(x[:, 0]))

@@ -1,0 +1,165 @@
+"""Looped depth (prelude / iterated core / coda in one scan) and randomized depth."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import tiny
+from xlps import config as config_lib
+from xlps import models
+from xlps.models import engine
+
+# prelude 2, core 2 x up to 3 iterations, coda 1: N = 2 + 2 * 3 + 1 = 9 applied layers.
+LOOP = dict(prelude=2, core=2, coda=1)
+
+
+def looped(num_layers=9, **loop):
+  m = tiny("decoder_lm", num_layers)
+  m.loop.update({**LOOP, **loop})
+  return models.spec_of(m)
+
+
+def table_model(table):
+  """The same model written as a plain sharing table (no loop section)."""
+  return models.spec_of(tiny("decoder_lm", len(table.split()),
+                             sharing={"order": "table", "table": table, "num_unique": 0}))
+
+
+def test_plan_is_the_looped_table():
+  spec = looped()
+  assert spec.stack("decoder").plans["attention"].slots == (0, 1, 2, 3, 2, 3, 2, 3, 4)
+  assert spec.loop.max_iterations == 3
+
+
+@pytest.mark.parametrize("iterations,table", [(3, "0 1 2 3 2 3 2 3 4"), (1, "0 1 2 3 4"),
+                                              (2, "0 1 2 3 2 3 4")])
+def test_fixed_depth_with_all_backprop_is_the_plain_model_bitwise(iterations, table):
+  """Masked iterations leave the state bitwise as it is: a loop run for r iterations is the
+  plain table model with r core repeats, outputs and gradients."""
+  spec = looped(mean_iterations=iterations)
+  params = nn.unbox(models.init_params(spec))
+  batch = models.example_batch(spec, 2, 8)
+  f = lambda s: lambda p: models.build(s).apply({"params": p}, batch)  # noqa: E731
+  got, want = f(spec)(params), f(table_model(table))(params)
+  np.testing.assert_array_equal(got, want)
+  g1 = jax.grad(lambda p: f(spec)(p).std())(params)
+  g2 = jax.grad(lambda p: f(table_model(table))(p).std())(params)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sampled_depths_compile_once():
+  """Training samples the iterations inside the step: one trace for every depth."""
+  spec = looped(train_iterations="uniform", mean_iterations=2)
+  params = nn.unbox(models.init_params(spec))
+  batch = models.example_batch(spec, 2, 8)
+  traces = []
+
+  @jax.jit
+  def loss(p, key):
+    traces.append(1)
+    logits, aux = models.build(spec).apply({"params": p}, batch, deterministic=False,
+                                           rngs={"dropout": key}, mutable=["intermediates"])
+    return logits.mean(), aux["intermediates"]["decoder"]["iterations"][0]
+
+  depths = {int(loss(params, jax.random.PRNGKey(i))[1]) for i in range(12)}
+  assert depths == {1, 2, 3} and len(traces) == 1
+
+
+def test_truncated_backprop_gives_early_iterations_zero_gradient():
+  """With k = 1 the state entering the last iteration is cut: the embedding and the prelude
+  (which reach the loss only through earlier iterations, no re-injection, untied head) get
+  exactly zero gradient, the core and coda do not; with k = all everything does."""
+  def grads(k):
+    m = tiny("decoder_lm", 9, tie_embeddings=False)
+    m.loop.update(**LOOP, backprop_iterations=k)
+    spec = models.spec_of(m)
+    params = nn.unbox(models.init_params(spec))
+    batch = models.example_batch(spec, 2, 8)
+    return jax.grad(lambda p: models.build(spec).apply({"params": p}, batch).std())(params)
+
+  for k, early_zero in ((1, True), (0, False)):
+    g = grads(k)
+    early = [g["embedder"]["embedding"]] + [
+        leaf[:LOOP["prelude"]] for leaf in jax.tree.leaves(g["decoder"]["layers"]["mlp"])]
+    later = [leaf[LOOP["prelude"]:] for leaf in jax.tree.leaves(g["decoder"]["layers"]["mlp"])]
+    assert all(np.all(np.asarray(x) == 0) for x in early) == early_zero
+    assert all(np.any(np.asarray(x) != 0) for x in later)
+
+
+def test_truncation_changes_only_gradients_through_the_cut():
+  """k = 1 at r = 3 drops the first two iterations' share of the core's gradient, but the
+  coda's gradient (its inputs and outputs are the same forward values) is unchanged."""
+  spec = looped(backprop_iterations=1, inject="add")
+  params = nn.unbox(models.init_params(spec))
+  batch = models.example_batch(spec, 2, 8)
+  got = jax.grad(lambda p: models.build(spec).apply({"params": p}, batch).std())(params)
+  full = looped(inject="add")
+  want = jax.grad(lambda p: models.build(full).apply({"params": p}, batch).std())(params)
+  # Truncation changes the core's gradient (it drops two iterations' contributions) ...
+  core = lambda g: np.asarray(g["decoder"]["layers"]["mlp"]["wo"]["kernel"][2:4])  # noqa: E731
+  assert not np.allclose(core(got), core(want))
+  # ... but never the coda's or the output head's, which see the same forward values.
+  np.testing.assert_allclose(np.asarray(got["decoder"]["layers"]["mlp"]["wo"]["kernel"][4]),
+                             np.asarray(want["decoder"]["layers"]["mlp"]["wo"]["kernel"][4]),
+                             rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("inject,init", [("add", "zeros"), ("adapter", "random"),
+                                         ("none", "prelude")])
+def test_any_depth_at_evaluation_with_the_same_parameters(inject, init):
+  spec = looped(inject=inject, init_state=init)
+  params = nn.unbox(models.init_params(spec))
+  batch = models.example_batch(spec, 2, 8)
+  apply = jax.jit(lambda p, r: models.build(spec).apply({"params": p}, batch, iterations=r))
+  outs = [apply(params, r) for r in (1, 2, 3)]
+  assert all(np.all(np.isfinite(o)) for o in outs)
+  assert not np.allclose(outs[0], outs[2])
+  assert apply._cache_size() == 1
+  if inject == "adapter":
+    assert params["decoder"]["layers"]["adapter"]["kernel"].shape == (32, 16)
+
+
+def test_sample_iterations_distributions():
+  lp = looped(train_iterations="poisson_lognormal", mean_iterations=2, num_layers=2 + 2 * 3 + 1).loop
+  draws = np.asarray(jax.vmap(lambda k: engine.sample_iterations(k, lp))(
+      jax.random.split(jax.random.PRNGKey(0), 4000)))
+  assert draws.min() >= 1 and draws.max() <= 3 and len(set(draws.tolist())) == 3
+  lp = looped(train_iterations="uniform", mean_iterations=2).loop
+  draws = np.asarray(jax.vmap(lambda k: engine.sample_iterations(k, lp))(
+      jax.random.split(jax.random.PRNGKey(1), 3000)))
+  np.testing.assert_allclose(np.bincount(draws, minlength=4)[1:] / 3000, [1 / 3] * 3, atol=0.04)
+
+
+@pytest.mark.parametrize("loop,needles", [
+    (dict(core=2, prelude=1, coda=1), ["model.num_layers=9", "prelude 1 + core 2", "4, 6, 8"]),
+    (dict(core=2, mean_iterations=9, prelude=2, coda=1), ["model.loop.mean_iterations=9",
+                                                          "0..3"]),
+    (dict(core=2, prelude=2, coda=1, inject="concat"), ["model.loop.inject='concat'",
+                                                        "none, add, adapter"]),
+])
+def test_bad_loop_configs(loop, needles):
+  m = tiny("decoder_lm", 9)
+  m.loop.update(loop)
+  with pytest.raises(config_lib.ConfigError) as err:
+    models.spec_of(m)
+  for needle in needles:
+    assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_loop_needs_default_sharing_and_no_act_and_one_stack():
+  m = tiny("decoder_lm", 9, sharing={"num_unique": 3})
+  m.loop.update(LOOP)
+  with pytest.raises(config_lib.ConfigError, match="defines the sharing table"):
+    models.spec_of(m)
+  m = tiny("decoder_lm", 9)
+  m.loop.update(LOOP)
+  m.act.enabled = True
+  with pytest.raises(config_lib.ConfigError, match="enable one of them"):
+    models.spec_of(m)
+  m = tiny("encoder_decoder", 9)
+  m.loop.update(LOOP)
+  with pytest.raises(config_lib.ConfigError, match="one-stack family"):
+    models.spec_of(m)
