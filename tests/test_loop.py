@@ -163,3 +163,25 @@ def test_loop_needs_default_sharing_and_no_act_and_one_stack():
   m.loop.update(LOOP)
   with pytest.raises(config_lib.ConfigError, match="one-stack family"):
     models.spec_of(m)
+
+
+def test_early_exit_freezes_positions_and_reports_depth():
+  """A threshold no change can beat exits every position after its second iteration:
+  the output is then the 2-iteration model's bitwise, and the mean depth is 2; threshold
+  0 never exits. Exit applies at inference only."""
+  m = tiny("decoder_lm", 9)
+  m.loop.update(**LOOP, exit_threshold=1e9)
+  spec = models.spec_of(m)
+  params = nn.unbox(models.init_params(spec))
+  batch = models.example_batch(spec, 2, 8)
+  out, aux = models.build(spec).apply({"params": params}, batch, mutable=["intermediates"])
+  two = models.build(looped()).apply({"params": params}, batch, iterations=2)
+  np.testing.assert_array_equal(out, two)
+  np.testing.assert_array_equal(aux["intermediates"]["decoder"]["depth"][0], 2.0)
+  from xlps import train
+  _, extras = train.apply_model(models.build(spec), params, batch)
+  assert float(extras["depth"]) == 2.0
+  train_out = models.build(spec).apply({"params": params}, batch, deterministic=False,
+                                       rngs={"dropout": jax.random.PRNGKey(0)})
+  np.testing.assert_array_equal(train_out, models.build(looped()).apply({"params": params},
+                                                                        batch))

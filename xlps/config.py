@@ -126,6 +126,8 @@ def loop_config() -> ml_collections.ConfigDict:
   l.mean_iterations = 0        # mean (fixed: the count) of train iterations; 0 = the maximum
   l.backprop_iterations = 0    # k: gradients through the last k iterations only; 0 = all
   l.eval_iterations = 0        # iterations at evaluation and generation; 0 = mean_iterations
+  l.exit_threshold = 0.0       # inference early exit: a position stops iterating once its
+                               # state moves less than this (relative L2) in an iteration; 0 = off
   return l
 
 
@@ -377,6 +379,7 @@ class LoopSpec:
   mean_iterations: int
   backprop_iterations: int
   eval_iterations: int
+  exit_threshold: float
 
   def sharing(self) -> dict:
     """The sharing config of the looped table (prelude and coda slots used once)."""
@@ -416,10 +419,11 @@ class LoopSpec:
       if lp[key] > most:
         raise ConfigError(f"{field}.{key}={lp[key]} exceeds the {most} iterations "
                           f"model.num_layers={m['num_layers']} holds; valid: 0..{most}")
+    check_number(f"{field}.exit_threshold", lp["exit_threshold"], 0)
     mean = lp["mean_iterations"] or most
     return cls(lp["prelude"], lp["core"], lp["coda"], most, lp["inject"], lp["init_state"],
                lp["train_iterations"], mean, lp["backprop_iterations"],
-               lp["eval_iterations"] or mean)
+               lp["eval_iterations"] or mean, float(lp["exit_threshold"]))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -97,13 +97,24 @@ def loss_and_metrics(logits: jax.Array, targets: jax.Array,
 
 
 def apply_model(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
-                **kwargs) -> tuple[jax.Array, jax.Array | None]:
-  """Logits and, with ACT (``model.spec.act``), the ponder cost: the sum over stacks of the
-  mean ``N(t) + R(t)`` over positions (the ``losses`` collection); None without ACT."""
-  if model.spec.act is None:
-    return model.apply({"params": params}, batch, **kwargs), None
-  logits, aux = model.apply({"params": params}, batch, mutable=["losses"], **kwargs)
-  return logits, sum(jax.tree.leaves(aux["losses"]))
+                **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Logits and the adaptive-depth statistics: with ACT (``model.spec.act``) ``ponder``,
+  the sum over stacks of the mean ``N(t) + R(t)`` over positions (the ``losses``
+  collection); with a looped model's early exit at inference, ``depth``, the mean core
+  iterations a position ran."""
+  spec, extras = model.spec, {}
+  exits = (spec.loop is not None and spec.loop.exit_threshold > 0
+           and kwargs.get("deterministic", True))
+  if spec.act is None and not exits:
+    return model.apply({"params": params}, batch, **kwargs), extras
+  logits, aux = model.apply({"params": params}, batch, mutable=["losses", "intermediates"],
+                            **kwargs)
+  if spec.act is not None:
+    extras["ponder"] = sum(jax.tree.leaves(aux["losses"]))
+  if exits:
+    extras["depth"] = jnp.mean(jax.tree.leaves(aux["intermediates"][spec.stacks[0].name]
+                                               ["depth"])[0])
+  return logits, extras
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
@@ -119,12 +130,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   dropout_key = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
-    logits, ponder = apply_model(model, params, batch, deterministic=False,
+    logits, extras = apply_model(model, params, batch, deterministic=False,
                                  rngs={"dropout": dropout_key})
     loss, metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])
-    if ponder is not None:  # ACT: loss + tau * ponder (Graves 2016)
-      loss = loss + model.spec.act.ponder_weight * ponder
-      metrics["ponder"] = ponder
+    if "ponder" in extras:  # ACT: loss + tau * ponder (Graves 2016)
+      loss = loss + model.spec.act.ponder_weight * extras["ponder"]
+      metrics["ponder"] = extras["ponder"]
     return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -148,10 +159,10 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], iterations: jax.Array
   """Metric sums of one batch; a looped model runs ``iterations`` core iterations (traced:
   one compile for every depth; None = its ``eval_iterations``)."""
   kwargs = {} if iterations is None else {"iterations": iterations}
-  logits, ponder = apply_model(model, params, batch, deterministic=True, **kwargs)
+  logits, extras = apply_model(model, params, batch, deterministic=True, **kwargs)
   metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])[1]
-  if ponder is not None:
-    metrics.update(ponder=ponder, batches=jnp.ones((), jnp.float32))
+  if extras:
+    metrics.update(extras, batches=jnp.ones((), jnp.float32))
   return metrics
 
 
@@ -318,8 +329,9 @@ def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps, sequences: 
     if sequences:
       results[f"{prefix}_sequence_accuracy"] = float(sums["seq_correct"]) / max(
           float(sums["sequences"]), 1.0)
-    if "ponder" in sums:
-      results[f"{prefix}_ponder"] = float(sums["ponder"]) / float(sums["batches"])
+    for key in ("ponder", "depth"):  # adaptive depth: batch means, averaged
+      if key in sums:
+        results[f"{prefix}_{key}"] = float(sums[key]) / float(sums["batches"])
   return results
 
 

@@ -118,7 +118,10 @@ class Block(nn.Module):
   core state ``init`` and the ``iterations`` to run: the first core layer saves ``e`` and
   starts from ``init``; each iteration's first layer may cut the gradient (the last
   ``backprop_iterations`` iterations train) and re-injects ``e``; layers of iterations past
-  ``iterations`` leave the state as it is. Returns ``(x, kv, act, loop)``.
+  ``iterations`` leave the state as it is, and so do those of positions that exited early
+  (inference with ``exit_threshold``; ``loop`` then also tracks ``exited``, the
+  ``previous`` iteration's state and each position's ``depth``). Returns
+  ``(x, kv, act, loop)``.
   """
 
   spec: ModelSpec
@@ -195,9 +198,29 @@ class Block(nn.Module):
     if act is not None:
       act = act_step(p, act, x, step["last"], s.act.threshold)
     if loop is not None:
-      active = (step["iteration"] < 0) | (step["iteration"] < loop["iterations"])
-      x = jnp.where(active, x, x_before)
+      x, loop = self._leave_layer(x, x_before, step, loop)
     return x, kv, act, loop
+
+  def _leave_layer(self, x: Array, x_before: Array, step: Mapping[str, Array],
+                   loop: Mapping[str, Array]) -> tuple[Array, dict]:
+    """Keeps the state of iterations past ``iterations`` (and of exited positions) as it was;
+    at an iteration's end, early exit: a position whose state moved less than
+    ``exit_threshold`` (relative L2) since the previous iteration's end stops iterating."""
+    iteration = step["iteration"]
+    in_core = iteration >= 0
+    active = ~in_core | (iteration < loop["iterations"])
+    if "exited" not in loop:
+      return jnp.where(active, x, x_before), loop
+    running = active & ~(in_core & loop["exited"])
+    x = jnp.where(running[..., None], x, x_before)
+    ends = step["ends"] & active
+    change = jnp.linalg.norm((x - loop["previous"]).astype(jnp.float32), axis=-1) / (
+        jnp.linalg.norm(x.astype(jnp.float32), axis=-1) + 1e-9)
+    exits = ends & (iteration > 0) & (change < self.spec.loop.exit_threshold)
+    loop = {**loop, "exited": loop["exited"] | exits,
+            "previous": jnp.where(ends, x, loop["previous"]),
+            "depth": loop["depth"] + (ends & ~loop["exited"]).astype(jnp.float32)}
+    return x, loop
 
   def _enter_iteration(self, x: Array, step: Mapping[str, Array],
                        loop: Mapping[str, Array]) -> tuple[Array, dict]:
@@ -234,6 +257,7 @@ def slot_inputs(plan: StackPlan, decoding: bool = False,
     in_core = (core >= 0) & (core < loop.core * loop.max_iterations)
     steps["iteration"] = jnp.asarray(np.where(in_core, core // loop.core, -1), jnp.int32)
     steps["starts"] = jnp.asarray(in_core & (core % loop.core == 0))
+    steps["ends"] = jnp.asarray(in_core & (core % loop.core == loop.core - 1))
   for comp, p in plan.plans.items():
     steps[comp] = jnp.asarray(np.asarray(p.slots, np.int32))
   kv = plan.kv
@@ -338,6 +362,8 @@ class Stack(nn.Module):
     x, kv, act, loop = carry
     if loop is not None:
       self.sow("intermediates", "iterations", loop["iterations"])
+      if "depth" in loop:  # early exit: core iterations each position ran
+        self.sow("intermediates", "depth", loop["depth"])
     if act is not None:
       x = act["output"]
       ponder = act["n_updates"] + act["remainders"]
@@ -363,7 +389,11 @@ class Stack(nn.Module):
       init = jnp.zeros_like(x)
     if lp.init_state == "prelude":
       init = None
-    return {"e": jnp.zeros_like(x), "init": init, "iterations": iterations}
+    state = {"e": jnp.zeros_like(x), "init": init, "iterations": iterations}
+    if lp.exit_threshold and deterministic:
+      zeros = jnp.zeros(x.shape[:-1], jnp.float32)
+      state.update(exited=zeros.astype(bool), previous=jnp.zeros_like(x), depth=zeros)
+    return state
 
 
 def sample_iterations(key: Array, loop: config_lib.LoopSpec) -> Array:
