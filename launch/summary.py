@@ -56,6 +56,16 @@ def format_table(summary: dict, spec) -> str:
   lines.append(f"training FLOPs per token at seq_len {summary['seq_len']}: "
                f"{summary['flops_per_token']:,} ({_short(summary['flops_per_token'])}; "
                f"6 x {summary['applied_matmul_params']:,} applied matmul params + attention)")
+  depth = summary.get("adaptive_depth")
+  if depth and "expected_train_iterations" in depth:
+    lines.append(f"looped depth: {depth['train_iterations']} train iterations (expected "
+                 f"{depth['expected_train_iterations']:.2f} of {depth['max_iterations']}): "
+                 f"{depth['expected_train_flops_per_token']:,.0f} FLOPs/token applied in "
+                 f"training, {depth['eval_flops_per_token']:,} at eval_iterations "
+                 f"{depth['eval_iterations']} (the masked scan runs all N layers)")
+  elif depth:
+    lines.append("ACT: applied FLOPs/token = FLOPs/token - (N - mean N(t)) x "
+                 f"{depth['layer_flops_per_token']} per stack layer (mean N(t): the ponder logs)")
   cache = summary.get("kv_cache")
   if cache:
     lines.append(f"decode K/V cache ({cache['policy']}): {cache['entries']} entries for "

@@ -185,3 +185,18 @@ def test_early_exit_freezes_positions_and_reports_depth():
                                        rngs={"dropout": jax.random.PRNGKey(0)})
   np.testing.assert_array_equal(train_out, models.build(looped()).apply({"params": params},
                                                                         batch))
+
+
+def test_adaptive_depth_accounting():
+  """layer_flops is the FLOPs one more applied layer adds; a looped model's expected train
+  FLOPs count the core at the sampler's mean iterations."""
+  base = models.summarize(models.spec_of(tiny("decoder_lm", 7)), 8)["flops_per_token"]
+  spec = looped(train_iterations="fixed", mean_iterations=2)
+  summary = models.summarize(spec, 8)
+  depth = summary["adaptive_depth"]
+  per_layer = depth["layer_flops_per_token"]["decoder"]
+  assert summary["flops_per_token"] - base == 2 * per_layer
+  assert depth["expected_train_iterations"] == 2.0
+  # Fixed at 2 of 3 iterations: the plain 2 + 2 x 2 + 1 = 7-layer model's FLOPs.
+  assert depth["expected_train_flops_per_token"] == base == depth["eval_flops_per_token"]
+  assert models.summarize(models.spec_of(tiny("decoder_lm", 4)))["adaptive_depth"] is None

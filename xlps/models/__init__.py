@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import importlib
+import math
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from xlps import families, sharing
 from xlps.config import ModelSpec
+from xlps.models import engine
 
 __all__ = ["build", "spec_of", "example_batch", "init_params", "param_shapes", "summarize",
            "kv_cache_bytes"]
@@ -92,6 +94,48 @@ def kv_cache_bytes(spec: ModelSpec) -> dict | None:
   return result
 
 
+def layer_flops(spec: ModelSpec, stack: sharing.StackPlan, seq_len: int) -> int:
+  """Training FLOPs per token of one applied layer of ``stack`` (6 x its matmul parameters
+  plus attention scores, as ``summarize`` counts them)."""
+  shapes = param_shapes(spec)
+  kernels = 0
+  for _, group, plan in stack.uses:
+    path = (stack.owner, sharing.BLOCK_SCOPE, group)
+    kernels += sum(math.prod(shape) for p, shape in shapes.items()
+                   if p[:3] == path and p[-1] == "kernel") // plan.num_unique
+  attention = sum(comp in ("attention", "cross_attention") for comp, _, _ in stack.uses)
+  return 6 * kernels + 12 * attention * spec.num_heads * spec.head_dim * seq_len
+
+
+def adaptive_depth(spec: ModelSpec, flops_per_token: int, seq_len: int) -> dict | None:
+  """Expected work under adaptive depth, for equal-FLOP comparisons (None at fixed depth).
+
+  The engine always runs all N applied layers (masked or halted ones included), so
+  ``flops_per_token`` is what runs (MFU counts it); what a depth distribution *applies*
+  is ``flops_per_token - (N - E[layers]) x layer_flops``. Looped: E[layers] = prelude + coda
+  + core x E[train iterations] (the sampler's mean, clipped to [1, max]). ACT: E[layers] is
+  the measured mean ponder's N(t) (``train_ponder`` / ``eval_ponder`` logs), so only
+  ``layer_flops`` is given here.
+  """
+  if spec.loop is None and spec.act is None:
+    return None
+  stack = spec.stacks[0] if spec.loop is not None else None
+  per_layer = {s.name: layer_flops(spec, s, seq_len) for s in spec.stacks}
+  result = {"layer_flops_per_token": per_layer}
+  if spec.loop is not None:
+    lp = spec.loop
+    mean = float(jax.vmap(lambda k: engine.sample_iterations(k, lp))(
+        jax.random.split(jax.random.PRNGKey(0), 20000)).mean())
+    result.update(
+        train_iterations=lp.train_iterations, max_iterations=lp.max_iterations,
+        expected_train_iterations=mean, eval_iterations=lp.eval_iterations,
+        expected_train_flops_per_token=flops_per_token - (lp.max_iterations - mean)
+        * lp.core * per_layer[stack.name],
+        eval_flops_per_token=flops_per_token - (lp.max_iterations - lp.eval_iterations)
+        * lp.core * per_layer[stack.name])
+  return result
+
+
 def summarize(config: Mapping | ModelSpec, seq_len: int | None = None) -> dict:
   """Unique / applied parameters, training FLOPs per token, slot tables and, for generating
   families, decode cache bytes (:func:`kv_cache_bytes`).
@@ -113,4 +157,5 @@ def summarize(config: Mapping | ModelSpec, seq_len: int | None = None) -> dict:
   result["seq_len"] = seq_len
   result["slots"] = slot_tables(spec)
   result["kv_cache"] = kv_cache_bytes(spec)
+  result["adaptive_depth"] = adaptive_depth(spec, result["flops_per_token"], seq_len)
   return result
