@@ -14,6 +14,10 @@ Usage (from the repository root):
   .venv/bin/python bench/compile_time.py                       # defaults
   .venv/bin/python bench/compile_time.py --depths 6,24 --repeats 1 --out bench/compile_time.md
   .venv/bin/python bench/compile_time.py --remat_policy full --execute   # also run each step once
+  .venv/bin/python bench/compile_time.py --only adaptive --out bench/compile_time_adaptive.md
+
+The program is a train-mode step (dropout key given): a looped model samples its
+iterations inside it and an ACT model adds its ponder cost, as ``train_step`` does.
 """
 
 from __future__ import annotations
@@ -28,11 +32,17 @@ import subprocess
 import sys
 import time
 
-# (label, scan_layers, num_unique, order)
+# (label, scan_layers, num_unique, order, extra model overrides)
 VARIANTS = (
-    ("scan, tied (M=1)", True, 1, "cycle"),
-    ("scan, M=3 cycle", True, 3, "cycle"),
-    ("unrolled, tied (M=1)", False, 1, "cycle"),
+    ("scan, tied (M=1)", True, 1, "cycle", {}),
+    ("scan, M=3 cycle", True, 3, "cycle", {}),
+    ("unrolled, tied (M=1)", False, 1, "cycle", {}),
+    # Adaptive depth (--only=adaptive): N is the most steps / iterations; the step samples.
+    ("scan, ACT tied (M=1), adaptive", True, 1, "cycle", {"act.enabled": True}),
+    ("scan, looped 1+1xr+1, poisson_lognormal mean 4, k=2, adaptive", True, 1, "cycle",
+     {"loop.prelude": 1, "loop.core": 1, "loop.coda": 1, "loop.inject": "adapter",
+      "loop.train_iterations": "poisson_lognormal", "loop.mean_iterations": 4,
+      "loop.backprop_iterations": 2}),
 )
 
 
@@ -54,12 +64,14 @@ def parse_args(argv=None):
   p.add_argument("--execute", action="store_true",
                  help="also run each compiled step once (untimed sanity check: finite loss)")
   p.add_argument("--out", default=None, help="also write the markdown report here")
+  p.add_argument("--only", default="", help="measure only variants whose label contains this")
   # Internal: measure one point in this process and print one JSON line.
   p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--num_layers", type=int, default=6, help=argparse.SUPPRESS)
   p.add_argument("--num_unique", type=int, default=1, help=argparse.SUPPRESS)
   p.add_argument("--order", default="cycle", help=argparse.SUPPRESS)
   p.add_argument("--scan_layers", type=int, default=1, help=argparse.SUPPRESS)
+  p.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
 
@@ -74,7 +86,7 @@ def measure_single(args) -> dict:
   import jax.numpy as jnp
 
   from xlps import config as C
-  from xlps import models
+  from xlps import models, train
 
   m = C.model_config()
   m.family = "decoder_lm"
@@ -88,6 +100,9 @@ def measure_single(args) -> dict:
   m.sharing.order = args.order
   m.scan_layers = bool(args.scan_layers)
   m.remat_policy = args.remat_policy
+  for key, value in json.loads(args.extra).items():
+    section, name = key.split(".")
+    m[section][name] = value
   spec = models.spec_of(m)
   module = models.build(spec)
 
@@ -105,12 +120,13 @@ def measure_single(args) -> dict:
   jax.jit(lambda a: jnp.tanh(a @ a.T).sum()).lower(jnp.ones((8, 8))).compile()
 
   def loss_fn(p, b):
-    logits = module.apply({"params": p}, {"inputs": b["inputs"]}, deterministic=True)
+    logits, extras = train.apply_model(module, p, {"inputs": b["inputs"]}, deterministic=False,
+                                       rngs={"dropout": jax.random.PRNGKey(0)})
     logits = logits[:, :-1].astype(jnp.float32)
     targets = b["inputs"][:, 1:]
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return nll.mean()
+    return nll.mean() + 0.01 * extras.get("ponder", 0.0)
 
   step = jax.jit(jax.value_and_grad(loss_fn))
 
@@ -152,10 +168,11 @@ def measure_single(args) -> dict:
 # -------------------------------------------------------------------------- parent side
 
 
-def run_child(args, num_layers: int, scan_layers: bool, num_unique: int, order: str) -> dict:
+def run_child(args, num_layers: int, scan_layers: bool, num_unique: int, order: str,
+              extra: dict) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--single",
          "--num_layers", str(num_layers), "--num_unique", str(num_unique), "--order", order,
-         "--scan_layers", str(int(scan_layers)),
+         "--scan_layers", str(int(scan_layers)), "--extra", json.dumps(extra),
          "--d_model", str(args.d_model), "--num_heads", str(args.num_heads),
          "--d_ff", str(args.d_ff), "--vocab_size", str(args.vocab_size),
          "--max_len", str(args.max_len), "--seq_len", str(args.seq_len),
@@ -221,7 +238,9 @@ def main(argv=None) -> int:
           "HLO lines", "temp MiB"]
   rows = []
   for n in depths:
-    for label, scan, m_unique, order in VARIANTS:
+    for label, scan, m_unique, order, extra in VARIANTS:
+      if args.only not in label:
+        continue
       m_eff = min(m_unique, n)
       if not scan and n > args.unrolled_max_depth:
         rows.append([label, str(n), str(m_eff), "", f"skipped (N > {args.unrolled_max_depth})",
@@ -229,7 +248,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - start:6.1f}s] {label} N={n}: skipped "
               f"(> --unrolled_max_depth={args.unrolled_max_depth})", file=sys.stderr)
         continue
-      results = [run_child(args, n, scan, m_eff, order) for _ in range(args.repeats)]
+      results = [run_child(args, n, scan, m_eff, order, extra) for _ in range(args.repeats)]
       lower = [r["lower_s"] for r in results]
       comp = [r["compile_s"] for r in results]
       total = [r["lower_s"] + r["compile_s"] for r in results]
