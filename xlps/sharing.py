@@ -52,6 +52,18 @@ def parse_table(table: str | Sequence[int] | None, field: str) -> tuple[int, ...
   return tuple(int(t) for t in table)
 
 
+def _full_table(parsed: tuple[int, ...] | None, num_layers: int, field: str, needs: str,
+                what: str, example: str) -> tuple[int, ...]:
+  """``parsed``, which ``needs`` (the setting that reads it) requires: one entry per layer."""
+  if parsed is None:
+    raise ValueError(f"{needs} needs {field}.table, a list of {num_layers} {what} indices such "
+                     f"as '{example}'")
+  if len(parsed) != num_layers:
+    raise ValueError(f"{field}.table has {len(parsed)} entries {parsed}; it needs exactly one "
+                     f"per applied layer, num_layers={num_layers}")
+  return parsed
+
+
 def _unread_table(field: str, table: object, order: str | None) -> ValueError:
   """The error for a table given with a non-table order (it would be silently ignored)."""
   return ValueError(f"{field}.table={table!r} is only read when {field}.order='table' "
@@ -67,12 +79,7 @@ def make_plan(num_layers: int, num_unique: int, order: str,
     raise ValueError(f"{field}.order={order!r} is not a sharing order; valid: {', '.join(ORDERS)}")
   parsed = parse_table(table, f"{field}.table")
   if order == "table":
-    if parsed is None:
-      raise ValueError(f"{field}.order='table' needs {field}.table, a list of {num_layers} slot "
-                       "indices such as '0 1 1 2'")
-    if len(parsed) != num_layers:
-      raise ValueError(f"{field}.table has {len(parsed)} entries {parsed}; it needs exactly "
-                       f"num_layers={num_layers}")
+    parsed = _full_table(parsed, num_layers, field, f"{field}.order='table'", "slot", "0 1 1 2")
     if isinstance(num_unique, int) and num_unique > 0:
       m = num_unique
     else:
@@ -237,12 +244,7 @@ def make_kv_plan(policy: str, attention: Plan, group_size: int = 0,
   elif policy == "recursive":
     entries = attention.slots
   else:
-    if parsed is None:
-      raise ValueError(f"{field}.policy='table' needs {field}.table, {n} entry indices "
-                       "such as '0 1 2 2'")
-    if len(parsed) != n:
-      raise ValueError(f"{field}.table has {len(parsed)} entries {parsed}; it needs exactly "
-                       f"one per applied layer ({n})")
+    parsed = _full_table(parsed, n, field, f"{field}.policy='table'", "entry", "0 1 2 2")
     first_seen = list(dict.fromkeys(parsed))
     if first_seen != list(range(len(first_seen))):
       raise ValueError(f"{field}.table={parsed} must number entries 0, 1, 2, ... in the order "
