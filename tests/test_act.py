@@ -4,8 +4,9 @@
 out one position at a time: a position runs steps while its summed halting probability stays
 at most the threshold (1 - eps), halts at the step that would pass it or at the last step,
 weighs in with p while running and with its remainder R = 1 - (sum of earlier p) when it
-halts, so its weights sum to 1; the output is sum_t w_t * transformed_t and the ponder cost
-N + R (N = steps taken). ``engine.act_step`` and the models are checked against it: weights
+halts, so its weights sum to 1; the output is the Universal Transformer's interpolation
+``out = x_t w_t + out (1 - w_t)`` (``model.act.update='interpolate'``, the default) or
+Graves' sum_t w_t x_t (``'accumulate'``), and the ponder cost N + R (N = steps taken). ``engine.act_step`` and the models are checked against it: weights
 and output, ponder, halted positions frozen, the never-halting limit equal to fixed depth,
 gradients (finite differences), dropout / both encoder_decoder stacks / the train step, and
 cached decoding.
@@ -27,11 +28,15 @@ from xlps.models import engine
 THRESHOLD = 0.99
 
 
-def act_reference(ps, xs, threshold=THRESHOLD):
-  """Graves' ACT in float64, one position at a time.
+UPDATES = ("interpolate", "accumulate")
+
+
+def act_reference(ps, xs, threshold=THRESHOLD, update="interpolate"):
+  """ACT in float64, one position at a time.
 
   ``ps`` [N, P] halting probabilities, ``xs`` [N, P, D] step outputs (the block's
-  ``transformed``). Returns ``output`` [P, D] (sum_t w_t x_t), ``weights`` [N, P],
+  ``transformed``). Returns ``output`` [P, D] (``update``: interpolate, or accumulate =
+  sum_t w_t x_t), ``weights`` [N, P],
   ``n_updates`` and ``remainders`` [P], and ``margin``: the smallest distance of a running
   position's summed probability to the threshold before the last step (how far every halting
   decision is from flipping).
@@ -54,18 +59,25 @@ def act_reference(ps, xs, threshold=THRESHOLD):
         break
       weights[t, i] = ps[t, i]
       halting = total
-  output = np.einsum("tp,tpd->pd", weights, xs)
+  if update == "accumulate":
+    output = np.einsum("tp,tpd->pd", weights, xs)
+  else:
+    output = np.zeros(xs.shape[1:])
+    for t in range(num_steps):
+      running = t < n_updates
+      output[running] = xs[t, running] * weights[t, running, None] + output[running] * (
+          1 - weights[t, running, None])
   return {"output": output, "weights": weights, "n_updates": n_updates,
           "remainders": remainders, "margin": margin}
 
 
-def run_act_steps(ps, xs, threshold=THRESHOLD):
+def run_act_steps(ps, xs, threshold=THRESHOLD, update="interpolate"):
   """``engine.act_step`` over N steps (float32): the state after each step."""
   state = engine.act_start(jnp.zeros(xs.shape[1:], jnp.float32))
   states = []
   for t in range(ps.shape[0]):
     state = engine.act_step(jnp.asarray(ps[t]), state, jnp.asarray(xs[t]),
-                            t == ps.shape[0] - 1, threshold)
+                            t == ps.shape[0] - 1, threshold, update == "accumulate")
     states.append(jax.tree.map(np.asarray, state))
   return states
 
@@ -87,25 +99,30 @@ def flat(a, lead=1):
   return a.reshape(*a.shape[:lead], -1, *a.shape[lead + 2:])
 
 
+@pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_act_step_weights_sum_to_one_and_output_is_the_weighted_sum(seed):
-  """act_step over N steps: with transformed = ones the output is 1 everywhere (each
-  position's weights sum to 1), and with arbitrary transformed it is sum_t w_t x_t of the
-  float64 reference. The random p's halt at step 0, at intermediate steps, and at the last
-  step only (checked), so every branch of the recurrence is exercised."""
+def test_act_step_weights_sum_to_one_and_output_follows_the_update(seed, update):
+  """act_step over N steps: each position's weights (p while running, R at its halting step)
+  sum to 1 (halting + remainder == 1 at the end, and the reference's weights); the output
+  is the float64 reference's (interpolation, or Graves' sum_t w_t x_t, which gives exactly
+  1 for transformed = ones). The random p's halt at step 0, at intermediate steps, and at
+  the last step only (checked), so every branch of the recurrence is exercised."""
   ps = random_ps(seed)
   num_steps, shape = ps.shape[0], ps.shape[1:]
   xs = np.random.default_rng(100 + seed).normal(size=(num_steps, *shape, 3)).astype(np.float32)
-  ref = act_reference(flat(ps), flat(xs))
+  ref = act_reference(flat(ps), flat(xs), update=update)
   assert ref["margin"] > 1e-5  # float32 and float64 take the same decisions
   np.testing.assert_allclose(ref["weights"].sum(0), 1.0, atol=1e-12)
   steps = set(ref["n_updates"].astype(int))
   assert {1, num_steps} <= steps and len(steps) >= 3, steps
 
-  ones = run_act_steps(ps, np.ones_like(xs))[-1]["output"]
-  np.testing.assert_allclose(ones, 1.0, atol=1e-6)
-  out = run_act_steps(ps, xs)[-1]["output"]
-  np.testing.assert_allclose(flat(out, 0), ref["output"], atol=1e-5)
+  final = run_act_steps(ps, xs, update=update)[-1]
+  assert np.all(final["halted"])
+  np.testing.assert_allclose(final["halting"] + final["remainders"], 1.0, atol=1e-6)
+  np.testing.assert_allclose(flat(final["output"], 0), ref["output"], atol=1e-5)
+  if update == "accumulate":
+    ones = run_act_steps(ps, np.ones_like(xs), update=update)[-1]["output"]
+    np.testing.assert_allclose(ones, 1.0, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -137,10 +154,11 @@ def test_act_step_ponder_and_frozen_positions(seed):
 
 
 def act_model(family="decoder_lm", num_layers=4, coordinates=True, ponder_weight=0.01,
-              **overrides):
+              update="interpolate", **overrides):
   """The tiny model of ``family`` (max_len 16) with ACT on (threshold 0.99)."""
   config = tiny(family, num_layers, **{"max_len": 16, **overrides})
-  config.act.update(enabled=True, coordinates=coordinates, ponder_weight=ponder_weight)
+  config.act.update(enabled=True, coordinates=coordinates, ponder_weight=ponder_weight,
+                    update=update)
   return models.spec_of(config)
 
 
@@ -167,12 +185,12 @@ def with_halting(params, seed=2, scale=0.3, bias=0.0):
 
 
 @functools.cache
-def unrolled_run():
+def unrolled_run(update="interpolate"):
   """A tied post-LN decoder_lm (no final norm: hidden_states is the stack's output) with ACT
   and coordinates, unrolled (scan_layers=False), applied with ``capture_intermediates``: the
   halting unit's p and the block's output at each of the N = 4 steps, the sown ponder, the
   hidden states, and the ponder and hidden states of the scanned model (same params)."""
-  spec = act_model(norm_position="post", scan_layers=False)
+  spec = act_model(norm_position="post", scan_layers=False, update=update)
   params = {k: v for k, v in initial_params("decoder_lm").items() if k != "final_norm"}
   params = with_halting(params, seed=1, scale=1.0, bias=-1.0)
   batch = models.example_batch(spec, 4, 8)
@@ -183,7 +201,7 @@ def unrolled_run():
   layers = inter["decoder"]["layers"]
   ps = np.stack(layers["halting"]["__call__"])                  # [N, B, L]
   xs = np.stack([out[0] for out in layers["__call__"]])          # [N, B, L, D]
-  scanned = act_model(norm_position="post")
+  scanned = act_model(norm_position="post", update=update)
   _, scan_aux = jax.jit(functools.partial(models.build(scanned).apply,
                                           mutable=["intermediates", "losses"]))(
                                               {"params": params}, batch)
@@ -209,12 +227,12 @@ def test_model_ponder_is_steps_plus_remainder_of_its_halting_probabilities():
   np.testing.assert_allclose(run["scan_ponder"], run["ponder"], atol=1e-6)
 
 
-def test_model_output_is_the_halting_weighted_sum_of_block_outputs():
-  """The stack's output (hidden_states of a post-LN model) is sum_t w_t x_t over the block
-  outputs x_t with the reference weights from the model's own p's, unrolled and scanned:
-  Graves' output, whose weights per position sum to 1."""
-  run = unrolled_run()
-  ref = act_reference(flat(run["ps"]), flat(run["xs"]))
+@pytest.mark.parametrize("update", UPDATES)
+def test_model_output_follows_the_update_of_its_block_outputs(update):
+  """The stack's output (hidden_states of a post-LN model) is the reference's output over
+  the block outputs x_t with the weights of the model's own p's, unrolled and scanned."""
+  run = unrolled_run(update)
+  ref = act_reference(flat(run["ps"]), flat(run["xs"]), update=update)
   want = ref["output"].reshape(run["hidden"].shape)
   np.testing.assert_allclose(run["hidden"], want, atol=1e-5)
   np.testing.assert_allclose(run["scan_hidden"], want, atol=1e-5)
@@ -295,7 +313,7 @@ def toy_inputs():
   return s0, c, {"w": w, "w_h": w_h, "b_h": np.float64(-0.5)}
 
 
-def toy_reference(s0, c, params):
+def toy_reference(s0, c, params, update="interpolate"):
   """Float64 NumPy: p_t = sigmoid(s_t w_h + b_h), x_t = tanh(s_t W), s_{t+1} = x_t; loss =
   sum(output * C) + tau * mean(N + R) with ``act_reference``; also its decision margin."""
   s, ps, xs = s0, [], []
@@ -303,35 +321,37 @@ def toy_reference(s0, c, params):
     ps.append(1.0 / (1.0 + np.exp(-(s @ params["w_h"] + params["b_h"]))))
     s = np.tanh(s @ params["w"])
     xs.append(s)
-  ref = act_reference(np.stack(ps), np.stack(xs))
+  ref = act_reference(np.stack(ps), np.stack(xs), update=update)
   ponder = ref["n_updates"] + ref["remainders"]
   return (ref["output"] * c).sum() + TOY["tau"] * ponder.mean(), ref
 
 
-def toy_jax_loss(params, s0, c):
+def toy_jax_loss(params, s0, c, update="interpolate"):
   """The same loss with ``engine.act_step`` in float32, one Python step at a time."""
   s = s0
   state = engine.act_start(s0)
   for t in range(TOY["steps"]):
     p = jax.nn.sigmoid(s @ params["w_h"] + params["b_h"])
     s = jnp.tanh(s @ params["w"])
-    state = engine.act_step(p, state, s, t == TOY["steps"] - 1, THRESHOLD)
+    state = engine.act_step(p, state, s, t == TOY["steps"] - 1, THRESHOLD,
+                            update == "accumulate")
   ponder = state["n_updates"] + state["remainders"]
   return (state["output"] * c).sum() + TOY["tau"] * ponder.mean()
 
 
-def test_gradients_match_finite_differences_of_the_reference():
+@pytest.mark.parametrize("update", UPDATES)
+def test_gradients_match_finite_differences_of_the_reference(update):
   """d loss / d(W, w_h, b_h) through act_step (float32, jax.grad) equals central finite
   differences (eps 1e-6) of the float64 reference, rtol 1e-3. Every halting decision is at
   least 1e-3 from the threshold (asserted), so the perturbations never flip one and the
   loss is smooth there; the positions halt at different steps, one only at the last."""
   s0, c, params = toy_inputs()
-  loss, ref = toy_reference(s0, c, params)
+  loss, ref = toy_reference(s0, c, params, update)
   assert ref["margin"] > 1e-3
   assert set(ref["n_updates"].astype(int)) >= {2, 3, TOY["steps"]}
   f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-  jax_loss, grads = jax.jit(jax.value_and_grad(toy_jax_loss))(jax.tree.map(f32, params),
-                                                               f32(s0), f32(c))
+  jax_loss, grads = jax.jit(jax.value_and_grad(functools.partial(
+      toy_jax_loss, update=update)))(jax.tree.map(f32, params), f32(s0), f32(c))
   np.testing.assert_allclose(jax_loss, loss, rtol=1e-5)
   eps = 1e-6
   for name, value in params.items():
@@ -341,7 +361,7 @@ def test_gradients_match_finite_differences_of_the_reference():
       for sign in (1, -1):
         moved = np.array(value, np.float64)
         moved[index] += sign * eps
-        bumped.append(toy_reference(s0, c, {**params, name: moved})[0])
+        bumped.append(toy_reference(s0, c, {**params, name: moved}, update)[0])
       fd[index] = (bumped[0] - bumped[1]) / (2 * eps)
     assert np.abs(fd).max() > 1e-2, name
     np.testing.assert_allclose(grads[name], fd, rtol=1e-3, atol=1e-5, err_msg=name)

@@ -105,6 +105,7 @@ def model_config() -> ml_collections.ConfigDict:
   return m
 
 
+ACT_UPDATES = ("interpolate", "accumulate")
 LOOP_INJECTIONS = ("none", "add", "adapter")
 LOOP_INIT_STATES = ("prelude", "zeros", "random")
 LOOP_DEPTHS = ("fixed", "uniform", "poisson_lognormal")
@@ -140,6 +141,8 @@ def act_config(enabled: bool = False) -> ml_collections.ConfigDict:
   a.ponder_weight = 0.01       # tau: loss += tau * mean over positions of (N(t) + R(t))
   a.halting_bias_init = 1.0    # initial bias of the halting unit (t2t's act_halting_bias_init)
   a.coordinates = True         # add the position + step sinusoid before every step (UT)
+  a.update = "interpolate"     # interpolate: output = x w + output (1 - w) (UT / t2t / Scenic);
+                               # accumulate: output += x w (Graves: sum_t w_t x_t)
   return a
 
 
@@ -434,6 +437,7 @@ class ActSpec:
   ponder_weight: float
   halting_bias_init: float
   coordinates: bool
+  update: str
 
   @classmethod
   def from_config(cls, a: Mapping, field: str) -> "ActSpec | None":
@@ -442,10 +446,11 @@ class ActSpec:
     check_number(f"{field}.threshold", a["threshold"], 0, 1, open_hi=True)
     check_number(f"{field}.ponder_weight", a["ponder_weight"], 0)
     check_number(f"{field}.halting_bias_init", a["halting_bias_init"], -1e9, 1e9)
+    check_choice(f"{field}.update", a["update"], ACT_UPDATES)
     if not a["enabled"]:
       return None
     return cls(float(a["threshold"]), float(a["ponder_weight"]), float(a["halting_bias_init"]),
-               bool(a["coordinates"]))
+               bool(a["coordinates"]), a["update"])
 
 
 def check_remat_group(size: int, scan_layers: bool, stacks, field: str) -> None:

@@ -51,16 +51,18 @@ class Norms(nn.Module):
 
 
 def act_step(p: Array, state: Mapping[str, Array], transformed: Array, last: Array | bool,
-             threshold: float) -> dict[str, Array]:
+             threshold: float, accumulate: bool = False) -> dict[str, Array]:
   """One step of Adaptive Computation Time for every position (Graves 2016, Dehghani 2018).
 
   ``p`` [B, L]: this step's halting probability; ``state``: ``halted`` (bool),
-  ``halting`` (sum of p while running), ``remainders`` R, ``n_updates`` N and ``output`` (the
-  running weighted sum of the block outputs). A running position halts when its summed
-  probability would pass ``threshold`` (1 - eps) or at the ``last`` step; it then weighs in
-  with its remainder ``R = 1 - halting``, so its weights sum to 1. Halted positions are
-  left exactly as they are. ``output = transformed * w + output * (1 - w)`` (the t2t code's
-  ``output * 1 - w`` is a precedence slip).
+  ``halting`` (sum of p while running), ``remainders`` R, ``n_updates`` N and ``output``.
+  A running position halts when its summed probability would pass ``threshold`` (1 - eps)
+  or at the ``last`` step; its weight w is p while it runs and its remainder
+  ``R = 1 - halting`` when it halts, so its weights sum to 1. The output update is the
+  Universal Transformer's ``output = transformed * w + output * (1 - w)`` (t2t / Scenic;
+  the t2t code's ``output * 1 - w`` is a precedence slip), or with ``accumulate`` Graves'
+  ``output += transformed * w`` (output = sum_t w_t transformed_t). Halted positions are
+  left exactly as they are.
   """
   running = ~state["halted"]
   total = state["halting"] + p
@@ -69,8 +71,8 @@ def act_step(p: Array, state: Mapping[str, Array], transformed: Array, last: Arr
   remainder = 1.0 - state["halting"]
   weight = jnp.where(continues, p, jnp.where(halts, remainder, 0.0))
   w = weight[..., None].astype(transformed.dtype)
-  output = jnp.where(running[..., None], transformed * w + state["output"] * (1 - w),
-                     state["output"])
+  kept = state["output"] if accumulate else state["output"] * (1 - w)
+  output = jnp.where(running[..., None], transformed * w + kept, state["output"])
   return {"halted": state["halted"] | halts,
           "halting": jnp.where(continues, total, state["halting"]),
           "remainders": jnp.where(halts, remainder, state["remainders"]),
@@ -196,7 +198,7 @@ class Block(nn.Module):
         x = norms(site, x + layers.dropout(fn(x), s.dropout_rate, key(site)), step["norms"])
       x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if act is not None:
-      act = act_step(p, act, x, step["last"], s.act.threshold)
+      act = act_step(p, act, x, step["last"], s.act.threshold, s.act.update == "accumulate")
     if loop is not None:
       x, loop = self._leave_layer(x, x_before, step, loop)
     return x, kv, act, loop
