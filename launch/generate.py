@@ -6,6 +6,8 @@
     # sample instead: --temperature=0.8 --top_k=40 --top_p=0.95 --seed=1
     # exact-sequence accuracy of a trained algorithmic model on a test split
     python -m launch.generate --workdir=/tmp/ut_reverse --eval_split=test_long --beam_size=4
+    # a looped model at another depth than its eval default (up to its maximum)
+    python -m launch.generate --workdir=/tmp/looped --prompt='def f(' --iterations=8
 
 The model, its config and its tokenizer come from the latest checkpoint of WORKDIR (its
 stored config; ``--step`` picks another). Decoding uses the K/V cache along applied depth
@@ -37,6 +39,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BEAM = flags.DEFINE_integer("beam_size", 1, "Encoder-decoder beam search width (1 = greedy "
                              "or sampling).")
 _ALPHA = flags.DEFINE_float("alpha", 0.6, "Beam search length penalty exponent.")
+_ITERATIONS = flags.DEFINE_integer("iterations", 0, "Looped models: core iterations to run, "
+                                   "also beyond the trained maximum (0 = the checkpoint's "
+                                   "model.loop.eval_iterations).")
+_EXIT = flags.DEFINE_float("exit_threshold", None, "Looped models: early-exit threshold "
+                           "(default: the checkpoint's model.loop.exit_threshold).")
 
 
 def _timed(fn, *args):
@@ -149,13 +156,25 @@ def main(argv):
       config, params, step = interop.read_checkpoint(_WORKDIR.value, _STEP.value)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(f"--workdir={_WORKDIR.value!r}: {e}") from None
+    if _ITERATIONS.value:  # beyond the trained maximum too: the parameters do not depend on it
+      lp = config.model.loop
+      if not lp.core:
+        raise config_lib.ConfigError(f"--iterations={_ITERATIONS.value} needs a looped model "
+                                     "(model.loop.core > 0); this checkpoint's has none")
+      config.model.num_layers = max(config.model.num_layers,
+                                    lp.prelude + lp.core * _ITERATIONS.value + lp.coda)
+      lp.eval_iterations = _ITERATIONS.value
+    if _EXIT.value is not None:
+      config.model.loop.exit_threshold = _EXIT.value
     spec = models.spec_of(config)
     cache = models.kv_cache_bytes(spec)
     if cache is None:
       raise config_lib.ConfigError(f"{_WORKDIR.value} holds a {spec.family} model, which does "
                                    "not generate; launch.generate needs decoder_lm or "
                                    "encoder_decoder")
-    print(f"{_WORKDIR.value}: step {step}, {spec.family}, N={spec.num_layers}, "
+    loop = (f", {spec.loop.eval_iterations} of {spec.loop.max_iterations} core iterations"
+            if spec.loop else "")
+    print(f"{_WORKDIR.value}: step {step}, {spec.family}, N={spec.num_layers}{loop}, "
           f"K/V cache {cache['policy']} ({cache['entries']} entries, "
           f"{cache['bytes_per_token']:,} bytes/token)")
     if _EVAL_SPLIT.value:
