@@ -200,3 +200,28 @@ def test_adaptive_depth_accounting():
   # Fixed at 2 of 3 iterations: the plain 2 + 2 x 2 + 1 = 7-layer model's FLOPs.
   assert depth["expected_train_flops_per_token"] == base == depth["eval_flops_per_token"]
   assert models.summarize(models.spec_of(tiny("decoder_lm", 4)))["adaptive_depth"] is None
+
+
+def test_launch_generate_runs_a_looped_model_beyond_its_trained_depth(tmp_path):
+  """--iterations past the trained maximum deepens the scan (the parameters do not depend
+  on the maximum) and the greedy continuation is the library's at that depth."""
+  import sys
+  from configs import default
+  from tests.helpers import run_command
+  from xlps import generate, interop
+  from xlps.data.tokenizers import BOS, ByteTokenizer
+  config = default.get_config("runlocal")
+  config.model.num_layers = 9
+  config.model.loop.update(**LOOP, inject="add")
+  params = nn.unbox(models.init_params(models.spec_of(config)))
+  interop.write_checkpoint(config, params, tmp_path / "w")
+  out = run_command([sys.executable, "-m", "launch.generate", f"--workdir={tmp_path / 'w'}",
+                     "--prompt=ab", "--max_new_tokens=6", "--iterations=5"])
+  assert out.returncode == 0, out.stderr
+  assert "5 of 5 core iterations" in out.stdout, out.stdout
+  config.model.num_layers = 2 + 2 * 5 + 1
+  config.model.loop.eval_iterations = 5
+  tok = ByteTokenizer()
+  want = generate.LMGenerator(models.spec_of(config), 6)(params, [[BOS, *tok.encode("ab")]])
+  text = tok.decode(np.asarray(want.tokens[0, :int(want.lengths[0])])).decode("utf-8", "replace")
+  assert f"--- prompt: 'ab'\nab{text}\n" in out.stdout
