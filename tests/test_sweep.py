@@ -148,3 +148,20 @@ def test_killed_sweep_resumes_and_completes_every_point_once(uninterrupted, tmp_
       assert (point / sweep.DONE).exists()
       assert [r["step"] for r in records(point)] == list(range(1, 7))
   assert results(tmp_path / "run") == results(swept)
+
+
+def test_collect_keeps_adaptive_depth_metrics(tmp_path):
+  """A looped model's eval_loss_iter{r} and an ACT model's ponder reach results.csv."""
+  import json
+  from tests.helpers import tiny
+  config = config_lib.base_config()
+  config.model = tiny("decoder_lm", 4)
+  rows = [{"step": 5, "tokens_per_sec": 10.0},
+          {"step": 10, "eval_loss": 2.0, "eval_loss_iter1": 2.5, "eval_loss_iter4": 1.9,
+           "eval_ponder": 3.25}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  (tmp_path / sweep.DONE).write_text(json.dumps({"wall_time_s": 1.0}))
+  row = sweep.collect(config, {"seed": 0}, tmp_path)
+  assert row["final_eval_loss_iter1"] == 2.5 and row["best_eval_loss_iter4"] == 1.9
+  assert row["final_eval_ponder"] == 3.25 and "best_eval_ponder" not in row
+  assert sweep.is_result("final_eval_loss_iter4")

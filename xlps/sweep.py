@@ -206,11 +206,16 @@ def collect(config: ml_collections.ConfigDict, point: Point, workdir: pathlib.Pa
          "unique_params": summary["unique_params"], "applied_params": summary["applied_params"],
          "flops_per_token": summary["flops_per_token"],
          "steps": rows[-1]["step"] if rows else 0}
-  for key in METRICS:
+  # Adaptive depth adds eval_loss_iter{r} (looped models at each evaluated depth) and the
+  # mean ponder / depth used (final values only: lower is not better for them).
+  adaptive = sorted({k for r in evals for k in r
+                     if k.startswith("eval_loss_iter") or k.endswith(("_ponder", "_depth"))})
+  for key in (*METRICS, *adaptive):
     values = [r[key] for r in evals if key in r]
     if values:
       row[f"final_{key}"] = values[-1]
-      row[f"best_{key}"] = (min if key.endswith("loss") else max)(values)
+      if "loss" in key or "accuracy" in key:
+        row[f"best_{key}"] = (min if "loss" in key else max)(values)
   row["wall_time_s"] = done["wall_time_s"]
   row["tokens_per_sec"] = statistics.median(speed) if speed else math.nan
   return row
