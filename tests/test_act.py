@@ -471,3 +471,19 @@ def test_cached_decoding_equals_full_recomputation():
   steps = np.ceil(ponder) - 1
   real = seqs != 0
   assert len(set(steps[real].astype(int))) >= 2, steps
+
+
+def test_ponder_loss_counts_real_positions_only():
+  """losses/ponder is the mean of N + R over non-pad positions (segment_ids != 0; an
+  encoder-decoder's source != 0 and target != 0), not over padding."""
+  spec = act_model()
+  params = with_halting(initial_params("decoder_lm"), seed=3, scale=0.3, bias=-1.0)
+  batch = models.example_batch(spec, 2, 8)
+  batch["segment_ids"] = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3])
+  _, aux = models.build(spec).apply({"params": params}, batch,
+                                    mutable=["intermediates", "losses"])
+  ponder = np.asarray(aux["intermediates"]["decoder"]["ponder"][0])
+  real = np.asarray(batch["segment_ids"]) != 0
+  np.testing.assert_allclose(aux["losses"]["decoder"]["ponder"][0], ponder[real].mean(),
+                             rtol=1e-6)
+  assert not np.isclose(ponder[real].mean(), ponder.mean())

@@ -305,7 +305,8 @@ class Stack(nn.Module):
 
   With ACT (``spec.act``) N is the most steps a position takes: the carry also holds the
   halting state, the stack returns the halting-weighted output and sows each position's
-  ponder cost ``N(t) + R(t)`` as ``intermediates/ponder`` and its mean as ``losses/ponder``.
+  ponder cost ``N(t) + R(t)`` as ``intermediates/ponder`` and its mean over the ``valid``
+  (non-pad) positions as ``losses/ponder``.
   """
 
   spec: ModelSpec
@@ -316,7 +317,8 @@ class Stack(nn.Module):
                deterministic: bool = True,
                cache: Mapping[str, Array] | None = None,
                positions: Array | None = None,
-               iterations: Array | int | None = None) -> Array | tuple[Array, dict]:
+               iterations: Array | int | None = None,
+               valid: Array | None = None) -> Array | tuple[Array, dict]:
     s = self.spec
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
     block = Block(spec=s, uses=uses, name=BLOCK_SCOPE)
@@ -370,7 +372,8 @@ class Stack(nn.Module):
       x = act["output"]
       ponder = act["n_updates"] + act["remainders"]
       self.sow("intermediates", "ponder", ponder)
-      self.sow("losses", "ponder", ponder.mean())
+      weight = jnp.ones_like(ponder) if valid is None else valid.astype(ponder.dtype)
+      self.sow("losses", "ponder", (ponder * weight).sum() / jnp.maximum(weight.sum(), 1.0))
     return x if cache is None else (x, kv)
 
   def _loop_state(self, x: Array, deterministic: bool,

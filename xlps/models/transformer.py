@@ -149,14 +149,15 @@ class FamilyModule(nn.Module):
 
   def _encoder_only(self, batch: Mapping[str, Array], stack: str, mask: Array,
                     deterministic: bool, cache: Mapping | None = None,
-                    iterations: Array | int | None = None):
+                    iterations: Array | int | None = None, valid: Array | None = None):
     """Embeds ``batch["inputs"]`` and applies the family's one stack and final norm (with
     the stack's ``cache``: returns it updated too)."""
     embedder = Embedder(self.spec, name="embedder")
     x = embedder(batch["inputs"], batch.get("positions"), batch.get("token_types"),
                  self._embed_key(deterministic))
     x = self._stacks()[stack](x, mask=mask, deterministic=deterministic, cache=cache,
-                              positions=batch.get("positions"), iterations=iterations)
+                              positions=batch.get("positions"), iterations=iterations,
+                              valid=valid)
     if cache is not None:
       x, cache = x
     x = self._final_norm(x, "final_norm")
@@ -176,14 +177,15 @@ class DecoderLM(FamilyModule):
     if cache is None:
       mask = layers.make_attention_mask(valid, valid, True, segments, segments)
       x, embedder, _ = self._encoder_only(batch, "decoder", mask, deterministic,
-                                          iterations=iterations)
+                                          iterations=iterations, valid=valid)
       return OutputHead(self.spec, name="head")(x, embedder)
     # Decoding: ``segment_ids`` 0 marks (left) padding; no packing.
     index = cache["index"]
     cache, mask, positions = _advance(cache, valid)
     batch = {**batch, "positions": batch.get("positions", positions)}
     x, embedder, stack = self._encoder_only(batch, "decoder", mask, deterministic,
-                                            _stack_cache(cache, "decoder", index), iterations)
+                                            _stack_cache(cache, "decoder", index), iterations,
+                                            valid)
     return OutputHead(self.spec, name="head")(x, embedder), _updated(cache, "decoder", stack)
 
 
@@ -199,7 +201,7 @@ class EncoderMLM(FamilyModule):
     # Padding is masked as keys only (as BERT / HF do): padded queries still attend.
     mask = layers.make_attention_mask(jnp.ones_like(valid), valid)
     x, embedder, _ = self._encoder_only(batch, "encoder", mask, deterministic,
-                                        iterations=iterations)
+                                        iterations=iterations, valid=valid)
     if s.pooler:
       pooled = jnp.tanh(layers.Dense((s.d_model,), ("embed",), ("embed",), init_std=s.init_std,
                                      dtype=s.dtype, name="pooler")(x[:, 0]))
@@ -239,7 +241,7 @@ class EncoderDecoder(FamilyModule):
       x = embedder(src, None, None, self._embed_key(deterministic))
       x = stacks["encoder"](x, mask=layers.make_attention_mask(jnp.ones_like(src_valid),
                                                                src_valid),
-                            deterministic=deterministic)
+                            deterministic=deterministic, valid=src_valid)
       encoded = self._final_norm(x, "encoder_norm")
       self.sow("intermediates", "encoder_hidden_states", encoded)
     tgt_valid = jnp.ones(dec_in.shape, bool)
@@ -254,9 +256,11 @@ class EncoderDecoder(FamilyModule):
       cache, mask, positions = _advance(cache, tgt_valid)
       stack_cache = _stack_cache(cache, "decoder", index)
     y = embedder(dec_in, positions, None, self._embed_key(deterministic))
+    scored = batch["targets"] != 0 if "targets" in batch and cache is None else None
     y = stacks["decoder"](y, mask=mask, encoded=encoded,
                           cross_mask=layers.make_attention_mask(tgt_valid, src_valid),
-                          deterministic=deterministic, cache=stack_cache, positions=positions)
+                          deterministic=deterministic, cache=stack_cache, positions=positions,
+                          valid=scored)
     if cache is not None:
       y, stack_cache = y
     y = self._final_norm(y, "decoder_norm")
