@@ -305,7 +305,8 @@ ROWS = [
      r"^model\.sharing\.order='table' needs model\.sharing\.table, a list of 6 slot indices"),
     ("sharing_table_length", validated(("model.sharing.order", "table"),
                                        ("model.sharing.table", "0 1 2")),
-     r"^model\.sharing\.table has 3 entries \(0, 1, 2\); it needs exactly num_layers=6"),
+     r"^model\.sharing\.table has 3 entries \(0, 1, 2\); it needs exactly one per applied "
+     r"layer, num_layers=6"),
     ("sharing_table_out_of_range", validated(
         ("model.sharing.order", "table"), ("model.sharing.num_unique", 2),
         ("model.sharing.table", "0 1 1 1 1 5")),

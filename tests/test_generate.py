@@ -182,10 +182,14 @@ def train_a_little(spec, steps=3):
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
                                                            batch["inputs"][:, 1:]).mean()
 
-  for _ in range(steps):
+  @jax.jit
+  def step(params, state):
     grads = jax.grad(loss)(params)
     updates, state = opt.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state, grads
+
+  for _ in range(steps):
+    params, state, grads = step(params, state)
   return params, grads
 
 
@@ -230,7 +234,7 @@ def test_equivalent_kv_plans_give_equal_models(a, b):
     params = nn.unbox(models.init_params(spec))
     batch = models.example_batch(spec, 2, 8)
     f = lambda p: models.build(spec).apply({"params": p}, batch)  # noqa: E731
-    results.append((f(params), jax.grad(lambda p: f(p).sum())(params)))
+    results.append(jax.jit(lambda p: (f(p), jax.grad(lambda q: f(q).sum())(p)))(params))
   np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-6)
   for x, y in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(x, y, atol=1e-5)
@@ -244,7 +248,7 @@ def test_kv_sharing_scan_equals_unrolled_with_gradients():
     params = nn.unbox(models.init_params(spec))
     batch = models.example_batch(spec, 2, 8)
     loss = lambda p: models.build(spec).apply({"params": p}, batch).std()  # noqa: E731
-    grads.append(jax.grad(loss)(params))
+    grads.append(jax.jit(jax.grad(loss))(params))
   for x, y in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
     np.testing.assert_allclose(x, y, atol=1e-6)
 
