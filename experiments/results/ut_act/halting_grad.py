@@ -2,7 +2,7 @@
 respect to the ACT halting units of a finished ut_act point, on the first ``test`` batch.
 
     python experiments/results/ut_act/halting_grad.py \
-        '/tmp/ut_act/task=reverse,num_unique=1,enabled=True,seed=0'
+        '/tmp/ut_act_v2/task=reverse,num_unique=1,enabled=True,seed=0'
 
 Prints, for each stack's halting unit, the largest absolute gradient entry and the
 parameters. Zero means no position's loss depends on the halting probabilities: every

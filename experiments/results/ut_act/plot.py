@@ -2,7 +2,7 @@
 study's fixed-depth UT and vanilla runs (same tasks, settings, budget) and the ponder-weight-0
 ACT diagnostic (seed 0; README).
 
-    python experiments/results/ut_act/plot.py /tmp/ut_act /tmp/ut_length_generalization \
+    python experiments/results/ut_act/plot.py /tmp/ut_act_v2 /tmp/ut_length_generalization \
         /tmp/ut_act_tau0 experiments/results/ut_act/act_vs_fixed.png
 """
 
@@ -44,8 +44,9 @@ def main(act_root: str, old_root: str, tau0_root: str, out: str) -> None:
         ax.plot(steps, [x["train_loss"] for x in r], style, color=colour, lw=1.2,
                 label=f"{label}, seed {seed}")
         if "train_ponder" in r[0]:
+          note = ", pads incl. (1da1715)" if root == "tau0" else ""
           pax.plot(steps, [x["train_ponder"] for x in r], style, color=colour, lw=1.2,
-                   label=f"{label}, seed {seed}")
+                   label=f"{label}, seed {seed}{note}")
     ax.set(title=task, ylabel="train loss (nats/token)", yscale="log")
     pax.set(xlabel="step", ylabel="ACT train ponder\n(N+R, enc + dec)", ylim=(3.5, 10.5))
     pax.axhline(4.0, color="grey", lw=0.8, ls=":")

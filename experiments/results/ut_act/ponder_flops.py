@@ -1,6 +1,6 @@
 """Per-stack ACT ponder and applied FLOPs of finished ut_act points (teacher-forced eval).
 
-    python experiments/results/ut_act/ponder_flops.py /tmp/ut_act/task=* /tmp/ut_act_tau0/task=* \
+    python experiments/results/ut_act/ponder_flops.py /tmp/ut_act_v2/task=* /tmp/ut_act_tau0/task=* \
         > experiments/results/ut_act/ponder_flops.csv
 
 For each workdir (its latest checkpoint) and each eval split (``test``: lengths 1..20,
@@ -8,8 +8,11 @@ For each workdir (its latest checkpoint) and each eval split (``test``: lengths 
 and reads each stack's sown ``intermediates/.../ponder`` = N(t) + R(t) per position. N(t),
 the layer applications of position t, is ``ceil(ponder) - 1`` (R is in [0.01, 1]). Means are
 over real positions (encoder: non-pad source tokens; decoder: target positions with weight,
-EOS included) and, to check against the logged ``eval_ponder``, over all positions of the
-padded rows (what the training loss and the logs average; summed over both stacks).
+EOS included). To check against the logged ``eval_ponder`` (summed over both stacks, each a
+per-batch mean averaged over batches): ``logged_style_ponder_non_pad`` averages over the
+non-pad positions (encoder: source != 0, decoder: target != 0), what the training loss and
+the logs average since b30dc10; ``logged_style_ponder_all_positions`` averages over all
+positions of the padded rows, pads included, what they averaged before (at 1da1715).
 
 Applied FLOPs per target token follow ``models.summarize`` at data.seq_len (as the sweep's
 ``flops_per_token`` column does): ``flops_per_token - sum over stacks of (N - mean N(t)) x
@@ -49,23 +52,26 @@ def main(workdirs):
                                              mutable=["losses", "intermediates"]))
     for split in ("test", "test_long"):
       sums = {k: 0.0 for k in ("enc_p", "enc_n", "enc_real", "dec_p", "dec_n", "dec_real",
-                               "all_p", "batches")}
+                               "all_p", "valid_p", "batches")}
       for batch in pipeline.eval_batches(split):
         _, aux = apply(params, {k: batch[k] for k in ("inputs", "targets")})
         ponder = stack_ponders(aux["intermediates"])
         assert set(ponder) == {"encoder", "decoder"}, list(ponder)
         masks = {"enc": batch["inputs"] != 0, "dec": batch["weights"] > 0}
+        valid = {"enc": batch["inputs"] != 0, "dec": batch["targets"] != 0}
         for short, stack in (("enc", "encoder"), ("dec", "decoder")):
           p, m = ponder[stack], masks[short]
           sums[f"{short}_p"] += float((p * m).sum())
           sums[f"{short}_n"] += float(((np.ceil(p - 1e-4) - 1) * m).sum())
           sums[f"{short}_real"] += float(m.sum())
           sums["all_p"] += float(p.mean())
+          sums["valid_p"] += float((p * valid[short]).sum() / max(valid[short].sum(), 1))
         sums["batches"] += 1
       row = {"workdir": workdir.rstrip("/").split("/")[-1], "step": step, "split": split}
       for short in ("enc", "dec"):
         row[f"{short}_ponder"] = sums[f"{short}_p"] / sums[f"{short}_real"]
         row[f"{short}_steps"] = sums[f"{short}_n"] / sums[f"{short}_real"]
+      row["logged_style_ponder_non_pad"] = sums["valid_p"] / sums["batches"]
       row["logged_style_ponder_all_positions"] = sums["all_p"] / sums["batches"]
       n = spec.num_layers
       row["flops_per_token_fixed"] = summary["flops_per_token"]
