@@ -387,13 +387,12 @@ class Stack(nn.Module):
       if key is not None:
         iterations = sample_iterations(jax.random.fold_in(key, 1), lp)
     iterations = jnp.asarray(iterations, jnp.int32)
-    if lp.init_state == "random":
+    init = None  # "prelude": the core starts from the prelude output itself
+    if lp.init_state == "zeros":
+      init = jnp.zeros_like(x)
+    elif lp.init_state == "random":
       init_key = jax.random.PRNGKey(0) if key is None else jax.random.fold_in(key, 2)
       init = (jax.random.normal(init_key, x.shape) * self.spec.init_std).astype(x.dtype)
-    else:
-      init = jnp.zeros_like(x)
-    if lp.init_state == "prelude":
-      init = None
     state = {"e": jnp.zeros_like(x), "init": init, "iterations": iterations}
     if lp.exit_threshold and deterministic:
       zeros = jnp.zeros(x.shape[:-1], jnp.float32)
