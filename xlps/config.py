@@ -51,7 +51,7 @@ def sharing_config(num_unique: int = 1, order: str = "cycle") -> ml_collections.
   """Default plan plus per-component overrides (None = inherit the default)."""
   s = ml_collections.ConfigDict()
   s.num_unique = num_unique    # M: unique parameter sets per component (1 = fully tied)
-  s.order = order              # sequence | cycle | cycle_rev | table
+  s.order = order              # sequence | cycle | cycle_rev | middle_cycle | table
   s.table = ""                 # explicit slots for order='table', e.g. "0 1 1 1 2"
   for comp in sharing_lib.COMPONENTS:
     s[comp] = ml_collections.ConfigDict({
@@ -102,7 +102,44 @@ def model_config() -> ml_collections.ConfigDict:
   m.kv_sharing = kv_sharing_config()
   m.act = act_config()
   m.loop = loop_config()
+  m.lora = lora_config()
+  m.routing = routing_config()
   return m
+
+
+# Dense layers of a block that LoRA may target (xlps.models.layers.Attention / MLP names).
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wi_up", "wo")
+
+
+def lora_config() -> ml_collections.ConfigDict:
+  """Per-applied-layer low-rank adapters on shared slots (Relaxed Recursive Transformers,
+  Bae et al. 2025): applied layer i adds ``x A_i B_i`` to each targeted projection of its
+  slot, with A, B stacked along applied depth N."""
+  l = ml_collections.ConfigDict()
+  l.rank = 0                   # r; 0 = no adapters (plain tying)
+  l.targets = "query,key,value,out,wi,wi_up,wo"  # projections that get one (comma-separated)
+  l.bias = False               # also a per-applied-layer bias offset on each target
+  return l
+
+
+ROUTINGS = ("none", "expert_choice", "token_choice")
+
+
+def routing_config() -> ml_collections.ConfigDict:
+  """Token-level recursion routing over a looped core (Mixture-of-Recursions, Bae et al. 2025):
+  a router picks which positions run each core iteration (xlps.models.engine.route)."""
+  r = ml_collections.ConfigDict()
+  r.kind = "none"              # none | expert_choice (top-k positions per iteration) |
+                               # token_choice (a depth per position at the first iteration)
+  r.capacity = ""              # expert_choice: fraction of positions kept per iteration,
+                               # e.g. "1,0.67,0.33"; "" = (R - r) / R for iteration r of R
+  r.aux_weight = 0.001         # expert_choice: BCE(router, top-k selection), which makes the
+                               # causal inference path (router > 0.5) follow the top-k
+  r.balance_weight = 0.01      # token_choice: load-balancing loss (Switch: R sum_j f_j P_j)
+  r.z_weight = 0.001           # token_choice: router z-loss (ST-MoE: mean logsumexp^2)
+  r.inference = "threshold"    # deterministic passes: threshold (causal: router > 0.5) |
+                               # top_k (the training rule; reads the whole sequence)
+  return r
 
 
 ACT_UPDATES = ("interpolate", "accumulate")
@@ -269,6 +306,8 @@ class ModelSpec:
   remat_group_size: int
   act: "ActSpec | None"            # adaptive computation time; None = fixed depth
   loop: "LoopSpec | None"          # prelude / iterated core / coda; None = plain depth
+  lora: "LoraSpec | None"          # per-applied-layer adapters; None = plain tying
+  routing: "RoutingSpec | None"    # per-position recursion routing of a looped core
   # Each stack's applied depth: per component, its sharing plan and parameter group.
   stacks: tuple[sharing_lib.StackPlan, ...]
 
@@ -349,6 +388,8 @@ class ModelSpec:
     if act is not None and loop is not None:
       raise ConfigError(f"{f('act.enabled')}=True and {f('loop.core')}={loop.core}: ACT halting "
                         "and a looped core are two ways to choose depth; enable one of them")
+    lora = LoraSpec.from_config(m, f("lora"))
+    routing = RoutingSpec.from_config(m["routing"], loop, f("routing"))
     return cls(
         family=m["family"], vocab_size=m["vocab_size"], d_model=d, embed_dim=embed_dim,
         num_heads=h, num_kv_heads=kv, head_dim=d // h, d_ff=m["d_ff"],
@@ -365,7 +406,7 @@ class ModelSpec:
         attention_impl=impl, init_std=float(m["init_std"]), dtype=m["dtype"],
         scan_layers=bool(m["scan_layers"]),
         remat_policy=m["remat_policy"], remat_group_size=m["remat_group_size"], act=act, loop=loop,
-        stacks=stacks)
+        lora=lora, routing=routing, stacks=stacks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +494,85 @@ class ActSpec:
                bool(a["coordinates"]), a["update"])
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Validated ``model.lora`` (present only when ``rank > 0``)."""
+
+  rank: int
+  targets: tuple[str, ...]
+  bias: bool
+
+  @classmethod
+  def from_config(cls, m: Mapping, field: str) -> "LoraSpec | None":
+    lora = m["lora"]
+    check_int(f"{field}.rank", lora["rank"], 0)
+    check_bool(f"{field}.bias", lora["bias"])
+    check_str(f"{field}.targets", lora["targets"])
+    targets = tuple(t.strip() for t in lora["targets"].split(",") if t.strip())
+    for target in targets:
+      check_choice(f"{field}.targets", target, LORA_TARGETS)
+    if lora["rank"] == 0:
+      return None
+    if not targets:
+      raise ConfigError(f"{field}.rank={lora['rank']} with empty {field}.targets; valid targets: "
+                        f"{', '.join(LORA_TARGETS)} (comma-separated)")
+    if m["tie_encoder_decoder"]:
+      raise ConfigError(f"{field}.rank={lora['rank']} with model.tie_encoder_decoder=True: the "
+                        "adapters are stacked along one stack's applied depth, and tied groups "
+                        "serve two stacks; valid: rank 0, or tie_encoder_decoder=False")
+    return cls(lora["rank"], targets, bool(lora["bias"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingSpec:
+  """Validated ``model.routing`` (present only when ``kind != 'none'``)."""
+
+  kind: str
+  capacity: tuple[float, ...]      # expert_choice: fraction kept at each core iteration
+  aux_weight: float
+  balance_weight: float
+  z_weight: float
+  inference: str
+
+  @classmethod
+  def from_config(cls, r: Mapping, loop: "LoopSpec | None", field: str) -> "RoutingSpec | None":
+    check_choice(f"{field}.kind", r["kind"], ROUTINGS)
+    check_choice(f"{field}.inference", r["inference"], ("threshold", "top_k"))
+    for key in ("aux_weight", "balance_weight", "z_weight"):
+      check_number(f"{field}.{key}", r[key], 0)
+    check_str(f"{field}.capacity", r["capacity"])
+    if r["kind"] == "none":
+      return None
+    if loop is None:
+      raise ConfigError(f"{field}.kind={r['kind']!r} routes positions through a looped core; set "
+                        "model.loop.core > 0 (MoR's middle-cycle: loop.prelude=1, loop.coda=1)")
+    if (loop.train_iterations, loop.backprop_iterations, loop.exit_threshold) != ("fixed", 0, 0):
+      raise ConfigError(f"{field}.kind={r['kind']!r} chooses each position's depth itself; leave "
+                        "model.loop.train_iterations='fixed', backprop_iterations=0 and "
+                        "exit_threshold=0")
+    if loop.mean_iterations != loop.max_iterations or loop.eval_iterations != loop.max_iterations:
+      raise ConfigError(f"{field}.kind={r['kind']!r} routes over all {loop.max_iterations} "
+                        "iterations; leave model.loop.mean_iterations and eval_iterations at 0")
+    most = loop.max_iterations
+    capacity = tuple((most - i) / most for i in range(most))
+    if r["capacity"].strip():
+      if r["kind"] != "expert_choice":
+        raise ConfigError(f"{field}.capacity={r['capacity']!r} is only read with "
+                          f"kind='expert_choice' (kind is {r['kind']!r}); clear it")
+      try:
+        capacity = tuple(float(c) for c in r["capacity"].replace(",", " ").split())
+      except ValueError:
+        raise ConfigError(f"{field}.capacity={r['capacity']!r} is not a list of fractions, e.g. "
+                          "'1,0.67,0.33'") from None
+      if (len(capacity) != most or any(not 0 < c <= 1 for c in capacity)
+          or any(b > a for a, b in zip(capacity, capacity[1:]))):
+        raise ConfigError(f"{field}.capacity={r['capacity']!r} needs {most} fractions in (0, 1], "
+                          "one per core iteration, non-increasing (only positions kept at "
+                          "iteration r - 1 can be kept at r)")
+    return cls(r["kind"], capacity, float(r["aux_weight"]), float(r["balance_weight"]),
+               float(r["z_weight"]), r["inference"])
+
+
 def check_remat_group(size: int, scan_layers: bool, stacks, field: str) -> None:
   """Two-level remat needs the scanned engine and a group size dividing every stack's depth."""
   if size and not scan_layers:
@@ -497,7 +617,8 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
           if sub not in plan_keys:
             raise unknown_key(f"{field}.sharing.{key}", sub, plan_keys, "sharing")
   for name, schema in (("kv_sharing", kv_sharing_config()), ("act", act_config()),
-                       ("loop", loop_config())):
+                       ("loop", loop_config()), ("lora", lora_config()),
+                       ("routing", routing_config())):
     section = m.get(name)
     if isinstance(section, sections):
       for key in section:
@@ -695,7 +816,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # The logical axis names that parameters and activations carry (xlps.partitioning maps
 # each to mesh axes; mesh.rules may remap them).
 LOGICAL_AXES = ("batch", "length", "embed", "mlp", "heads", "kv_heads", "kv", "vocab", "factor",
-                "unique")
+                "unique", "depth")
 
 
 def mesh_config() -> ml_collections.ConfigDict:

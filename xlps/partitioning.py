@@ -36,6 +36,7 @@ def standard_logical_axis_rules(additional: Sequence[tuple[str, Any]] = ()) -> R
       ("vocab", "tensor"),
       ("factor", None),
       ("unique", None),   # the stacked axis of a group's unique parameter sets: replicated
+      ("depth", None),    # the applied-depth axis of per-layer adapters (LoRA): replicated
   )
 
 

@@ -7,6 +7,8 @@ applied layer ``i`` uses. Orders (Takase & Kiyono 2021, DESIGN.md):
 * ``sequence``:  ``slots[i] = i // (N / M)``  (needs M | N; ALBERT ``num_hidden_groups``)
 * ``cycle``:     ``slots[i] = i % M``
 * ``cycle_rev``: ``cycle`` for the first ``M * (ceil(N / M) - 1)`` layers, then reversed
+* ``middle_cycle``: the first and last layers own slots 0 and M - 1; the N - 2 middle layers
+  cycle through slots 1..M-2 (Mixture-of-Recursions' best layout, Bae et al. 2025)
 * ``table``:     an explicit user table (e.g. Subformer's sandwich ``0 1 1 1 1 2``)
 
 Each component of a block (``attention``, ``mlp``, ``norms``, ``cross_attention``) may
@@ -22,7 +24,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-ORDERS = ("sequence", "cycle", "cycle_rev", "table")
+ORDERS = ("sequence", "cycle", "cycle_rev", "middle_cycle", "table")
 KV_POLICIES = ("per_layer", "cross_layer", "recursive", "table")
 COMPONENTS = ("attention", "mlp", "norms", "cross_attention")
 
@@ -99,6 +101,10 @@ def make_plan(num_layers: int, num_unique: int, order: str,
     raise ValueError(f"{field}.num_unique={num_unique!r} must be an integer in "
                      f"[1, num_layers={num_layers}]")
   n, m = num_layers, num_unique
+  if order == "middle_cycle" and not (m == n or 3 <= m):
+    raise ValueError(f"{field}.num_unique={m} with order='middle_cycle' and num_layers={n}: the "
+                     "first and last layers own a slot each and the middle needs at least one; "
+                     f"valid num_unique: {list(range(3, n + 1)) or [n]}")
   if order == "sequence":
     if n % m:
       divisors = [d for d in range(1, n + 1) if n % d == 0]
@@ -108,6 +114,9 @@ def make_plan(num_layers: int, num_unique: int, order: str,
     slots = tuple(i // (n // m) for i in range(n))
   elif order == "cycle":
     slots = tuple(i % m for i in range(n))
+  elif order == "middle_cycle":
+    slots = tuple(0 if i == 0 else m - 1 if i == n - 1 else 1 + (i - 1) % (m - 2)
+                  for i in range(n)) if m < n else tuple(range(n))
   else:  # cycle_rev
     head = m * (math.ceil(n / m) - 1)
     slots = tuple(i % m if i < head else m - 1 - (i % m) for i in range(n))
@@ -335,6 +344,12 @@ def parameter_groups(stacks: Sequence[StackPlan]) -> dict[tuple[str, ...], Group
 # ----------------------------------------------------------------------------- accounting
 
 
+# Leaves of a group stacked along its applied depth (one entry per applied layer, LoRA
+# adapters: xlps.models.layers.Dense), not over its M slots; the matmul ones are LORA_MATMUL.
+PER_LAYER_LEAVES = ("lora_a", "lora_b", "lora_bias")
+LORA_MATMUL = ("lora_a", "lora_b")
+
+
 def _numel(shape: Sequence[int]) -> int:
   return math.prod(int(d) for d in shape)
 
@@ -347,10 +362,12 @@ def account(param_shapes: Mapping[tuple[str, ...], Sequence[int]],
 
   ``param_shapes`` maps each parameter path to its shape. Parameters under a
   ``Group.path`` are stacked over the group's M slots (no axis when M == 1) and count
-  ``(applied layers of all its uses) / M`` times when applied; all others count once.
-  Training FLOPs are ``6 x`` applied matmul parameters (leaves named ``kernel``, plus
-  ``output_matmul_params`` for an output projection tied to the embedding) plus the given
-  attention-score FLOPs (which the caller derives from sequence lengths).
+  ``(applied layers of all its uses) / M`` times when applied, except ``PER_LAYER_LEAVES``
+  (stacked along applied depth: each entry applied once); all others count once.
+  Training FLOPs are ``6 x`` applied matmul parameters (leaves named ``kernel`` and the
+  LoRA factors, plus ``output_matmul_params`` for an output projection tied to the
+  embedding) plus the given attention-score FLOPs (which the caller derives from sequence
+  lengths).
   """
   groups = list(groups)
   multi_stack = len({stack for g in groups for stack, _, _ in g.uses}) > 1
@@ -363,7 +380,8 @@ def account(param_shapes: Mapping[tuple[str, ...], Sequence[int]],
       continue
     m = group.num_unique
     stack, comp, _ = group.uses[0]
-    unique = sum(_numel(s) for s in leaves.values())
+    per_layer = {p: _numel(s) for p, s in leaves.items() if p[-1] in PER_LAYER_LEAVES}
+    shared = sum(_numel(s) for p, s in leaves.items() if p not in per_layer)
     kernels = sum(_numel(s) for p, s in leaves.items() if p[-1] == "kernel")
     applications = sum(plan.num_layers for _, _, plan in group.uses)
     rows.append({
@@ -372,10 +390,11 @@ def account(param_shapes: Mapping[tuple[str, ...], Sequence[int]],
         "path": "/".join(group.path),
         "slots": m,
         "applications": applications,
-        "unique_params": unique,
-        "applied_params": unique // m * applications,
+        "unique_params": shared + sum(per_layer.values()),
+        "applied_params": shared // m * applications + sum(per_layer.values()),
     })
-    applied_matmul += kernels // m * applications
+    applied_matmul += kernels // m * applications + sum(
+        n for p, n in per_layer.items() if p[-1] in LORA_MATMUL)
     claimed.update(leaves)
   rest = {p: s for p, s in param_shapes.items() if p not in claimed}
   other = sum(_numel(s) for s in rest.values())

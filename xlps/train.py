@@ -53,9 +53,11 @@ class TrainState:
 # Weight decay by what a parameter is (its leaf name), never by its rank: stacked slots
 # make biases and norm scales (M, d) and attention biases are (heads, head_dim). As in
 # BERT and HF's Trainer (no decay on biases and LayerNorm parameters), kernels and
-# embeddings decay, biases and norm scales / biases do not.
+# embeddings decay, biases and norm scales / biases do not. LoRA factors decay like the
+# kernels they adapt (as HF's Trainer does with peft), their bias offsets do not.
 DECAYED_LEAVES = {"kernel": True, "embedding": True, "position_embedding": True,
-                  "type_embedding": True, "bias": False, "scale": False}
+                  "type_embedding": True, "bias": False, "scale": False,
+                  "lora_a": True, "lora_b": True, "lora_bias": False}
 
 
 def decay_mask(params: Any) -> Any:

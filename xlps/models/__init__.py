@@ -103,6 +103,8 @@ def layer_flops(spec: ModelSpec, stack: sharing.StackPlan, seq_len: int) -> int:
     path = (stack.owner, sharing.BLOCK_SCOPE, group)
     kernels += sum(math.prod(shape) for p, shape in shapes.items()
                    if p[:3] == path and p[-1] == "kernel") // plan.num_unique
+    kernels += sum(math.prod(shape) for p, shape in shapes.items()
+                   if p[:3] == path and p[-1] in sharing.LORA_MATMUL) // plan.num_layers
   attention = sum(comp in ("attention", "cross_attention") for comp, _, _ in stack.uses)
   return 6 * kernels + 12 * attention * spec.num_heads * spec.head_dim * seq_len
 

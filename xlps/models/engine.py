@@ -128,6 +128,7 @@ class Block(nn.Module):
 
   spec: ModelSpec
   uses: tuple[tuple[str, str, int], ...]
+  depth: int = 0                     # N applied layers (the stack LoRA adapters are over)
 
   @nn.compact
   def __call__(self, x: Array, step: Mapping[str, Array], mask: Array,
@@ -140,7 +141,8 @@ class Block(nn.Module):
     s = self.spec
     groups = {comp: (group, m) for comp, group, m in self.uses}
     projected = lambda m: dict(num_unique=m, use_bias=s.use_bias,  # noqa: E731
-                               init_std=s.init_std, dtype=s.dtype)
+                               init_std=s.init_std, dtype=s.dtype, lora=s.lora,
+                               depth=self.depth)
     kv = None if kv is None else dict(kv)
 
     def key(site):
@@ -156,8 +158,8 @@ class Block(nn.Module):
                                 **projected(m))
       args = (h, source, attn_mask, step[comp], key(f"{comp}_probs"))
       if cache is None:
-        return module(*args)
-      out, cache = module(*args, cache=cache)
+        return module(*args, layer=step["index"])
+      out, cache = module(*args, cache=cache, layer=step["index"])
       kv[f"{prefix}k"], kv[f"{prefix}v"] = cache.k, cache.v
       return out
 
@@ -181,7 +183,7 @@ class Block(nn.Module):
       sublayers.append(("cross_attention", cross_attention))
     sublayers.append(("mlp", lambda h: layers.MLP(
         s.d_ff, s.activation, name=groups["mlp"][0], **projected(groups["mlp"][1]))(
-            h, step["mlp"])))
+            h, step["mlp"], step["index"])))
 
     if loop is not None:
       x_before = x
@@ -321,7 +323,7 @@ class Stack(nn.Module):
                valid: Array | None = None) -> Array | tuple[Array, dict]:
     s = self.spec
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
-    block = Block(spec=s, uses=uses, name=BLOCK_SCOPE)
+    block = Block(spec=s, uses=uses, depth=plan.num_layers, name=BLOCK_SCOPE)
     needs_rng = not deterministic and (s.dropout_rate > 0 or s.attention_dropout_rate > 0)
     dropout_key = self.make_rng("dropout") if needs_rng else None
     steps = slot_inputs(plan, decoding=cache is not None, loop=s.loop)

@@ -9,7 +9,7 @@ parameter carries logical axis names for the sharding rules (``nn.with_logical_p
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -49,12 +49,17 @@ class Projected(nn.Module, kw_only=True):
   use_bias: bool = True
   init_std: float = 0.02
   dtype: str = "float32"       # compute dtype (parameters stay float32)
+  lora: Any = None             # config.LoraSpec: adapters on the projections it targets
+  depth: int = 0               # N: applied layers the adapters are stacked over
 
   def dense(self, name: str, features: tuple[int, ...], in_axes: tuple[str | None, ...],
             out_axes: tuple[str | None, ...]) -> "Dense":
-    """A ``Dense`` submodule with this module's settings."""
+    """A ``Dense`` submodule with this module's settings (and an adapter if LoRA targets it)."""
+    adapted = self.lora is not None and name in self.lora.targets
     return Dense(features, in_axes, out_axes, num_unique=self.num_unique,
-                 use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype, name=name)
+                 use_bias=self.use_bias, init_std=self.init_std, dtype=self.dtype,
+                 lora_rank=self.lora.rank if adapted else 0,
+                 lora_bias=adapted and self.lora.bias, depth=self.depth, name=name)
 
 
 class Dense(Projected):
@@ -65,14 +70,22 @@ class Dense(Projected):
   With M > 1 the slot gather and the matmul are rematerialised together, so the backward
   pass gathers the slot again (one dynamic slice) instead of saving a copy of its weights
   per applied layer (N copies of a layer's parameters, whatever ``remat_policy`` says).
+
+  With ``lora_rank = r > 0`` applied layer ``layer`` also adds ``(x A[layer]) B[layer]``
+  (and, with ``lora_bias``, ``bias_offset[layer]``): ``lora_a`` ``(N, *in, r)``, ``lora_b``
+  ``(N, r, *features)``, stacked along the ``depth`` = N applied layers (logical axis
+  ``depth``) and sharded like the kernel. A starts N(0, init_std), B and the offset at
+  zero, so a fresh adapter leaves the shared layer exactly as it is.
   """
 
   features: tuple[int, ...]
   in_axes: tuple[str | None, ...]
   out_axes: tuple[str | None, ...]
+  lora_rank: int = 0
+  lora_bias: bool = False
 
   @nn.compact
-  def __call__(self, x: Array, slot: Array | None = None) -> Array:
+  def __call__(self, x: Array, slot: Array | None = None, layer: Array | None = None) -> Array:
     n_in = len(self.in_axes)
     in_shape = x.shape[-n_in:]
     kernel = slot_param(self, "kernel", nn.initializers.truncated_normal(self.init_std),
@@ -93,7 +106,28 @@ class Dense(Projected):
 
     if stacked:
       project = jax.checkpoint(project, prevent_cse=False)
-    return project(x, kernel, bias)
+    y = project(x, kernel, bias)
+    if self.lora_rank:
+      y = y + self._adapter(x, in_shape, contract, layer)
+    return y
+
+  def _adapter(self, x: Array, in_shape: tuple[int, ...], contract, layer: Array) -> Array:
+    """Applied layer ``layer``'s low-rank update of this projection."""
+    if layer is None:
+      raise ValueError(f"{self.name}: a LoRA projection needs the applied-layer index")
+    r, n, dtype = self.lora_rank, self.depth, jnp.dtype(self.dtype)
+    depth_param = lambda name, init, shape, axes: self.param(  # noqa: E731
+        name, nn.with_logical_partitioning(init, ("depth", *axes)), (n, *shape))
+    a = depth_param("lora_a", nn.initializers.normal(self.init_std), (*in_shape, r),
+                    (*self.in_axes, None))
+    b = depth_param("lora_b", nn.initializers.zeros, (r, *self.features), (None, *self.out_axes))
+    a, b = take_slot(a, layer).astype(dtype), take_slot(b, layer).astype(dtype)
+    h = jax.lax.dot_general(x.astype(dtype), a, (contract, ((), ())))
+    update = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+    if self.lora_bias:
+      offset = depth_param("lora_bias", nn.initializers.zeros, self.features, self.out_axes)
+      update = update + take_slot(offset, layer).astype(dtype)
+    return update
 
 
 class Norm(nn.Module):
@@ -272,14 +306,16 @@ class Attention(Projected):
   @nn.compact
   def __call__(self, x: Array, kv: Array | None, mask: Array, slot: Array | None = None,
                dropout_key: Array | None = None,
-               cache: KVSlot | None = None) -> Array | tuple[Array, KVSlot]:
+               cache: KVSlot | None = None,
+               layer: Array | None = None) -> Array | tuple[Array, KVSlot]:
     dense = self.dense
-    q = dense("query", (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"))(x, slot)
+    q = dense("query", (self.num_heads, self.head_dim), ("embed",), ("heads", "kv"))(
+        x, slot, layer)
     k = v = None
     if kv is not None:
       kv_shape = (self.num_kv_heads, self.head_dim)
-      k = dense("key", kv_shape, ("embed",), ("kv_heads", "kv"))(kv, slot)
-      v = dense("value", kv_shape, ("embed",), ("kv_heads", "kv"))(kv, slot)
+      k = dense("key", kv_shape, ("embed",), ("kv_heads", "kv"))(kv, slot, layer)
+      v = dense("value", kv_shape, ("embed",), ("kv_heads", "kv"))(kv, slot, layer)
     if cache is not None:
       k_buffer, k = write_read(cache.k, k, cache.entry, cache.write, cache.index)
       v_buffer, v = write_read(cache.v, v, cache.entry, cache.write, cache.index)
@@ -296,7 +332,7 @@ class Attention(Projected):
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "kv"))
-    out = dense("out", (x.shape[-1],), ("heads", "kv"), ("embed",))(out, slot)
+    out = dense("out", (x.shape[-1],), ("heads", "kv"), ("embed",))(out, slot, layer)
     return out if cache is None else (out, cache)
 
 
@@ -307,10 +343,11 @@ class MLP(Projected):
   activation: str = "gelu"
 
   @nn.compact
-  def __call__(self, x: Array, slot: Array | None = None) -> Array:
+  def __call__(self, x: Array, slot: Array | None = None, layer: Array | None = None) -> Array:
     dense = self.dense
-    h = activation_fn(self.activation)(dense("wi", (self.d_ff,), ("embed",), ("mlp",))(x, slot))
+    h = activation_fn(self.activation)(
+        dense("wi", (self.d_ff,), ("embed",), ("mlp",))(x, slot, layer))
     if self.activation == "swiglu":
-      h = h * dense("wi_up", (self.d_ff,), ("embed",), ("mlp",))(x, slot)
+      h = h * dense("wi_up", (self.d_ff,), ("embed",), ("mlp",))(x, slot, layer)
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-    return dense("wo", (x.shape[-1],), ("mlp",), ("embed",))(h, slot)
+    return dense("wo", (x.shape[-1],), ("mlp",), ("embed",))(h, slot, layer)
