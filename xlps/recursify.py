@@ -14,8 +14,8 @@ layers chosen by ``init``:
 
 With ``lora_rank = r`` each applied layer i gets, on every targeted projection, the
 rank-r truncated SVD of its residual ``W_i - W_slot(i)`` (``lora_init='svd'``: ``A = U_r
-sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``) or a fresh adapter (``'zero'``: B = 0), and with
-``lora_bias`` the bias residual ``b_i - b_slot(i)``. Full rank reproduces every applied
+sqrt(S_r)``, ``B = sqrt(S_r) V_r^T``) and, with ``lora_bias``, the bias residual
+``b_i - b_slot(i)``; or a fresh adapter (``'zero'``: B = 0, zero offsets: the tied model). Full rank reproduces every applied
 layer's projections exactly; norms are shared unless ``unshared_norms`` keeps one per layer.
 """
 
@@ -156,13 +156,13 @@ def _adapter(slots: Mapping, source: Mapping, fresh: Mapping, plan: sharing.Plan
   in_shape = fresh["lora_a"].shape[1:-1]
   out_shape = fresh["lora_b"].shape[2:]
   d_in, d_out = math.prod(in_shape), math.prod(out_shape)
+  if lora_init == "zero":
+    return {k: v for k, v in fresh.items() if k.startswith("lora")}
   result = {}
   if "lora_bias" in fresh:
     result["lora_bias"] = np.stack([
         _layer_leaf(source["bias"], src_plan, i) - _layer_leaf(slots["bias"], plan, i)
         for i in range(n)]).astype(np.float32)
-  if lora_init == "zero":
-    return {**result, "lora_a": fresh["lora_a"], "lora_b": fresh["lora_b"]}
   a = np.zeros((n, d_in, rank), np.float64)
   b = np.zeros((n, rank, d_out), np.float64)
   for i in range(n):
