@@ -15,7 +15,8 @@ uptraining budget) and for SOURCE_STEPS + CONT_STEPS (the same total budget), le
     python experiments/recursify_study.py --root=/tmp/recursify_study --report \
         --out=experiments/results/recursify
 
-The first command skips finished jobs (their workdir has ``done.json``); the second writes
+The first command skips finished jobs (their workdir has ``done.json``) and restarts
+interrupted ones; the second writes
 results.csv, results.md and loss_vs_unique_params.png into --out.
 """
 
@@ -26,6 +27,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +112,8 @@ def run_all(root: pathlib.Path, parallel: int) -> None:
         job = ready[0]
         todo.remove(job)
       workdir = root / job["name"]
+      if workdir.exists():  # an interrupted job: start it afresh
+        shutil.rmtree(workdir)
       workdir.parent.mkdir(parents=True, exist_ok=True)
       ok = True
       for cmd in job["commands"]:
