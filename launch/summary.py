@@ -56,8 +56,22 @@ def format_table(summary: dict, spec) -> str:
   lines.append(f"training FLOPs per token at seq_len {summary['seq_len']}: "
                f"{summary['flops_per_token']:,} ({_short(summary['flops_per_token'])}; "
                f"6 x {summary['applied_matmul_params']:,} applied matmul params + attention)")
+  adapters = sum(row.get("adapter_params", 0) for row in summary["components"])
+  if spec.lora is not None:
+    lines.append(f"LoRA rank {spec.lora.rank} per applied layer on {', '.join(spec.lora.targets)}"
+                 f"{' (+ bias offsets)' if spec.lora.bias else ''}: {adapters:,} adapter params "
+                 "(in the unique counts; each applied once)")
   depth = summary.get("adaptive_depth")
-  if depth and "expected_train_iterations" in depth:
+  if depth and "routing" in depth:
+    expected = (f"expected {depth['expected_train_iterations']:.2f} of "
+                f"{depth['max_iterations']} iterations per position: "
+                f"{depth['expected_train_flops_per_token']:,.0f} FLOPs/token applied"
+                if "expected_train_iterations" in depth else
+                "mean iterations per position: the train_depth / eval_depth logs")
+    lines.append(f"recursion routing ({depth['routing']}): {expected} (the masked scan runs "
+                 "all N layers; FLOPs/token per layer: "
+                 f"{', '.join(f'{k} {v:,}' for k, v in depth['layer_flops_per_token'].items())})")
+  elif depth and "expected_train_iterations" in depth:
     lines.append(f"looped depth: {depth['train_iterations']} train iterations (expected "
                  f"{depth['expected_train_iterations']:.2f} of {depth['max_iterations']}): "
                  f"{depth['expected_train_flops_per_token']:,.0f} FLOPs/token applied in "

@@ -392,6 +392,7 @@ def account(param_shapes: Mapping[tuple[str, ...], Sequence[int]],
         "applications": applications,
         "unique_params": shared + sum(per_layer.values()),
         "applied_params": shared // m * applications + sum(per_layer.values()),
+        "adapter_params": sum(per_layer.values()),
     })
     applied_matmul += kernels // m * applications + sum(
         n for p, n in per_layer.items() if p[-1] in LORA_MATMUL)
@@ -400,7 +401,8 @@ def account(param_shapes: Mapping[tuple[str, ...], Sequence[int]],
   other = sum(_numel(s) for s in rest.values())
   applied_matmul += sum(_numel(s) for p, s in rest.items() if p[-1] == "kernel")
   rows.append({"component": "other", "path": "(embeddings, heads, final norms)", "slots": 1,
-               "applications": 1, "unique_params": other, "applied_params": other})
+               "applications": 1, "unique_params": other, "applied_params": other,
+               "adapter_params": 0})
   return {
       "unique_params": sum(r["unique_params"] for r in rows),
       "applied_params": sum(r["applied_params"] for r in rows),

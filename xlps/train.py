@@ -102,20 +102,24 @@ def apply_model(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
                 **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Logits and the adaptive-depth statistics: with ACT (``model.spec.act``) ``ponder``,
   the sum over stacks of the mean ``N(t) + R(t)`` over positions (the ``losses``
-  collection); with a looped model's early exit at inference, ``depth``, the mean core
-  iterations a position ran."""
+  collection); with recursion routing ``router_loss``, its weighted auxiliary losses; with
+  routing or a looped model's early exit at inference, ``depth``, the mean core iterations
+  a position ran (over the scored positions when the batch has ``weights``)."""
   spec, extras = model.spec, {}
   exits = (spec.loop is not None and spec.loop.exit_threshold > 0
            and kwargs.get("deterministic", True))
-  if spec.act is None and not exits:
+  if spec.act is None and not exits and spec.routing is None:
     return model.apply({"params": params}, batch, **kwargs), extras
   logits, aux = model.apply({"params": params}, batch, mutable=["losses", "intermediates"],
                             **kwargs)
   if spec.act is not None:
     extras["ponder"] = sum(jax.tree.leaves(aux["losses"]))
-  if exits:
-    extras["depth"] = jnp.mean(jax.tree.leaves(aux["intermediates"][spec.stacks[0].name]
-                                               ["depth"])[0])
+  if spec.routing is not None:
+    extras["router_loss"] = sum(jax.tree.leaves(aux["losses"]))
+  if exits or spec.routing is not None:
+    depth = jax.tree.leaves(aux["intermediates"][spec.stacks[0].name]["depth"])[0]
+    weight = batch["weights"] if "weights" in batch else jnp.ones_like(depth)
+    extras["depth"] = (depth * weight).sum() / jnp.maximum(weight.sum(), 1.0)
   return logits, extras
 
 
@@ -138,6 +142,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
     if "ponder" in extras:  # ACT: loss + tau * ponder (Graves 2016)
       loss = loss + model.spec.act.ponder_weight * extras["ponder"]
       metrics["ponder"] = extras["ponder"]
+    if "router_loss" in extras:  # recursion routing: its weighted auxiliary losses
+      loss = loss + extras["router_loss"]
+      metrics.update(router_loss=extras["router_loss"], depth=extras["depth"])
     return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -353,8 +360,9 @@ def train_record(m: Mapping[str, Any], steps: int) -> dict[str, float]:
             "train_accuracy": float(m["correct"]) / weighted,
             "grad_norm": float(m["grad_norm"]) / max(steps - nonfinite, 1.0),
             "nonfinite_steps": nonfinite}
-  if "ponder" in m:  # ACT: mean ponder cost (N + R per position, summed over stacks)
-    record["train_ponder"] = float(m["ponder"]) / max(steps - nonfinite, 1.0)
+  for key in ("ponder", "router_loss", "depth"):  # adaptive depth: per-step means
+    if key in m:  # ponder: N + R per position, summed over stacks (ACT)
+      record[f"train_{key}"] = float(m[key]) / max(steps - nonfinite, 1.0)
   return record
 
 

@@ -124,7 +124,16 @@ def adaptive_depth(spec: ModelSpec, flops_per_token: int, seq_len: int) -> dict 
   stack = spec.stacks[0] if spec.loop is not None else None
   per_layer = {s.name: layer_flops(spec, s, seq_len) for s in spec.stacks}
   result = {"layer_flops_per_token": per_layer}
-  if spec.loop is not None:
+  if spec.loop is not None and spec.routing is not None:
+    # Routing: every layer runs (masked); expert-choice's capacities fix the mean depth,
+    # token-choice's is measured (train_depth / eval_depth logs).
+    result.update(routing=spec.routing.kind, max_iterations=spec.loop.max_iterations)
+    if spec.routing.kind == "expert_choice":
+      mean = sum(spec.routing.capacity)
+      result.update(expected_train_iterations=mean,
+                    expected_train_flops_per_token=flops_per_token - (
+                        spec.loop.max_iterations - mean) * spec.loop.core * per_layer[stack.name])
+  elif spec.loop is not None:
     lp = spec.loop
     mean = float(jax.vmap(lambda k: engine.sample_iterations(k, lp))(
         jax.random.split(jax.random.PRNGKey(0), 20000)).mean())

@@ -101,6 +101,92 @@ class HaltingUnit(nn.Module):
     return jax.nn.sigmoid(x.astype(jnp.float32) @ kernel + bias)
 
 
+class Router(nn.Module):
+  """Mixture-of-Recursions' routers: ``outputs`` logits per position from one linear map per
+  core iteration (``per_iteration``; expert-choice: one score each) or one map for all."""
+
+  outputs: int
+  iterations: int
+
+  @nn.compact
+  def __call__(self, x: Array, iteration: Array) -> Array:
+    lead = (self.iterations,) if self.iterations > 1 else ()
+    axes = ("unique",) * len(lead)
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (*axes, "embed", None)), (*lead, x.shape[-1], self.outputs))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (*axes, None)),
+                      (*lead, self.outputs))
+    if lead:
+      slot = jnp.clip(iteration, 0, self.iterations - 1)
+      kernel, bias = layers.take_slot(kernel, slot), layers.take_slot(bias, slot)
+    return x.astype(jnp.float32) @ kernel + bias
+
+
+def route(logits: Array, state: Mapping[str, Array], iteration: Array, starts: Array,
+          spec: config_lib.RoutingSpec, top_k: bool, num_iterations: int) -> dict[str, Array]:
+  """A core iteration's routing decision for every position (Mixture-of-Recursions).
+
+  ``state``: ``valid`` (non-pad), ``active`` (ran the previous iteration), ``routed``
+  ``[R, B, L]`` (who ran each iteration), ``depth`` (iterations run), ``aux`` (the weighted
+  auxiliary loss so far) and, token-choice, ``assigned`` / ``choice_gate``. Only where
+  ``starts`` (the first layer of an iteration) does anything change.
+
+  * expert_choice: score ``g = sigmoid(logits[..., 0])``; among the positions that ran the
+    previous iteration, the ``capacity[r] x L`` best scores per sequence run iteration r
+    (``top_k``; training), or those with ``g > 0.5`` (all of them at capacity 1): the causal
+    inference path that the auxiliary BCE(g, top-k selection) trains the router for. The
+    iteration's update is scaled by g.
+  * token_choice: at iteration 0, ``softmax(logits)`` over the R depths; each position runs
+    ``argmax + 1`` iterations and its last one's update is scaled by that probability;
+    auxiliary Switch load balance ``R sum_j f_j P_j`` and router z-loss.
+  """
+  valid = state["valid"]
+  weight = valid.astype(jnp.float32)
+  mean = lambda v: (v * weight).sum() / jnp.maximum(weight.sum(), 1.0)  # noqa: E731
+  out = dict(state)
+  aux = jnp.float32(0)
+  if spec.kind == "expert_choice":
+    z = logits[..., 0]
+    gate = jax.nn.sigmoid(z)
+    candidates = valid & ((iteration == 0) | state["active"])
+    if top_k:
+      capacity = np.maximum(1, np.round(np.asarray(spec.capacity) * valid.shape[-1]))
+      k = jnp.asarray(capacity.astype(np.int32))[jnp.clip(iteration, 0, num_iterations - 1)]
+      score = jnp.where(candidates, gate, -1.0)
+      rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1, stable=True)
+      active = candidates & (rank < k)
+      label = active.astype(jnp.float32)
+      bce = -(label * jax.nn.log_sigmoid(z) + (1 - label) * jax.nn.log_sigmoid(-z))
+      cand = candidates.astype(jnp.float32)
+      aux = spec.aux_weight * (bce * cand).sum() / jnp.maximum(cand.sum(), 1.0)
+    else:  # iterations at full capacity keep every candidate, as in training
+      full = jnp.asarray(np.asarray(spec.capacity) >= 1)[jnp.clip(iteration, 0, num_iterations - 1)]
+      active = candidates & ((gate > 0.5) | full)
+  else:
+    first = iteration == 0
+    probs = jax.nn.softmax(logits, axis=-1)
+    choice = jnp.argmax(logits, axis=-1)
+    assigned = jnp.where(first, choice + 1, state["assigned"])
+    choice_gate = jnp.where(first, jnp.max(probs, axis=-1), state["choice_gate"])
+    out.update(assigned=assigned, choice_gate=choice_gate)
+    active = iteration < assigned
+    gate = jnp.where(iteration == assigned - 1, choice_gate, 1.0)
+    fraction = jax.vmap(mean, in_axes=-1)(jax.nn.one_hot(choice, num_iterations))
+    balance = num_iterations * jnp.sum(fraction * jax.vmap(mean, in_axes=-1)(probs))
+    z_loss = mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+    aux = jnp.where(first, spec.balance_weight * balance + spec.z_weight * z_loss, 0.0)
+  row = jnp.clip(iteration, 0, num_iterations - 1)
+  routed = state["routed"].at[row].set(jnp.where(starts, active, state["routed"][row]))
+  keep = lambda new, old: jnp.where(starts, new, old)  # noqa: E731
+  out.update(active=keep(active, state["active"]), gate=keep(gate, state["gate"]),
+             routed=routed, depth=state["depth"] + (starts & active).astype(jnp.float32),
+             aux=state["aux"] + jnp.where(starts, aux, 0.0))
+  if spec.kind == "token_choice":
+    out.update(assigned=keep(out["assigned"], state["assigned"]),
+               choice_gate=keep(out["choice_gate"], state["choice_gate"]))
+  return out
+
+
 class Block(nn.Module):
   """One applied layer: self-attention, optional cross-attention, FFN; pre- or post-LN.
 
@@ -129,6 +215,7 @@ class Block(nn.Module):
   spec: ModelSpec
   uses: tuple[tuple[str, str, int], ...]
   depth: int = 0                     # N applied layers (the stack LoRA adapters are over)
+  top_k_routing: bool = True         # expert-choice: top-k per sequence (else router > 0.5)
 
   @nn.compact
   def __call__(self, x: Array, step: Mapping[str, Array], mask: Array,
@@ -213,6 +300,12 @@ class Block(nn.Module):
     iteration = step["iteration"]
     in_core = iteration >= 0
     active = ~in_core | (iteration < loop["iterations"])
+    if "routed" in loop:  # positions not routed through this iteration keep their state
+      running = active & (~in_core | loop["active"])
+      x = jnp.where(running[..., None], x, x_before)
+      start = loop["start"].astype(jnp.float32)
+      gated = (start + loop["gate"][..., None] * (x.astype(jnp.float32) - start)).astype(x.dtype)
+      return jnp.where((step["ends"] & running)[..., None], gated, x), loop
     if "exited" not in loop:
       return jnp.where(active, x, x_before), loop
     running = active & ~(in_core & loop["exited"])
@@ -236,6 +329,14 @@ class Block(nn.Module):
     loop = {**loop, "e": jnp.where(first, x, loop["e"])}
     if loop["init"] is not None:  # else the core starts from the prelude output itself
       x = jnp.where(first, loop["init"], x)
+    routing = self.spec.routing
+    if routing is not None:
+      outputs = 1 if routing.kind == "expert_choice" else lp.max_iterations
+      logits = Router(outputs, lp.max_iterations if outputs == 1 else 1, name="router")(
+          x, iteration)
+      loop = route(logits, loop, iteration, starts, routing, self.top_k_routing,
+                   lp.max_iterations)
+      loop["start"] = jnp.where(starts[..., None], x, loop["start"])
     if lp.backprop_iterations:
       cut = starts & (iteration == loop["iterations"] - lp.backprop_iterations)
       x = jnp.where(cut, jax.lax.stop_gradient(x), x)
@@ -323,7 +424,12 @@ class Stack(nn.Module):
                valid: Array | None = None) -> Array | tuple[Array, dict]:
     s = self.spec
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
-    block = Block(spec=s, uses=uses, depth=plan.num_layers, name=BLOCK_SCOPE)
+    top_k = s.routing is not None and (not deterministic or s.routing.inference == "top_k")
+    if top_k and cache is not None and s.routing.kind == "expert_choice":
+      raise ValueError("expert-choice top-k routing ranks the whole sequence, which decoding "
+                       "has not seen; decode with model.routing.inference='threshold'")
+    block = Block(spec=s, uses=uses, depth=plan.num_layers, top_k_routing=top_k,
+                  name=BLOCK_SCOPE)
     needs_rng = not deterministic and (s.dropout_rate > 0 or s.attention_dropout_rate > 0)
     dropout_key = self.make_rng("dropout") if needs_rng else None
     steps = slot_inputs(plan, decoding=cache is not None, loop=s.loop)
@@ -341,7 +447,7 @@ class Stack(nn.Module):
 
     loop = None
     if s.loop is not None:
-      loop = self._loop_state(x, deterministic, iterations)
+      loop = self._loop_state(x, deterministic, iterations, valid)
 
     def layer(blk: Block, carry: tuple, step: Mapping[str, Array]) -> tuple[tuple, None]:
       return blk(carry[0], step, mask, encoded, cross_mask, dropout_key, *carry[1:],
@@ -368,8 +474,11 @@ class Stack(nn.Module):
     x, kv, act, loop = carry
     if loop is not None:
       self.sow("intermediates", "iterations", loop["iterations"])
-      if "depth" in loop:  # early exit: core iterations each position ran
+      if "depth" in loop:  # early exit or routing: core iterations each position ran
         self.sow("intermediates", "depth", loop["depth"])
+      if "routed" in loop:
+        self.sow("intermediates", "routed", loop["routed"])
+        self.sow("losses", "router", loop["aux"])
     if act is not None:
       x = act["output"]
       ponder = act["n_updates"] + act["remainders"]
@@ -378,10 +487,10 @@ class Stack(nn.Module):
       self.sow("losses", "ponder", (ponder * weight).sum() / jnp.maximum(weight.sum(), 1.0))
     return x if cache is None else (x, kv)
 
-  def _loop_state(self, x: Array, deterministic: bool,
-                  iterations: Array | int | None) -> dict[str, Array]:
+  def _loop_state(self, x: Array, deterministic: bool, iterations: Array | int | None,
+                  valid: Array | None) -> dict[str, Array]:
     """Core iterations to run (given, sampled in training, else ``eval_iterations``), the
-    initial core state and a slot for the prelude output."""
+    initial core state, a slot for the prelude output and, with routing, ``route``'s state."""
     lp = self.spec.loop
     key = None if deterministic else self.make_rng("dropout")
     if iterations is None:
@@ -396,9 +505,16 @@ class Stack(nn.Module):
       init_key = jax.random.PRNGKey(0) if key is None else jax.random.fold_in(key, 2)
       init = (jax.random.normal(init_key, x.shape) * self.spec.init_std).astype(x.dtype)
     state = {"e": jnp.zeros_like(x), "init": init, "iterations": iterations}
+    zeros = jnp.zeros(x.shape[:-1], jnp.float32)
     if lp.exit_threshold and deterministic:
-      zeros = jnp.zeros(x.shape[:-1], jnp.float32)
       state.update(exited=zeros.astype(bool), previous=jnp.zeros_like(x), depth=zeros)
+    if self.spec.routing is not None:
+      state.update(valid=jnp.ones(x.shape[:-1], bool) if valid is None else valid,
+                   active=zeros.astype(bool), gate=zeros, start=jnp.zeros_like(x), depth=zeros,
+                   routed=jnp.zeros((lp.max_iterations, *x.shape[:-1]), bool),
+                   aux=jnp.float32(0))
+      if self.spec.routing.kind == "token_choice":
+        state.update(assigned=zeros.astype(jnp.int32), choice_gate=zeros)
     return state
 
 

@@ -1,0 +1,223 @@
+"""Mixture-of-Recursions routing over a looped core: capacity per iteration, routed-out
+positions frozen, gradients to the routers, the causal inference path, token-choice depths
+and losses against NumPy, cached decoding."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from xlps import config as config_lib
+from xlps import models, train
+from xlps.models import engine, transformer
+
+from helpers import tiny
+
+ITERATIONS, L = 3, 8
+
+
+def routed_model(kind="expert_choice", core=2, scan_layers=True, **routing):
+  m = tiny("decoder_lm", 1 + core * ITERATIONS + 1, scan_layers=scan_layers)
+  m.loop.prelude, m.loop.core, m.loop.coda = 1, core, 1
+  m.routing.kind = kind
+  m.routing.update(routing)
+  return m
+
+
+def run(m, params, batch, deterministic=False, capture=False, seed=0):
+  kwargs = {"capture_intermediates": lambda mdl, _: isinstance(mdl, engine.Block)} if capture else {}
+  logits, aux = models.build(m).apply(
+      {"params": params}, batch, deterministic=deterministic,
+      rngs={"dropout": jax.random.PRNGKey(seed)}, mutable=["losses", "intermediates"], **kwargs)
+  return logits, aux
+
+
+def setup(m, seed=0, batch_size=3):
+  spec = models.spec_of(m)
+  params = nn.unbox(models.init_params(spec, seed))
+  batch = models.example_batch(spec, batch_size, L, seed=seed + 1)
+  return params, batch
+
+
+@pytest.mark.parametrize("capacity,expect", [("", (8, 5, 3)), ("1,0.5,0.25", (8, 4, 2)),
+                                             ("0.5,0.5,0.25", (4, 4, 2))])
+def test_expert_choice_respects_capacity_per_iteration(capacity, expect):
+  m = routed_model(capacity=capacity)
+  params, batch = setup(m)
+  _, aux = run(m, params, batch)
+  routed = np.asarray(aux["intermediates"]["decoder"]["routed"][0])  # [R, B, L]
+  np.testing.assert_array_equal(routed.sum(-1), np.broadcast_to(np.array(expect)[:, None], (3, 3)))
+  assert np.all(routed[1:] <= routed[:-1])  # only positions kept at r - 1 are kept at r
+  depth = np.asarray(aux["intermediates"]["decoder"]["depth"][0])
+  np.testing.assert_array_equal(depth, routed.sum(0))
+
+
+def test_padding_is_never_routed():
+  m = routed_model(capacity="1,0.5,0.25")
+  params, batch = setup(m)
+  segments = np.ones((3, L), np.int32)
+  segments[0, 5:] = 0
+  _, aux = run(m, params, {**batch, "segment_ids": segments})
+  routed = np.asarray(aux["intermediates"]["decoder"]["routed"][0])
+  assert not routed[:, 0, 5:].any()
+  np.testing.assert_array_equal(routed[:, 0].sum(-1), [5, 4, 2])
+
+
+@pytest.mark.parametrize("kind", ["expert_choice", "token_choice"])
+def test_routed_out_positions_stop_changing(kind):
+  """Per-layer states (unrolled): a position not routed through iteration r keeps, bitwise,
+  its state from the end of iteration r - 1 through every later core layer."""
+  m = routed_model(kind, scan_layers=False)
+  params, batch = setup(m, seed=1)
+  _, aux = run(m, params, batch, capture=True)
+  states = [np.asarray(out[0]) for out in
+            aux["intermediates"]["decoder"]["layers"]["__call__"]]  # after each applied layer
+  routed = np.asarray(aux["intermediates"]["decoder"]["routed"][0])
+  assert routed.sum() < routed.size  # some positions leave early
+  for r in range(ITERATIONS):
+    before = states[2 * r]  # the state entering iteration r (layers 2r+1, 2r+2 run it)
+    for b, p in zip(*np.nonzero(~routed[r])):
+      for layer in range(2 * r + 1, 1 + 2 * ITERATIONS):
+        np.testing.assert_array_equal(states[layer][b, p], before[b, p])
+    moved = routed[r] & ~np.all(states[2 * r + 2] == before, axis=-1)
+    np.testing.assert_array_equal(moved, routed[r])  # the routed ones all change
+  scanned = routed_model(kind)
+  np.testing.assert_allclose(run(scanned, params, batch)[0], run(m, params, batch)[0],
+                             atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["expert_choice", "token_choice"])
+def test_gradients_flow_to_the_router(kind):
+  m = routed_model(kind, aux_weight=0.0, balance_weight=0.0, z_weight=0.0)
+  params, batch = setup(m)
+
+  def loss(params):  # cross-entropy only: the router learns through its gates
+    logits = run(m, params, batch)[0]
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["inputs"]).mean()
+
+  router = jax.grad(loss)(params)["decoder"]["layers"]["router"]
+  kernel = np.asarray(router["kernel"])
+  if kind == "expert_choice":  # one router per iteration, each with a gradient
+    assert kernel.shape == (ITERATIONS, 16, 1)
+    assert np.all(np.abs(kernel).reshape(ITERATIONS, -1).max(-1) > 0)
+  else:
+    assert kernel.shape == (16, ITERATIONS) and np.abs(kernel).max() > 0
+
+
+def test_threshold_inference_is_causal_and_top_k_is_not():
+  m = routed_model()
+  params, batch = setup(m, seed=2)
+  tokens = np.asarray(batch["inputs"])
+  cut = 4
+  rng = np.random.default_rng(0)
+  changed = {"threshold": 0, "top_k": 0}
+  for _ in range(6):
+    other = tokens.copy()
+    other[:, cut:] = rng.integers(1, 32, other[:, cut:].shape)
+    for rule in changed:
+      m.routing.inference = rule
+      a = run(m, params, {"inputs": tokens}, deterministic=True)[0][:, :cut]
+      b = run(m, params, {"inputs": other}, deterministic=True)[0][:, :cut]
+      changed[rule] += int(not np.array_equal(a, b))
+  assert changed["threshold"] == 0  # earlier logits never depend on later tokens
+  assert changed["top_k"] > 0       # the training rule ranks the whole sequence
+
+
+def test_threshold_keeps_positions_above_one_half():
+  m = routed_model(capacity="1,0.5,0.25")
+  m.routing.inference = "threshold"
+  params, batch = setup(m, seed=3)
+  # Push the iteration-1 and -2 routers to always / never: bias +-50.
+  bias = params["decoder"]["layers"]["router"]["bias"]
+  params["decoder"]["layers"]["router"]["bias"] = bias.at[1, 0].set(50.0).at[2, 0].set(-50.0)
+  _, aux = run(m, params, batch, deterministic=True)
+  routed = np.asarray(aux["intermediates"]["decoder"]["routed"][0])
+  assert routed[0].all() and routed[1].all() and not routed[2].any()  # capacity not applied
+
+
+def test_token_choice_depths_and_losses_match_numpy():
+  m = routed_model("token_choice", scan_layers=False, balance_weight=0.5, z_weight=0.1)
+  params, batch = setup(m, seed=4)
+  _, aux = run(m, params, batch, capture=True)
+  prelude = np.asarray(aux["intermediates"]["decoder"]["layers"]["__call__"][0][0], np.float64)
+  router = params["decoder"]["layers"]["router"]
+  logits = prelude @ np.asarray(router["kernel"], np.float64) + np.asarray(router["bias"])
+  depth = np.asarray(aux["intermediates"]["decoder"]["depth"][0])
+  np.testing.assert_array_equal(depth, logits.argmax(-1) + 1)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  fraction = np.eye(ITERATIONS)[logits.argmax(-1)].reshape(-1, ITERATIONS).mean(0)
+  balance = ITERATIONS * np.sum(fraction * probs.reshape(-1, ITERATIONS).mean(0))
+  lse = np.log(np.exp(logits).sum(-1))
+  expect = 0.5 * balance + 0.1 * np.mean(lse ** 2)
+  np.testing.assert_allclose(float(aux["losses"]["decoder"]["router"][0]), expect, rtol=1e-5)
+
+
+def test_train_step_adds_the_router_loss_and_logs_depth():
+  m = routed_model(aux_weight=0.5)
+  spec = models.spec_of(m)
+  params, batch = setup(m)
+  batch = {"inputs": batch["inputs"], "targets": batch["inputs"],
+           "weights": np.ones((3, L), np.float32)}
+  model = models.build(spec)
+  optimizer = train.make_optimizer(config_lib.train_config())
+  state = train.state_of(params, optimizer, 0)
+  _, metrics = train.train_step(state, batch, model=model, optimizer=optimizer)
+  logits, extras = train.apply_model(model, params, batch, deterministic=False,
+                                     rngs={"dropout": jax.random.fold_in(state.rng, 0)})
+  ce = train.loss_and_metrics(logits, batch["targets"], batch["weights"])[0]
+  assert float(metrics["router_loss"]) > 0
+  np.testing.assert_allclose(float(metrics["router_loss"]), float(extras["router_loss"]),
+                             rtol=1e-6)
+  np.testing.assert_allclose(float(metrics["loss_sum"] / metrics["tokens"]), float(ce),
+                             rtol=1e-6)
+  assert float(metrics["depth"]) == pytest.approx((8 + 5 + 3) / 8)
+
+
+@pytest.mark.parametrize("kind", ["expert_choice", "token_choice"])
+def test_cached_decoding_equals_recomputation(kind):
+  m = routed_model(kind, capacity="1,0.5,0.5" if kind == "expert_choice" else "")
+  spec = models.spec_of(m)
+  params, batch = setup(m, seed=5, batch_size=2)
+  tokens = jnp.asarray(batch["inputs"])
+  module = models.build(spec)
+  full = module.apply({"params": params}, {"inputs": tokens})
+  cache = transformer.init_cache(spec, 2, L)
+  logits, cache = module.apply({"params": params}, {"inputs": tokens[:, :3]}, cache=cache)
+  steps = [logits]
+  for t in range(3, L):
+    logits, cache = module.apply({"params": params}, {"inputs": tokens[:, t:t + 1]}, cache=cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_refuses_top_k_routing():
+  m = routed_model(inference="top_k")
+  spec = models.spec_of(m)
+  params, batch = setup(m)
+  with pytest.raises(ValueError, match="inference='threshold'"):
+    models.build(spec).apply({"params": params}, {"inputs": batch["inputs"][:, :2]},
+                             cache=transformer.init_cache(spec, 3, L))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"loop_core": 0}, "model.routing.kind='expert_choice' routes positions through a looped"),
+    ({"capacity": "1,0.5"}, "needs 3 fractions"),
+    ({"capacity": "0.5,1,0.5"}, "non-increasing"),
+    ({"capacity": "1,0.5,x"}, "not a list of fractions"),
+    ({"kind": "token_choice", "capacity": "1,1,1"}, "only read with kind='expert_choice'"),
+    ({"kind": "depth"}, "model.routing.kind='depth' is not valid"),
+    ({"train_iterations": "uniform"}, "train_iterations='fixed'"),
+])
+def test_bad_routing_config_names_the_field(change, match):
+  m = routed_model()
+  if "loop_core" in change:
+    m.loop.prelude = m.loop.core = m.loop.coda = 0
+  elif "train_iterations" in change:
+    m.loop.train_iterations = change["train_iterations"]
+  else:
+    m.routing.update(change)
+  with pytest.raises(config_lib.ConfigError, match=match):
+    models.spec_of(m)
