@@ -18,6 +18,11 @@ from helpers import configure
     (5, 2, "cycle", [0, 1, 0, 1, 0]),
     (4, 1, "cycle_rev", [0, 0, 0, 0]),
     (4, 4, "sequence", [0, 1, 2, 3]),
+    (6, 3, "middle_cycle", [0, 1, 1, 1, 1, 2]),
+    (6, 4, "middle_cycle", [0, 1, 2, 1, 2, 3]),
+    (9, 5, "middle_cycle", [0, 1, 2, 3, 1, 2, 3, 1, 4]),
+    (4, 4, "middle_cycle", [0, 1, 2, 3]),
+    (2, 2, "middle_cycle", [0, 1]),
 ])
 def test_orders(n, m, order, expected):
   plan = sharing.make_plan(n, m, order)
@@ -76,7 +81,9 @@ def test_component_overrides_inherit():
     ({"num_layers": 6, "sharing": {"num_unique": 4, "order": "sequence"}},
      ["model.sharing.num_unique=4", "num_layers=6", "'sequence'", "[1, 2, 3, 6]"]),
     ({"sharing": {"order": "zigzag"}}, ["model.sharing.order='zigzag'", "sequence, cycle, "
-                                        "cycle_rev, table"]),
+                                        "cycle_rev, middle_cycle, table"]),
+    ({"num_layers": 6, "sharing": {"num_unique": 2, "order": "middle_cycle"}},
+     ["model.sharing.num_unique=2", "order='middle_cycle'", "[3, 4, 5, 6]"]),
     ({"num_layers": 4, "sharing": {"order": "table", "table": "0 1 5 1", "num_unique": 3}},
      ["model.sharing.table", "[5]", "out of range", "0..2"]),
     ({"num_layers": 4, "sharing": {"order": "table", "table": "0 1 -1 1", "num_unique": 0}},
