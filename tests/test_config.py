@@ -49,3 +49,27 @@ def test_launch_train_reports_config_errors_without_traceback(flag, message, tmp
   out = run_command(args, timeout=300)
   assert out.returncode == 2, out.stderr[-3000:]
   assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("variant,shape", [
+    ("middle_cycle", {"slots": (0, 1, 2, 1, 2, 1, 2, 3)}),
+    ("relaxed", {"slots": (0, 1, 2, 0, 1, 2), "lora": 8}),
+    ("mor_expert", {"routing": "expert_choice", "capacity": (1.0, 2 / 3, 1 / 3)}),
+    ("mor_token", {"routing": "token_choice"}),
+])
+def test_recursive_config_variants(variant, shape):
+  from configs import recursive
+  for arg in (variant, f"{variant},runlocal"):
+    spec = config_lib.validate(recursive.get_config(arg), num_devices=1)
+    plan = spec.stacks[0].plans["mlp"]
+    if "slots" in shape:
+      assert plan.slots == shape["slots"]
+    if "lora" in shape:
+      assert spec.lora.rank == shape["lora"] and spec.lora.bias
+    if "routing" in shape:
+      assert spec.routing.kind == shape["routing"] and spec.loop.max_iterations == 3
+      assert plan.slots == (0, 1, 2, 1, 2, 1, 2, 3)  # middle-cycle as a looped core
+    if "capacity" in shape:
+      assert spec.routing.capacity == pytest.approx(shape["capacity"])
+  with pytest.raises(ValueError, match="variant 'bogus' is unknown"):
+    recursive.get_config("bogus")
