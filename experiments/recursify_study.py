@@ -187,7 +187,7 @@ def report(root: pathlib.Path, out: pathlib.Path) -> None:
   (out / "results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
-  fig, ax = plt.subplots(figsize=(7, 5))
+  fig, ax = plt.subplots(figsize=(9, 5))
   styles = {"source": ("k", "x"), "original": ("k", "*"), "recursified": (None, "o"), "scratch": ("grey", "s"),
             "scratch_total": ("grey", "D")}
   colors = {"average": "C0", "stepwise": "C1", "lower": "C2"}
@@ -196,11 +196,12 @@ def report(root: pathlib.Path, out: pathlib.Path) -> None:
     label = f"{kind}" + (f", init {init}" if init and kind == "recursified" else "")
     ax.errorbar(params, mean, yerr=std, color=color or colors[init], marker=marker, capsize=3,
                 ls="none", label=label)
-    ax.annotate(f"M={m},r={rank}", (params, mean), fontsize=6, xytext=(3, 3),
-                textcoords="offset points")
+    if init in ("", "stepwise"):  # one label per point group (the inits sit together)
+      ax.annotate(f"M={m},r={rank}", (params, mean), fontsize=6, xytext=(4, 2),
+                  textcoords="offset points")
   handles, labels = ax.get_legend_handles_labels()
   unique = dict(zip(labels, handles))
-  ax.legend(unique.values(), unique.keys(), fontsize=8)
+  ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
   ax.set(xscale="log", xlabel="unique parameters", ylabel="final eval loss, nats/byte",
          title=f"recursified (+{CONT_STEPS} steps) vs from scratch, N = {N}")
   fig.tight_layout()
