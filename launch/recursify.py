@@ -16,7 +16,6 @@ import shlex
 import sys
 
 from absl import app, flags, logging
-from etils import epath
 
 from xlps import config as config_lib
 from xlps import recursify
@@ -38,16 +37,6 @@ _UNSHARED_NORMS = flags.DEFINE_bool("unshared_norms", False,
                                     "Keep one set of norms per applied layer.")
 
 
-def load_source(path: str):
-  """``(config, params)`` of an xlps workdir (latest checkpoint) or an HF directory."""
-  from xlps import interop
-  if (epath.Path(path) / "checkpoints").is_dir():
-    config, params, _ = interop.read_checkpoint(path)
-    return config, params
-  from xlps.interop import huggingface
-  return huggingface.load_hf(path)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -56,7 +45,7 @@ def main(argv):
   from xlps import train
   try:
     workdir = train.workdir_path(_WORKDIR.value)
-    config, params = load_source(_FROM.value)
+    config, params = recursify.load_source(_FROM.value)
     config, params = recursify.recursify(
         config, params, _NUM_UNIQUE.value, _ORDER.value, _INIT.value, _LORA_RANK.value,
         _LORA_INIT.value, _LORA_BIAS.value, _LORA_TARGETS.value, _UNSHARED_NORMS.value,

@@ -183,3 +183,21 @@ def test_lora_refuses_tied_encoder_decoder():
   m.lora.rank = 2
   with pytest.raises(config_lib.ConfigError, match="tie_encoder_decoder"):
     models.spec_of(m)
+
+
+def test_cached_decoding_with_adapters_equals_recomputation():
+  from xlps.models import transformer
+  lora = lora_model(num_kv_heads=2)
+  spec = models.spec_of(lora)
+  params = random_params(spec)
+  tokens = jnp.asarray(models.example_batch(spec, 2, 8)["inputs"])
+  module = models.build(spec)
+  full = module.apply({"params": params}, {"inputs": tokens})
+  apply = jax.jit(lambda chunk, cache: module.apply({"params": params}, {"inputs": chunk},
+                                                    cache=cache))
+  logits, cache = apply(tokens[:, :5], transformer.init_cache(spec, 2, 8))
+  steps = [logits]
+  for t in range(5, 8):
+    logits, cache = apply(tokens[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)

@@ -156,7 +156,6 @@ def test_hf_bert_directory_equals_hf_with_the_reconstructed_weights(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  from launch.recursify import load_source
   torch.manual_seed(0)
   hf = transformers.BertForMaskedLM(transformers.BertConfig(**HF_SMALL)).eval()
   with torch.no_grad():
@@ -167,7 +166,7 @@ def test_hf_bert_directory_equals_hf_with_the_reconstructed_weights(tmp_path):
         module.weight.add_(1.0)
   hf.save_pretrained(tmp_path / "hf")
   m, rank, n = 2, 4, HF_SMALL["num_hidden_layers"]
-  config, params = load_source(str(tmp_path / "hf"))
+  config, params = recursify.load_source(str(tmp_path / "hf"))
   config, params = recursify.recursify(config, params, m, "cycle", "average", lora_rank=rank,
                                        lora_bias=True)
   interop.write_checkpoint(config, params, tmp_path / "wd")

@@ -112,14 +112,17 @@ def test_threshold_inference_is_causal_and_top_k_is_not():
   tokens = np.asarray(batch["inputs"])
   cut = 4
   rng = np.random.default_rng(0)
-  changed = {"threshold": 0, "top_k": 0}
+  forward = {}
+  for rule in ("threshold", "top_k"):
+    m.routing.inference = rule
+    forward[rule] = jax.jit(models.build(m).apply)
+  changed = {rule: 0 for rule in forward}
   for _ in range(6):
     other = tokens.copy()
     other[:, cut:] = rng.integers(1, 32, other[:, cut:].shape)
-    for rule in changed:
-      m.routing.inference = rule
-      a = run(m, params, {"inputs": tokens}, deterministic=True)[0][:, :cut]
-      b = run(m, params, {"inputs": other}, deterministic=True)[0][:, :cut]
+    for rule, apply in forward.items():
+      a = apply({"params": params}, {"inputs": tokens})[:, :cut]
+      b = apply({"params": params}, {"inputs": other})[:, :cut]
       changed[rule] += int(not np.array_equal(a, b))
   assert changed["threshold"] == 0  # earlier logits never depend on later tokens
   assert changed["top_k"] > 0       # the training rule ranks the whole sequence
@@ -164,7 +167,9 @@ def test_train_step_adds_the_router_loss_and_logs_depth():
   model = models.build(spec)
   optimizer = train.make_optimizer(config_lib.train_config())
   state = train.state_of(params, optimizer, 0)
-  _, metrics = train.train_step(state, batch, model=model, optimizer=optimizer)
+  step = jax.jit(lambda state, batch: train.train_step(state, batch, model=model,
+                                                       optimizer=optimizer))
+  _, metrics = step(state, batch)
   logits, extras = train.apply_model(model, params, batch, deterministic=False,
                                      rngs={"dropout": jax.random.fold_in(state.rng, 0)})
   ce = train.loss_and_metrics(logits, batch["targets"], batch["weights"])[0]
@@ -184,11 +189,12 @@ def test_cached_decoding_equals_recomputation(kind):
   tokens = jnp.asarray(batch["inputs"])
   module = models.build(spec)
   full = module.apply({"params": params}, {"inputs": tokens})
-  cache = transformer.init_cache(spec, 2, L)
-  logits, cache = module.apply({"params": params}, {"inputs": tokens[:, :3]}, cache=cache)
+  apply = jax.jit(lambda chunk, cache: module.apply({"params": params}, {"inputs": chunk},
+                                                    cache=cache))
+  logits, cache = apply(tokens[:, :3], transformer.init_cache(spec, 2, L))
   steps = [logits]
   for t in range(3, L):
-    logits, cache = module.apply({"params": params}, {"inputs": tokens[:, t:t + 1]}, cache=cache)
+    logits, cache = apply(tokens[:, t:t + 1], cache)
     steps.append(logits)
   np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 

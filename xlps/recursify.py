@@ -27,6 +27,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from xlps import config as config_lib
 from xlps import models, sharing
@@ -48,6 +49,17 @@ def source_layers(plan: sharing.Plan, init: str) -> list[list[int]]:
   if init == "stepwise":
     return [[s * n // m] for s in range(m)]
   return [[s] for s in range(m)]
+
+
+def load_source(path: str) -> tuple[ml_collections.ConfigDict, dict]:
+  """``(config, params)`` of an xlps workdir (its latest checkpoint) or an HF BERT / ALBERT
+  ``save_pretrained`` directory."""
+  from xlps import interop
+  if (epath.Path(path) / "checkpoints").is_dir():
+    config, params, _ = interop.read_checkpoint(path)
+    return config, params
+  from xlps.interop import huggingface  # torch and transformers: only for HF sources
+  return huggingface.load_hf(path)
 
 
 def _layer_leaf(stacked: np.ndarray, plan: sharing.Plan, layer: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import functools
 import importlib
 import math
 
@@ -50,9 +51,15 @@ def example_batch(spec: ModelSpec, batch_size: int = 2, length: int = 16,
 
 def init_params(config: Mapping | ModelSpec, seed: int = 0, batch_size: int = 1,
                 length: int = 8):
-  """Boxed parameters (``nn.LogicallyPartitioned`` leaves) of a freshly initialised model."""
+  """Boxed parameters (``nn.LogicallyPartitioned`` leaves) of a freshly initialised model
+  (one jitted program per spec and shape: op-by-op initialisation is many times slower)."""
   spec = spec_of(config)
-  batch = example_batch(spec, batch_size, min(length, spec.max_len))
+  return _init_params(spec, seed, batch_size, min(length, spec.max_len))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _init_params(spec: ModelSpec, seed: int, batch_size: int, length: int):
+  batch = example_batch(spec, batch_size, length)
   return build(spec).init(jax.random.PRNGKey(seed), batch)["params"]
 
 
