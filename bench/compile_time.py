@@ -15,9 +15,11 @@ Usage (from the repository root):
   .venv/bin/python bench/compile_time.py --depths 6,24 --repeats 1 --out bench/compile_time.md
   .venv/bin/python bench/compile_time.py --remat_policy full --execute   # also run each step once
   .venv/bin/python bench/compile_time.py --only adaptive --out bench/compile_time_adaptive.md
+  .venv/bin/python bench/compile_time.py --only relaxed --out bench/compile_time_relaxed.md
 
 The program is a train-mode step (dropout key given): a looped model samples its
-iterations inside it and an ACT model adds its ponder cost, as ``train_step`` does.
+iterations inside it, an ACT model adds its ponder cost and a routed one its router loss
+(expert-choice top-k), as ``train_step`` does.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ VARIANTS = (
      {"loop.prelude": 1, "loop.core": 1, "loop.coda": 1, "loop.inject": "adapter",
       "loop.train_iterations": "poisson_lognormal", "loop.mean_iterations": 4,
       "loop.backprop_iterations": 2}),
+    # Relaxed recursion (--only=relaxed): adapters stacked along N; a routed looped core.
+    ("scan, M=3 cycle + LoRA rank 8 per applied layer, relaxed", True, 3, "cycle",
+     {"lora.rank": 8, "lora.bias": True}),
+    ("scan, looped 1+2xr+1, expert-choice routing, relaxed", True, 1, "cycle",
+     {"loop.prelude": 1, "loop.core": 2, "loop.coda": 1, "routing.kind": "expert_choice"}),
 )
 
 
@@ -126,7 +133,7 @@ def measure_single(args) -> dict:
     targets = b["inputs"][:, 1:]
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return nll.mean() + 0.01 * extras.get("ponder", 0.0)
+    return nll.mean() + 0.01 * extras.get("ponder", 0.0) + extras.get("router_loss", 0.0)
 
   step = jax.jit(jax.value_and_grad(loss_fn))
 
