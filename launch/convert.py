@@ -14,7 +14,6 @@ ALBERT / BERT shapes ``configs/albert.py`` also uses); the printed command names
 ``configs/workdir.py``, so run it from the repository root.
 """
 
-import shlex
 import sys
 
 from absl import app, flags, logging
@@ -42,11 +41,7 @@ def main(argv):
     workdir = train.workdir_path(_WORKDIR.value)
     if _HF.value is not None:
       config, params = huggingface.load_hf(_HF.value)
-      directory = interop.write_checkpoint(config, params, workdir)
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-      print(f"wrote {directory} (step 0) and {workdir / 'config.json'}; train it with:")
-      print(shlex.join(["python", "-m", "launch.train", f"--config=configs/workdir.py:{workdir}",
-                        f"--workdir={workdir}"]))
+      print(interop.write_workdir(config, params, workdir))
     else:
       config, params, step = interop.read_checkpoint(workdir)
       out = huggingface.save_hf(_CONFIG.value or config, params, _HF_OUT.value)

@@ -12,7 +12,6 @@ and data order) and its ``config.json``: the source's config with the new sharin
 LoRA settings.
 """
 
-import shlex
 import sys
 
 from absl import app, flags, logging
@@ -50,11 +49,7 @@ def main(argv):
         config, params, _NUM_UNIQUE.value, _ORDER.value, _INIT.value, _LORA_RANK.value,
         _LORA_INIT.value, _LORA_BIAS.value, _LORA_TARGETS.value, _UNSHARED_NORMS.value,
         config.seed)
-    directory = interop.write_checkpoint(config, params, workdir)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    print(f"wrote {directory} (step 0) and {workdir / 'config.json'}; train it with:")
-    print(shlex.join(["python", "-m", "launch.train", f"--config=configs/workdir.py:{workdir}",
-                      f"--workdir={workdir}"]))
+    print(interop.write_workdir(config, params, workdir))
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

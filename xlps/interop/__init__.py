@@ -8,6 +8,7 @@ state, empty data state) and read a checkpoint's parameters back.
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
 import jax
@@ -45,6 +46,20 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
   finally:
     ckpt.close()
   return ckpt.directory
+
+
+def write_workdir(config: ml_collections.ConfigDict, params: Any,
+                  workdir: str | os.PathLike) -> str:
+  """``write_checkpoint`` plus ``WORKDIR/config.json``; returns the ``launch.train`` command
+  that trains on from it (run from the repository root; ``configs/workdir.py`` reads the
+  file)."""
+  workdir = train_lib.workdir_path(workdir)
+  directory = write_checkpoint(config, params, workdir)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+  command = shlex.join(["python", "-m", "launch.train",
+                        f"--config=configs/workdir.py:{workdir}", f"--workdir={workdir}"])
+  return (f"wrote {directory} (step 0) and {workdir / 'config.json'}; train it with:\n"
+          f"{command}")
 
 
 def read_checkpoint(workdir: str | os.PathLike,
