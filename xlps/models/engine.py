@@ -103,7 +103,7 @@ class HaltingUnit(nn.Module):
 
 class Router(nn.Module):
   """Mixture-of-Recursions' routers: ``outputs`` logits per position from one linear map per
-  core iteration (``per_iteration``; expert-choice: one score each) or one map for all."""
+  core iteration (``iterations > 1``; expert-choice: one score each) or one map for all."""
 
   outputs: int
   iterations: int
@@ -168,7 +168,6 @@ def route(logits: Array, state: Mapping[str, Array], iteration: Array, starts: A
     choice = jnp.argmax(logits, axis=-1)
     assigned = jnp.where(first, choice + 1, state["assigned"])
     choice_gate = jnp.where(first, jnp.max(probs, axis=-1), state["choice_gate"])
-    out.update(assigned=assigned, choice_gate=choice_gate)
     active = iteration < assigned
     gate = jnp.where(iteration == assigned - 1, choice_gate, 1.0)
     fraction = jax.vmap(mean, in_axes=-1)(jax.nn.one_hot(choice, num_iterations))
@@ -181,9 +180,9 @@ def route(logits: Array, state: Mapping[str, Array], iteration: Array, starts: A
   out.update(active=keep(active, state["active"]), gate=keep(gate, state["gate"]),
              routed=routed, depth=state["depth"] + (starts & active).astype(jnp.float32),
              aux=state["aux"] + jnp.where(starts, aux, 0.0))
-  if spec.kind == "token_choice":
-    out.update(assigned=keep(out["assigned"], state["assigned"]),
-               choice_gate=keep(out["choice_gate"], state["choice_gate"]))
+  if spec.kind == "token_choice":  # decided at iteration 0's first layer, then kept
+    out.update(assigned=keep(assigned, state["assigned"]),
+               choice_gate=keep(choice_gate, state["choice_gate"]))
   return out
 
 
