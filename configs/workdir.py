@@ -17,6 +17,7 @@ import ml_collections
 from etils import epath
 
 from xlps import config as config_lib
+from xlps import storage
 from xlps.config import ConfigError
 
 
@@ -24,6 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if not arg:
     raise ConfigError("configs/workdir.py needs the workdir as its argument: "
                       "--config=configs/workdir.py:WORKDIR")
+  storage.check_filesystem(arg)
   return config_lib.from_saved(saved_config(epath.Path(arg)))
 
 

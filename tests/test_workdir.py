@@ -6,13 +6,15 @@ serves gs:// through fsspec when TensorFlow is absent, as on these machines.
 """
 
 import os
+import subprocess
+import sys
 
 import fsspec
 import pytest
 from etils import epath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from helpers import records, tensorboard_steps
+from helpers import ROOT, records, tensorboard_steps
 from launch import train as launch_train
 from xlps import checkpoint as checkpoint_lib
 from xlps import metrics, train
@@ -99,3 +101,36 @@ def test_unsupported_scheme_is_refused_before_any_work(tmp_path, data_dir):
   with pytest.raises(ValueError, match=r"workdir='hdfs://x/run': the scheme 'hdfs://' is not "
                                        r"supported; use a local path or one of gs://"):
     train.train_and_evaluate(config, "hdfs://x/run")
+
+
+def test_gs_workdir_without_the_gcs_extra_is_one_line_naming_the_extra(tmp_path):
+  """Every launch entry point that takes a workdir (or a workdir's config) stops on gs://
+  without gcsfs with one line naming the ``gcs`` extra and its install command, no trace."""
+  stub = tmp_path / "stub" / "gcsfs"  # gcsfs absent, whatever this machine has installed
+  stub.mkdir(parents=True)
+  (stub / "__init__.py").write_text("raise ImportError(\"No module named 'gcsfs'\")\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [str(tmp_path / "stub"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+  gs, local = "gs://bucket/run", str(tmp_path / "local")
+  commands = {
+      "train": ["launch.train", "--config=configs/default.py:tied,runlocal", f"--workdir={gs}"],
+      "train, configs/workdir.py": ["launch.train", f"--config=configs/workdir.py:{gs}",
+                                    f"--workdir={local}"],
+      "summary, configs/workdir.py": ["launch.summary", f"--config=configs/workdir.py:{gs}"],
+      "generate": ["launch.generate", f"--workdir={gs}", "--prompt=a"],
+      "convert --hf_out": ["launch.convert", f"--workdir={gs}", f"--hf_out={local}"],
+      "convert --hf": ["launch.convert", f"--hf={local}", f"--workdir={gs}"],
+      "recursify --from": ["launch.recursify", f"--from={gs}", f"--workdir={local}",
+                           "--num_unique=2"],
+      "recursify --workdir": ["launch.recursify", f"--from={local}", f"--workdir={gs}",
+                              "--num_unique=2"],
+  }
+  procs = {name: subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for name, args in commands.items()}
+  for name, proc in procs.items():
+    _, stderr = proc.communicate(timeout=300)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (name, proc.returncode, stderr[-2000:])
+    assert lines[0].startswith("error: ") and "gcs extra" in lines[0], (name, lines[0])
+    assert "pip install 'xlps[gcs]'" in lines[0], (name, lines[0])

@@ -30,7 +30,7 @@ import numpy as np
 from etils import epath
 
 from xlps import config as config_lib
-from xlps import models, sharing
+from xlps import models, sharing, storage
 from xlps.config import ConfigError
 
 INITS = ("average", "stepwise", "lower")
@@ -55,6 +55,7 @@ def load_source(path: str) -> tuple[ml_collections.ConfigDict, dict]:
   """``(config, params)`` of an xlps workdir (its latest checkpoint) or an HF BERT / ALBERT
   ``save_pretrained`` directory."""
   from xlps import interop
+  storage.check_filesystem(path, "from")
   if (epath.Path(path) / "checkpoints").is_dir():
     config, params, _ = interop.read_checkpoint(path)
     return config, params

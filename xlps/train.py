@@ -37,6 +37,7 @@ from xlps import families
 from xlps import metrics as metrics_lib
 from xlps import models
 from xlps import partitioning
+from xlps import storage
 from xlps.config import ConfigError, ModelSpec
 
 
@@ -274,6 +275,7 @@ def workdir_path(workdir: str | os.PathLike) -> epath.Path:
   if "://" in text and not text.startswith(REMOTE_SCHEMES):
     raise ConfigError(f"workdir={text!r}: the scheme {text.split('://')[0] + '://'!r} is not "
                       f"supported; use a local path or one of {', '.join(REMOTE_SCHEMES)}")
+  storage.check_filesystem(text)
   return epath.Path(text)
 
 
@@ -423,7 +425,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   t = config.train
   is_main = jax.process_index() == 0
   pipeline = data_lib.build(config, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_count=jax.process_count(),
+                            tokenizer=data_lib.run_tokenizer(config, workdir))
+  if is_main:  # the run's tokenizer stays with it, for resuming, generation and conversion
+    data_lib.keep_tokenizer(pipeline.tokenizer, workdir)
   if pipeline.vocab_size > spec.vocab_size:  # e.g. a sentencepiece model with fewer pieces
     raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the tokenizer's "
                       f"vocabulary ({pipeline.vocab_size}); set model.vocab_size >= "
