@@ -120,3 +120,45 @@ def test_tied_encoder_decoder_counts():
 ], ids=["decoder_lm", "encoder_mlm", "encoder_decoder"])
 def test_flops_per_token_by_hand(family, overrides, by_hand):
   assert models.summarize(tiny(family, **overrides), seq_len=8)["flops_per_token"] == by_hand
+
+
+# Looped by hand (tiny decoder_lm, seq 8): prelude 2, core 2 x up to 3 iterations, coda 1.
+# A layer trains at 6 x 2048 + 1536 = 13824 FLOPs per token and runs forward only (no
+# gradient) at 2 x 2048 + 4 x 16 x 8 = 4608; the tied output matmul is 6 x 512 = 3072.
+LAYER, FORWARD, OUTPUT = 13824, 4608, 3072
+
+
+@pytest.mark.parametrize("loop,by_hand", [
+    ({"mean_iterations": 3}, 9 * LAYER + OUTPUT),
+    # r = 3 > k = 1: the first 2 iterations run forward only, the last trains.
+    ({"mean_iterations": 3, "backprop_iterations": 1},
+     3 * LAYER + 2 * LAYER + 4 * FORWARD + OUTPUT),
+    # r = k = 2 and r = 2 < k = 3: nothing is detached (max(r - k, 0) = 0); iteration 3 masked.
+    ({"mean_iterations": 2, "backprop_iterations": 2}, 7 * LAYER + OUTPUT),
+    ({"mean_iterations": 2, "backprop_iterations": 3}, 7 * LAYER + OUTPUT),
+    # inject none, init_state prelude, r > k: the cut also detaches the prelude.
+    ({"mean_iterations": 3, "backprop_iterations": 1, "inject": "none"},
+     2 * FORWARD + LAYER + 2 * LAYER + 4 * FORWARD + OUTPUT),
+], ids=["all_backprop", "r_above_k", "r_equals_k", "r_below_k", "prelude_detached"])
+def test_truncated_iterations_train_at_forward_cost(loop, by_hand):
+  """Applied train FLOPs (and what MFU counts): iterations before the truncation point (the
+  first max(r - k, 0)) run forward only, 2x their parameters instead of 6x."""
+  model = tiny("decoder_lm", 9)
+  model.loop.update({"prelude": 2, "core": 2, "coda": 1, "inject": "add", **loop})
+  summary = models.summarize(model, seq_len=8)
+  assert summary["flops_per_token"] == 9 * LAYER + OUTPUT  # the masked scan runs all 9
+  assert summary["adaptive_depth"]["expected_train_flops_per_token"] == by_hand
+  assert models.train_flops_per_token(summary) == by_hand
+
+
+def test_truncation_expectation_over_sampled_depths():
+  """uniform over r = 1, 2, 3 with k = 1: E[r] = 2 and E[max(r - 1, 0)] = 1, so the core
+  trains 2 x (2 - 1) layers and runs 2 x 1 forward only, in expectation."""
+  model = tiny("decoder_lm", 9)
+  model.loop.update(prelude=2, core=2, coda=1, inject="add", train_iterations="uniform",
+                    mean_iterations=2, backprop_iterations=1)
+  depth = models.summarize(model, seq_len=8)["adaptive_depth"]
+  assert depth["expected_train_iterations"] == pytest.approx(2, rel=1e-2)
+  assert depth["expected_no_grad_iterations"] == pytest.approx(1, rel=2e-2)
+  assert depth["expected_train_flops_per_token"] == pytest.approx(
+      3 * LAYER + 2 * LAYER + 2 * FORWARD + OUTPUT, rel=2e-3)

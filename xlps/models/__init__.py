@@ -21,7 +21,7 @@ from xlps.config import ModelSpec
 from xlps.models import engine
 
 __all__ = ["build", "spec_of", "example_batch", "init_params", "param_shapes", "summarize",
-           "kv_cache_bytes"]
+           "kv_cache_bytes", "train_flops_per_token"]
 
 
 def spec_of(config: Mapping | ModelSpec) -> ModelSpec:
@@ -120,9 +120,16 @@ def adaptive_depth(spec: ModelSpec, flops_per_token: int, seq_len: int) -> dict 
   """Expected work under adaptive depth, for equal-FLOP comparisons (None at fixed depth).
 
   The engine always runs all N applied layers (masked or halted ones included), so
-  ``flops_per_token`` is what runs (MFU counts it); what a depth distribution *applies*
-  is ``flops_per_token - (N - E[layers]) x layer_flops``. Looped: E[layers] = prelude + coda
-  + core x E[train iterations] (the sampler's mean, clipped to [1, max]). ACT: E[layers] is
+  ``flops_per_token`` is what runs; what a depth distribution *applies* is
+  ``flops_per_token - (N - E[layers]) x layer_flops``. Looped: E[layers] = prelude + coda
+  + core x E[train iterations] (the sampler's mean, clipped to [1, max]), and with
+  truncated backprop (k = ``backprop_iterations``) the first max(r - k, 0) iterations of a
+  sampled depth r get no gradient, so they apply only their forward pass, a third of
+  ``layer_flops`` (2x parameters, not 6x): ``expected_train_flops_per_token`` subtracts
+  E[max(r - k, 0)] x core x 2/3 ``layer_flops`` more, and the prelude's 2/3 too with
+  probability P(r > k) when the cut also detaches it (``inject=none``,
+  ``init_state=prelude``). Expectations are over 20000 draws of the train sampler.
+  ``eval_flops_per_token`` counts ``eval_iterations`` at training cost. ACT: E[layers] is
   the measured mean ponder's N(t) (``train_ponder`` / ``eval_ponder`` logs), so only
   ``layer_flops`` is given here.
   """
@@ -141,17 +148,32 @@ def adaptive_depth(spec: ModelSpec, flops_per_token: int, seq_len: int) -> dict 
                     expected_train_flops_per_token=flops_per_token - (
                         spec.loop.max_iterations - mean) * spec.loop.core * per_layer[stack.name])
   elif spec.loop is not None:
-    lp = spec.loop
-    mean = float(jax.vmap(lambda k: engine.sample_iterations(k, lp))(
-        jax.random.split(jax.random.PRNGKey(0), 20000)).mean())
+    lp, layer = spec.loop, per_layer[stack.name]
+    draws = jax.vmap(lambda k: engine.sample_iterations(k, lp))(
+        jax.random.split(jax.random.PRNGKey(0), 20000))
+    mean = float(draws.mean())
+    cut = lp.backprop_iterations > 0  # k = 0: every iteration trains
+    no_grad = float(jnp.maximum(draws - lp.backprop_iterations, 0).mean()) if cut else 0.0
+    prelude_cut = (float((draws > lp.backprop_iterations).mean())
+                   if cut and lp.inject == "none" and lp.init_state == "prelude" else 0.0)
     result.update(
         train_iterations=lp.train_iterations, max_iterations=lp.max_iterations,
-        expected_train_iterations=mean, eval_iterations=lp.eval_iterations,
+        expected_train_iterations=mean, backprop_iterations=lp.backprop_iterations,
+        expected_no_grad_iterations=no_grad, eval_iterations=lp.eval_iterations,
         expected_train_flops_per_token=flops_per_token - (lp.max_iterations - mean)
-        * lp.core * per_layer[stack.name],
+        * lp.core * layer - (no_grad * lp.core + prelude_cut * lp.prelude) * (layer - layer // 3),
         eval_flops_per_token=flops_per_token - (lp.max_iterations - lp.eval_iterations)
         * lp.core * per_layer[stack.name])
   return result
+
+
+def train_flops_per_token(summary: Mapping) -> float:
+  """The model FLOPs of a train step per (target) token, what MFU counts: ``summarize``'s
+  ``expected_train_flops_per_token`` where the depth distribution is known before training
+  (a looped model's sampler and truncated backprop, expert-choice capacities), else
+  ``flops_per_token`` (every applied layer; ACT and token-choice depths are measured)."""
+  depth = summary.get("adaptive_depth") or {}
+  return depth.get("expected_train_flops_per_token", summary["flops_per_token"])
 
 
 def summarize(config: Mapping | ModelSpec, seq_len: int | None = None) -> dict:
