@@ -1,5 +1,7 @@
 """Looped depth (prelude / iterated core / coda in one scan) and randomized depth."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -225,3 +227,78 @@ def test_launch_generate_runs_a_looped_model_beyond_its_trained_depth(tmp_path):
   want = generate.LMGenerator(models.spec_of(config), 6)(params, [[BOS, *tok.encode("ab")]])
   text = tok.decode(np.asarray(want.tokens[0, :int(want.lengths[0])])).decode("utf-8", "replace")
   assert f"--- prompt: 'ab'\nab{text}\n" in out.stdout
+
+
+# ------------------------------------------------ truncated backprop against an unrolled loop
+
+
+def _ln(x, p, eps=1e-6):
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _reference_layer(x, lp, slot):
+  """One pre-LN layer (MHA, exact-gelu FFN) of the tiny config, slot ``slot``, in plain jnp."""
+  take = lambda tree: jax.tree.map(lambda a: a[slot], tree)  # noqa: E731
+  a, m, n = take(lp["attention"]), take(lp["mlp"]), take(lp["norms"])
+  h = _ln(x, n["attention"])
+  proj = lambda q, name: jnp.einsum("bld,dhk->blhk", q, a[name]["kernel"]) + a[name]["bias"]  # noqa: E731
+  q, k, v = proj(h, "query"), proj(h, "key"), proj(h, "value")
+  logits = jnp.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+  length = x.shape[1]
+  logits = jnp.where(jnp.tril(jnp.ones((length, length), bool)), logits, -1e30)
+  out = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(logits, -1), v)
+  x = x + jnp.einsum("blhk,hkd->bld", out, a["out"]["kernel"]) + a["out"]["bias"]
+  h = _ln(x, n["mlp"])
+  h = jax.nn.gelu(h @ m["wi"]["kernel"] + m["wi"]["bias"], approximate=False)
+  return x + h @ m["wo"]["kernel"] + m["wo"]["bias"]
+
+
+def _reference_looped_logits(params, tokens, r, k, inject):
+  """The looped LM (LOOP, ``init_state=prelude``) written as a Python loop over layers that
+  detaches exactly the first max(r - k, 0) core iterations (Huginn's no-grad iterations)."""
+  emb = params["embedder"]
+  lp = params["decoder"]["layers"]
+  x = emb["embedding"][tokens] + emb["position_embedding"][:tokens.shape[1]][None]
+  for i in range(LOOP["prelude"]):
+    x = _reference_layer(x, lp, i)
+  e = x
+  for it in range(r):
+    if k and it == r - k and it > 0:
+      x = jax.lax.stop_gradient(x)
+    if inject == "add":
+      x = x + e
+    elif inject == "adapter":
+      x = jnp.concatenate([x, e], -1) @ lp["adapter"]["kernel"] + lp["adapter"]["bias"]
+    for j in range(LOOP["core"]):
+      x = _reference_layer(x, lp, LOOP["prelude"] + j)
+  for j in range(LOOP["coda"]):
+    x = _reference_layer(x, lp, LOOP["prelude"] + LOOP["core"] + j)
+  return _ln(x, params["final_norm"]) @ emb["embedding"].T
+
+
+@pytest.mark.parametrize("inject", ["none", "adapter"])
+def test_truncation_detaches_exactly_the_first_r_minus_k_iterations(inject):
+  """k = 2 at r = 1, 2, 3 (r < k, r = k, r > k): every parameter's gradient equals the
+  unrolled reference's, which detaches max(r - k, 0) iterations (none when r <= k: the
+  prelude and embeddings keep their gradient)."""
+  spec = looped(backprop_iterations=2, inject=inject)
+  params = nn.unbox(models.init_params(spec))
+  params = jax.tree.map(lambda p, key: p + 0.1 * jax.random.normal(key, p.shape),
+                        params, jax.tree.unflatten(jax.tree.structure(params), list(
+                            jax.random.split(jax.random.PRNGKey(3), len(jax.tree.leaves(params))))))
+  batch = models.example_batch(spec, 2, 8)
+  model = lambda p, r: models.build(spec).apply({"params": p}, batch, iterations=r)  # noqa: E731
+  grad = jax.jit(jax.grad(lambda p, r: model(p, r).std()))
+  ref = jax.jit(jax.grad(lambda p, r: _reference_looped_logits(p, batch["inputs"], r, 2,
+                                                                  inject).std()),
+                static_argnums=1)
+  for r in (1, 2, 3):
+    np.testing.assert_allclose(model(params, r), _reference_looped_logits(
+        params, batch["inputs"], r, 2, inject), atol=1e-5)
+    got, want = grad(params, r), ref(params, r)
+    for path, a in jax.tree_util.tree_leaves_with_path(got):
+      b = functools.reduce(lambda t, key: t[key.key], path, want)
+      np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"r={r} {jax.tree_util.keystr(path)}")
+    assert np.abs(np.asarray(got["embedder"]["embedding"])).sum() > 0

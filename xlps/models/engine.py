@@ -336,8 +336,8 @@ class Block(nn.Module):
       loop = route(logits, loop, iteration, starts, routing, self.top_k_routing,
                    lp.max_iterations)
       loop["start"] = jnp.where(starts[..., None], x, loop["start"])
-    if lp.backprop_iterations:
-      cut = starts & (iteration == loop["iterations"] - lp.backprop_iterations)
+    if lp.backprop_iterations:  # Huginn: the first max(r - k, 0) iterations run without grad
+      cut = starts & (iteration > 0) & (iteration == loop["iterations"] - lp.backprop_iterations)
       x = jnp.where(cut, jax.lax.stop_gradient(x), x)
     if lp.inject == "add":
       x = jnp.where(starts, x + loop["e"], x)
