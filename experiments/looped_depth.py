@@ -58,12 +58,13 @@ def get_grid() -> list[dict]:
 
 def read_eval_depth(root: pathlib.Path) -> list[dict]:
   """One row per finished point and evaluation depth: the final eval_loss_iter{r}."""
+  from xlps import metrics  # JAX: only when results are read
   rows = []
   for point in get_grid():
     workdir = root / sweep.point_name(point)
     if not (workdir / sweep.DONE).exists():
       continue
-    evals = [r for r in sweep.read_rows(workdir / "metrics.jsonl") if "eval_loss" in r]
+    evals = [r for r in metrics.read_records(workdir) if "eval_loss" in r]
     for r in EVAL_ITERATIONS:
       mode = (point["model.loop.train_iterations"], point["model.loop.mean_iterations"])
       rows.append({"train_iterations": mode[0], "mean_iterations": mode[1],

@@ -146,14 +146,13 @@ def collect(root: pathlib.Path) -> list[dict]:
   """One row per finished job: its settings, unique params and final eval loss."""
   sys.path.insert(0, str(ROOT))
   from configs import workdir as workdir_config
-  from xlps import models
+  from xlps import metrics, models
   rows = []
   for job in jobs(root):
     workdir = root / job["name"]
     if not (workdir / "done.json").exists():
       continue
-    evals = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()
-             if '"eval_loss"' in line]
+    evals = [r for r in metrics.read_records(workdir) if "eval_loss" in r]
     summary = models.summarize(models.spec_of(workdir_config.get_config(str(workdir))), 64)
     rows.append({"kind": job["kind"], "M": job["M"], "rank": job["rank"], "init": job["init"],
                  "seed": job["seed"], "unique_params": summary["unique_params"],

@@ -95,7 +95,8 @@ def report(result: dict) -> str:
                  f"({result['peak_flops_source']}); train step compiled in "
                  f"{result['compile_time']:.1f} s")
   wd = epath.Path(result["workdir"])
-  lines += [f"checkpoints: {wd / 'checkpoints'}", f"metrics: {wd / 'metrics.jsonl'} "
+  rows = "metrics-*.jsonl" if "://" in os.fspath(wd) else "metrics.jsonl"  # MetricWriter
+  lines += [f"checkpoints: {wd / 'checkpoints'}", f"metrics: {wd / rows} "
             f"(TensorBoard: {wd / 'tensorboard'})", f"loss curve: {wd / 'loss.png'}"]
   return "\n".join(lines)
 

@@ -12,7 +12,7 @@ import sys
 import fsspec
 import pytest
 from etils import epath
-from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from helpers import ROOT, records, tensorboard_steps
 from launch import train as launch_train
@@ -54,7 +54,7 @@ def test_metrics_tensorboard_and_plot_reach_the_bucket(fake_gcs):
     writer.write(record["step"], {k: v for k, v in record.items() if k != "step"})
   writer.close()
   launch_train.plot_losses(history, workdir / "loss.png", baseline=3.1)
-  lines = fake_gcs.cat("gs://bucket/run/metrics.jsonl").decode().splitlines()
+  lines = fake_gcs.cat("gs://bucket/run/metrics-00000.jsonl").decode().splitlines()
   assert [line.startswith('{"step": ') for line in lines] == [True, True]
   events = fake_gcs.ls("gs://bucket/run/tensorboard", detail=False)
   assert len(events) == 1 and "events.out.tfevents" in events[0]
@@ -65,7 +65,7 @@ def test_metrics_tensorboard_and_plot_reach_the_bucket(fake_gcs):
   writer = metrics.MetricWriter(workdir, start_step=2)
   writer.write(3, {"train_loss": 2.0})
   writer.close()
-  assert len(fake_gcs.cat("gs://bucket/run/metrics.jsonl").decode().splitlines()) == 3
+  assert [r["step"] for r in metrics.read_records(workdir)] == [1, 2, 3]
 
 
 def test_a_resumed_writer_records_each_step_once(tmp_path):
@@ -134,3 +134,66 @@ def test_gs_workdir_without_the_gcs_extra_is_one_line_naming_the_extra(tmp_path)
     assert proc.returncode == 2 and len(lines) == 1, (name, proc.returncode, stderr[-2000:])
     assert lines[0].startswith("error: ") and "gcs extra" in lines[0], (name, lines[0])
     assert "pip install 'xlps[gcs]'" in lines[0], (name, lines[0])
+
+
+def test_object_store_metrics_are_uploaded_in_bounded_chunks(fake_gcs, monkeypatch, tmp_path):
+  """On gs:// each record uploads a bounded number of bytes (metrics parts and TensorBoard
+  event files rotate at PART_BYTES), not the whole history; readers see every row once,
+  also after a resume that drops the rows past its checkpoint."""
+  uploaded = [0]  # bytes written to the bucket
+
+  def counting_write(self, data, write=MemoryFile.write):
+    uploaded[0] += len(data)
+    return write(self, data)
+
+  monkeypatch.setattr(MemoryFile, "write", counting_write)
+  monkeypatch.setattr(metrics.MetricWriter, "PART_BYTES", 4096, raising=False)
+  workdir = train.workdir_path("gs://bucket/run")
+  train._check_workdir(workdir)
+
+  def row(step):
+    return {f"metric_{i}": step + i / 10 for i in range(8)}
+
+  writer = metrics.MetricWriter(workdir)
+  uploads = []
+  for step in range(1, 301):
+    before = uploaded[0]
+    writer.write(step, row(step))
+    uploads.append(uploaded[0] - before)
+  writer.close()
+  assert max(uploads) <= 2 * 4096 + 2048, (uploads[:3], uploads[-3:])
+  expected = [{"step": step, **row(step)} for step in range(1, 301)]
+  assert metrics.read_records(workdir) == expected
+  local = tmp_path / "copy"
+  fake_gcs.get("gs://bucket/run/tensorboard", str(local / "tensorboard"), recursive=True)
+  assert len(list((local / "tensorboard").iterdir())) > 1  # rotated
+  assert tensorboard_steps(local) == {f"metric_{i}": list(range(1, 301)) for i in range(8)}
+
+  writer = metrics.MetricWriter(workdir, start_step=123)  # a run resumed at step 123
+  for step in range(124, 131):
+    writer.write(step, row(step))
+  writer.close()
+  assert metrics.read_records(workdir) == expected[:130]
+  local = tmp_path / "copy_after_resume"
+  fake_gcs.get("gs://bucket/run/tensorboard", str(local / "tensorboard"), recursive=True)
+  assert tensorboard_steps(local) == {f"metric_{i}": list(range(1, 131)) for i in range(8)}
+
+
+def test_metrics_files_of_earlier_versions_and_copied_runs_keep_every_row(fake_gcs, tmp_path):
+  """A bucket run with the single metrics.jsonl of an earlier version goes on in parts after
+  it; a bucket run copied to a local disk is folded back into one metrics.jsonl."""
+  workdir = train.workdir_path("gs://bucket/run")
+  fake_gcs.pipe("gs://bucket/run/metrics.jsonl",
+                b"".join(b'{"step": %d, "train_loss": 1.0}\n' % s for s in range(1, 6)))
+  writer = metrics.MetricWriter(workdir, start_step=3)
+  writer.write(4, {"train_loss": 0.5})
+  writer.close()
+  assert [r["step"] for r in metrics.read_records(workdir)] == [1, 2, 3, 4]
+  assert fake_gcs.cat("gs://bucket/run/metrics.jsonl").count(b"\n") == 3
+  local = tmp_path / "local_copy"
+  fake_gcs.get("gs://bucket/run/", str(local), recursive=True)
+  writer = metrics.MetricWriter(epath.Path(local), start_step=4)
+  writer.write(5, {"train_loss": 0.4})
+  writer.close()
+  assert [r["step"] for r in records(local)] == [1, 2, 3, 4, 5]
+  assert metrics.metric_files(local) == [epath.Path(local) / "metrics.jsonl"]

@@ -187,17 +187,11 @@ def plan(experiment_path: str, root: pathlib.Path) -> tuple[str, list[tuple]]:
   return base, out
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def collect(config: ml_collections.ConfigDict, point: Point, workdir: pathlib.Path) -> dict:
   """One results row of a finished point: overrides, size, cost, eval metrics, speed."""
-  from xlps import models  # JAX: only when results are collected
+  from xlps import metrics, models  # JAX: only when results are collected
   summary = models.summarize(models.spec_of(config), config.data.seq_len)
-  rows = read_rows(workdir / "metrics.jsonl")
+  rows = metrics.read_records(workdir)
   evals = [r for r in rows if "eval_loss" in r]
   speed = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
   done = json.loads((workdir / DONE).read_text())
@@ -273,12 +267,13 @@ def plot(root: pathlib.Path, finished: Sequence[tuple[Point, pathlib.Path]],
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from xlps import metrics
   fig, ax = plt.subplots(figsize=(7, 4.5))
   cmap = plt.cm.tab10 if len(groups) <= 10 else plt.cm.tab20
   colours = {g["group"]: cmap(i % cmap.N) for i, g in enumerate(groups)}
   labelled = set()  # one colour and one legend entry per group: its seeds share them
   for point, workdir in finished:
-    rows = [r for r in read_rows(workdir / "metrics.jsonl") if "train_loss" in r]
+    rows = [r for r in metrics.read_records(workdir) if "train_loss" in r]
     group = group_name(point)
     ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=1,
             color=colours.get(group), label=None if group in labelled else group)

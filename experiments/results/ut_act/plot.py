@@ -6,7 +6,6 @@ ACT diagnostic (seed 0; README).
         /tmp/ut_act_tau0 experiments/results/ut_act/act_vs_fixed.png
 """
 
-import json
 import pathlib
 import sys
 
@@ -14,6 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from xlps import metrics  # noqa: E402
 
 MODELS = (("ACT UT (max 4 steps)", "act", "num_unique=1,enabled=True", "tab:green"),
           ("ACT UT, ponder weight 0", "tau0", "num_unique=1,enabled=True,ponder_weight=0.0",
@@ -23,8 +24,7 @@ MODELS = (("ACT UT (max 4 steps)", "act", "num_unique=1,enabled=True", "tab:gree
 
 
 def rows(workdir: pathlib.Path) -> list[dict]:
-  return [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-          if "train_loss" in r]
+  return [r for r in metrics.read_records(workdir) if "train_loss" in r]
 
 
 def main(act_root: str, old_root: str, tau0_root: str, out: str) -> None:
