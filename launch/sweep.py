@@ -12,12 +12,8 @@ point), ``results.md`` (mean and std over seeds) and plots are written.
 """
 
 import csv
-import json
-import os
 import pathlib
-import subprocess
 import sys
-import time
 
 from absl import app, flags
 from etils import epath
@@ -29,63 +25,6 @@ _EXPERIMENT = flags.DEFINE_string("experiment", None, "Experiment file (experime
 _WORKDIR = flags.DEFINE_string("workdir", None, "One sub-directory per point goes here.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Points trained at the same time.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command and exit.")
-
-
-def core_sets(parallel: int) -> list[set[int]]:
-  cores = sorted(os.sched_getaffinity(0))
-  k = max(1, min(parallel, len(cores)))
-  return [set(cores[i::k]) for i in range(k)]
-
-
-def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
-  """Trains the points not yet done; returns the log paths of those that failed."""
-  todo = [j for j in jobs if not (j[3] / sweep.DONE).exists()]
-  free, running, failed, durations = core_sets(parallel), {}, [], []
-  total, t0 = len(todo), time.time()
-  print(f"sweep: {len(jobs)} points, {len(jobs) - total} already done, {total} to run, "
-        f"{len(free)} at a time", flush=True)
-  last_line = 0.0
-  while todo or running:
-    while todo and free:
-      _, overrides, _, workdir = todo.pop(0)
-      cores = free.pop()
-      workdir.mkdir(parents=True, exist_ok=True)
-      log = (workdir / "sweep.log").open("a")
-      log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} cores {sorted(cores)}\n")
-      log.flush()
-      proc = subprocess.Popen(sweep.command(base, workdir, overrides), stdout=log,
-                              stderr=subprocess.STDOUT)
-      # Pinned right after the start, before JAX creates its thread pools (a preexec_fn
-      # would fork this process, whose JAX threads make forking unsafe).
-      os.sched_setaffinity(proc.pid, cores)
-      running[proc] = (workdir, cores, log, time.time())
-    for proc in [p for p in running if p.poll() is not None]:
-      workdir, cores, log, start = running.pop(proc)
-      log.close()
-      free.append(cores)
-      if proc.returncode == 0:
-        durations.append(time.time() - start)
-        done = workdir / sweep.DONE
-        (workdir / (sweep.DONE + ".tmp")).write_text(json.dumps(
-            {"wall_time_s": durations[-1], "finished": time.time()}))
-        os.replace(workdir / (sweep.DONE + ".tmp"), done)
-      else:
-        failed.append(os.fspath(workdir / "sweep.log"))
-        print(f"sweep: point {workdir.name} failed (exit {proc.returncode}); log: "
-              f"{failed[-1]}", flush=True)
-    now = time.time()
-    if now - last_line > 30 or not (todo or running):
-      done = total - len(todo) - len(running)
-      eta = ""
-      if durations:
-        left = len(todo) + len(running) / 2
-        eta = " | ETA " + time.strftime(
-            "%H:%M:%S", time.gmtime(sum(durations) / len(durations) * left / parallel))
-      print(f"sweep: {done} done ({len(failed)} failed), {len(running)} running, "
-            f"{len(todo)} left | {now - t0:.0f} s{eta}", flush=True)
-      last_line = now
-    time.sleep(0.2)
-  return failed
 
 
 def write_results(root: pathlib.Path, jobs: list[tuple]) -> None:
@@ -124,7 +63,7 @@ def main(argv):
     for _, overrides, _, workdir in jobs:
       print(sweep.shell_line(sweep.command(base, workdir, overrides)))
     return
-  failed = run(base, jobs, _PARALLEL.value)
+  failed = sweep.run(base, jobs, _PARALLEL.value)
   write_results(root, jobs)
   if failed:
     print(f"sweep: {len(failed)} points failed; logs:\n  " + "\n  ".join(failed),

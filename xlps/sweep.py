@@ -12,8 +12,9 @@ An experiment file (``experiments/<name>.py``) is plain Python with
 Each point trains in its own workdir, named from its overrides, by the plain
 ``python -m launch.train`` command :func:`command` returns, so a sweep run by
 ``launch.sweep`` and the same commands run by a cluster scheduler produce the same
-workdirs. ``collect`` reads the finished workdirs into rows; ``aggregate`` groups the rows
-of one group (the same overrides but ``seed``) into mean and std.
+workdirs. ``run`` trains the points on this machine, K at a time; ``collect`` reads the
+finished workdirs into rows; ``aggregate`` groups the rows of one group (the same overrides
+but ``seed``) into mean and std.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import pathlib
 import re
 import shlex
 import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -185,6 +188,63 @@ def plan(experiment_path: str, root: pathlib.Path) -> tuple[str, list[tuple]]:
       raise ConfigError(f"{experiment_path} point {i} ({name}): {e}") from None
     out.append((point, overrides, config, root / name))
   return base, out
+
+
+def core_sets(parallel: int) -> list[set[int]]:
+  cores = sorted(os.sched_getaffinity(0))
+  k = max(1, min(parallel, len(cores)))
+  return [set(cores[i::k]) for i in range(k)]
+
+
+def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
+  """Trains the points not yet done; returns the log paths of those that failed."""
+  todo = [j for j in jobs if not (j[3] / DONE).exists()]
+  free, running, failed, durations = core_sets(parallel), {}, [], []
+  total, t0 = len(todo), time.time()
+  print(f"sweep: {len(jobs)} points, {len(jobs) - total} already done, {total} to run, "
+        f"{len(free)} at a time", flush=True)
+  last_line = 0.0
+  while todo or running:
+    while todo and free:
+      _, overrides, _, workdir = todo.pop(0)
+      cores = free.pop()
+      workdir.mkdir(parents=True, exist_ok=True)
+      log = (workdir / "sweep.log").open("a")
+      log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} cores {sorted(cores)}\n")
+      log.flush()
+      proc = subprocess.Popen(command(base, workdir, overrides), stdout=log,
+                              stderr=subprocess.STDOUT)
+      # Pinned right after the start, before JAX creates its thread pools (a preexec_fn
+      # would fork this process, whose JAX threads make forking unsafe).
+      os.sched_setaffinity(proc.pid, cores)
+      running[proc] = (workdir, cores, log, time.time())
+    for proc in [p for p in running if p.poll() is not None]:
+      workdir, cores, log, start = running.pop(proc)
+      log.close()
+      free.append(cores)
+      if proc.returncode == 0:
+        durations.append(time.time() - start)
+        done = workdir / DONE
+        (workdir / (DONE + ".tmp")).write_text(json.dumps(
+            {"wall_time_s": durations[-1], "finished": time.time()}))
+        os.replace(workdir / (DONE + ".tmp"), done)
+      else:
+        failed.append(os.fspath(workdir / "sweep.log"))
+        print(f"sweep: point {workdir.name} failed (exit {proc.returncode}); log: "
+              f"{failed[-1]}", flush=True)
+    now = time.time()
+    if now - last_line > 30 or not (todo or running):
+      done = total - len(todo) - len(running)
+      eta = ""
+      if durations:
+        left = len(todo) + len(running) / 2
+        eta = " | ETA " + time.strftime(
+            "%H:%M:%S", time.gmtime(sum(durations) / len(durations) * left / parallel))
+      print(f"sweep: {done} done ({len(failed)} failed), {len(running)} running, "
+            f"{len(todo)} left | {now - t0:.0f} s{eta}", flush=True)
+      last_line = now
+    time.sleep(0.2)
+  return failed
 
 
 def collect(config: ml_collections.ConfigDict, point: Point, workdir: pathlib.Path) -> dict:
