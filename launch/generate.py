@@ -9,8 +9,9 @@
     # a looped model at another depth than its eval default (up to its maximum)
     python -m launch.generate --workdir=/tmp/looped --prompt='def f(' --iterations=8
 
-The model, its config and its tokenizer come from the latest checkpoint of WORKDIR (its
-stored config; ``--step`` picks another). Decoding uses the K/V cache along applied depth
+The model and its config come from the latest checkpoint of WORKDIR (its stored config;
+``--step`` picks another), the tokenizer from ``WORKDIR/tokenizer`` where the run kept one
+(else the config's: byte for the README's runs and for runs from before it was kept). Decoding uses the K/V cache along applied depth
 (``xlps.generate``). Prefill and per-token decode speeds are measured on a second run of
 the same batch, after compilation, and printed with the compile times.
 """
@@ -92,12 +93,13 @@ def _print_timings(timings: dict) -> None:
 def complete(spec, params, tokenizer, prompts: list[str], max_new: int, sampling) -> None:
   import numpy as np
   from xlps import generate
-  from xlps.data import tokenizers
   if spec.family == "decoder_lm":
-    ids = [[tokenizers.BOS, *tokenizer.encode(p).tolist()] for p in prompts]
-    out, timings = lm_generate(generate.LMGenerator(spec, max_new, sampling), params, ids)
+    ids = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in prompts]
+    gen = generate.LMGenerator(spec, max_new, sampling, eos_id=tokenizer.eos_id)
+    out, timings = lm_generate(gen, params, ids)
   else:
-    gen = generate.Seq2SeqGenerator(spec, max_new, _BEAM.value, _ALPHA.value, sampling)
+    gen = generate.Seq2SeqGenerator(spec, max_new, _BEAM.value, _ALPHA.value, sampling,
+                                    eos_id=tokenizer.eos_id)
     ids = [tokenizer.encode(p).tolist() for p in prompts]
     out, timings = seq2seq_generate(gen, params, ids)
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -149,7 +151,6 @@ def main(argv):
     raise app.UsageError("give --prompt (one or more) or --eval_split, not both")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
   from xlps import data, generate, interop, models
-  from xlps.data import tokenizers
   try:
     sampling = generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
     try:
@@ -182,8 +183,8 @@ def main(argv):
       exact_accuracy(spec, params, pipeline, _EVAL_SPLIT.value, _NUM_EXAMPLES.value,
                      _BATCH_SIZE.value, _MAX_NEW.value, sampling)
     else:
-      tokenizer = (tokenizers.ByteTokenizer() if config.data.tokenizer == "byte"
-                   else data.build(config).tokenizer)
+      tokenizer = (data.run_tokenizer(config, _WORKDIR.value)
+                   or data.build(config).tokenizer)  # sentencepiece kept nowhere: rebuilt
       complete(spec, params, tokenizer, _PROMPT.value, _MAX_NEW.value or 128, sampling)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

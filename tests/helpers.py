@@ -106,3 +106,30 @@ def tensorboard_steps(workdir) -> dict[str, list[int]]:
       for value in event.summary.value:
         steps.setdefault(value.tag, []).append(event.step)
   return steps
+
+
+# A small UTF-8 corpus from the running Python's standard library (for tokenizer tests).
+CORPUS_FILES = ("textwrap.py", "shlex.py", "glob.py")
+
+
+def corpus_lines() -> list[str]:
+  """The non-empty lines of ``CORPUS_FILES``."""
+  from xlps.data import builders
+  return [line for name in CORPUS_FILES
+          for line in (builders.stdlib_root() / name).read_text().splitlines() if line]
+
+
+def albert_spiece(path, vocab_size: int = HF_ALBERT["vocab_size"],
+                  controls=("[CLS]", "[SEP]", "[MASK]")) -> bytes:
+  """Writes an ALBERT-style SentencePiece model to ``path`` and returns its bytes: <pad> 0,
+  <unk> 1, then ``controls`` (2, 3, 4), trained on ``corpus_lines()``."""
+  import io
+
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(corpus_lines()), model_writer=model, vocab_size=vocab_size,
+      model_type="unigram", pad_id=0, unk_id=1, bos_id=-1, eos_id=-1,
+      control_symbols=list(controls), minloglevel=2)
+  pathlib.Path(path).write_bytes(model.getvalue())
+  return model.getvalue()

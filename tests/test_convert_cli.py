@@ -17,7 +17,7 @@ from configs import albert
 from configs import workdir as workdir_config
 from xlps import checkpoint as checkpoint_lib
 
-from helpers import HF_ALBERT, ROOT, logged_losses, run_command
+from helpers import HF_ALBERT, ROOT, albert_spiece, logged_losses, run_command
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
@@ -94,10 +94,12 @@ def test_converted_workdir_trains_with_the_printed_command(tmp_path, data_dir):
   hf_model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(
       **{**HF_ALBERT, "max_position_embeddings": 128}))
   hf_model.save_pretrained(tmp_path / "hf")
+  spiece = albert_spiece(tmp_path / "hf" / "spiece.model")  # the snapshot's own tokenizer
   workdir = tmp_path / "wd"
   out = run_module("launch.convert", f"--hf={tmp_path / 'hf'}", f"--workdir={workdir}")
   assert out.returncode == 0, out.stderr[-4000:]
   printed = out.stdout
+  assert (workdir / "tokenizer" / "spiece.model").read_bytes() == spiece
   command = f"python -m launch.train --config=configs/workdir.py:{workdir} --workdir={workdir}"
 
   out = run_module(*shlex.split(command)[2:], f"--config.data.data_dir={data_dir}",

@@ -178,7 +178,11 @@ def test_converted_checkpoint_fine_tunes(tmp_path, data_dir):
   albert_model(num_hidden_groups=2).save_pretrained(tmp_path / "hf")
   workdir = tmp_path / "wd"
   config, converted = huggingface.load_hf(tmp_path / "hf")  # what launch.convert --hf does
-  config.data.update(name="stdlib", data_dir=str(data_dir), seq_len=32, eval_batches=2)
+  assert (config.data.tokenizer, config.data.tokenizer_path) == ("file", "")  # none in hf/
+  # Random weights: byte ids (vocab 260 <= 300) serve as well as any; a real model trains on
+  # its own tokenizer (tests/test_tokenizer_files.py).
+  config.data.update(name="stdlib", data_dir=str(data_dir), seq_len=32, eval_batches=2,
+                     tokenizer="byte")
   config.train.update(num_steps=4, batch_size=8, warmup_steps=2, log_every_steps=1,
                       eval_every_steps=4, checkpoint_every_steps=1, keep_checkpoints=4)
   interop.write_checkpoint(config, converted, workdir)

@@ -630,7 +630,7 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
 
 DATA_NAMES = ("stdlib", "algorithmic", "text_files", "tfds")
 TASKS = ("copy", "reverse", "addition")
-TOKENIZERS = ("byte", "sentencepiece")
+TOKENIZERS = ("byte", "sentencepiece", "file")
 
 
 def data_config() -> ml_collections.ConfigDict:
@@ -645,8 +645,10 @@ def data_config() -> ml_collections.ConfigDict:
   d.eval_split = "validation"  # tfds: split to evaluate on
   d.data_dir = ""            # prepared TFDS data; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   d.seq_len = 128            # tokens per example (packed LM length; max source/target length)
-  d.tokenizer = "byte"       # byte | sentencepiece
+  d.tokenizer = "byte"       # byte | sentencepiece (trained here) | file (data.tokenizer_path)
   d.sp_vocab_size = 1024     # sentencepiece: vocab trained locally on the train split
+  d.tokenizer_path = ""      # file: a SentencePiece .model, an HF tokenizer.json or a local HF
+                             # snapshot directory; a run keeps a copy in WORKDIR/tokenizer
   d.mlm_probability = 0.15   # encoder_mlm: tokens selected (80% MASK, 10% random, 10% kept)
   d.train_min_len = 1        # algorithmic: shortest train/test operand length
   d.train_max_len = 20       # algorithmic: longest train/test operand length
@@ -692,8 +694,13 @@ def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
     check_int(f"data.{key}", d[key], minimum)
   check_int("data.train_max_len", d.train_max_len, d.train_min_len)
   check_int("data.test_max_len", d.test_max_len, d.train_max_len + 1)
-  for key in ("glob", "tfds_name", "text_key", "train_split", "eval_split", "data_dir"):
+  for key in ("glob", "tfds_name", "text_key", "train_split", "eval_split", "data_dir",
+              "tokenizer_path"):
     check_str(f"data.{key}", d[key])
+  if d.tokenizer_path and d.tokenizer != "file":
+    raise ConfigError(f"data.tokenizer_path={d.tokenizer_path!r} is only read with "
+                      f"data.tokenizer='file' (not {d.tokenizer!r}); valid: data.tokenizer=file, "
+                      "or data.tokenizer_path=''")
   if (isinstance(d.mlm_probability, bool) or not isinstance(d.mlm_probability, (int, float))
       or not 0.0 < d.mlm_probability < 1.0):
     raise ConfigError(f"data.mlm_probability={d.mlm_probability!r} must be a number in (0, 1)")
@@ -939,12 +946,13 @@ def validate(config: ml_collections.ConfigDict, process_count: int = 1,
     raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={spec.max_len}: positions "
                       f"beyond max_len have no embedding; set model.max_len >= {d.seq_len} or "
                       f"data.seq_len <= {spec.max_len}")
+  vocab = None  # data.tokenizer='file': known once loaded (xlps.data checks it then)
   if d.tokenizer == "byte":
     from xlps.data import tokenizers  # the byte vocabulary is the tokenizer's to define
     vocab = tokenizers.BYTE_VOCAB_SIZE
-  else:
+  elif d.tokenizer == "sentencepiece":
     vocab = d.sp_vocab_size
-  if vocab > spec.vocab_size:
+  if vocab is not None and vocab > spec.vocab_size:
     raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the {d.tokenizer} "
                       f"tokenizer's vocabulary ({vocab}); set model.vocab_size >= {vocab}")
   eval_iterations(config.train, spec)

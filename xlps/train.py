@@ -425,11 +425,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   t = config.train
   is_main = jax.process_index() == 0
   pipeline = data_lib.build(config, process_index=jax.process_index(),
-                            process_count=jax.process_count())
+                            process_count=jax.process_count(),
+                            tokenizer=data_lib.run_tokenizer(config, workdir))
   if pipeline.vocab_size > spec.vocab_size:  # e.g. a sentencepiece model with fewer pieces
     raise ConfigError(f"model.vocab_size={spec.vocab_size} is smaller than the tokenizer's "
                       f"vocabulary ({pipeline.vocab_size}); set model.vocab_size >= "
                       f"{pipeline.vocab_size}")
+  if is_main:  # the run's tokenizer stays with it, for resuming, generation and conversion
+    data_lib.keep_tokenizer(pipeline.tokenizer, workdir)
   summary = models.summarize(spec, config.data.seq_len)
   mesh = partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_of(config.mesh)

@@ -90,15 +90,16 @@ def lm_features(row: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def mlm_features(row: Mapping[str, np.ndarray], rng: np.random.Generator, probability: float,
-                 first_regular_id: int, vocab_size: int) -> dict[str, np.ndarray]:
-  """Layout ``mlm``, BERT masking of a packed row: each regular token is selected with
-  ``probability``;
-  selected tokens become MASK (80%), a random regular token (10%) or stay (10%)."""
+                 regular_ids: np.ndarray, is_regular: np.ndarray,
+                 mask_id: int) -> dict[str, np.ndarray]:
+  """Layout ``mlm``, BERT masking of a packed row: each regular (non-special) token is
+  selected with ``probability``; selected tokens become ``mask_id`` (80%), a random regular
+  token (10%) or stay (10%). ``is_regular`` is the lookup table of ``regular_ids``."""
   tokens = row["tokens"]
-  selected = (tokens >= first_regular_id) & (rng.random(tokens.shape) < probability)
+  selected = is_regular[tokens] & (rng.random(tokens.shape) < probability)
   action = rng.random(tokens.shape)
-  random_ids = rng.integers(first_regular_id, vocab_size, tokens.shape, dtype=np.int32)
-  inputs = np.where(selected & (action < 0.8), tok_lib.MASK, tokens)
+  random_ids = regular_ids[rng.integers(0, len(regular_ids), tokens.shape, dtype=np.int32)]
+  inputs = np.where(selected & (action < 0.8), mask_id, tokens)
   inputs = np.where(selected & (action >= 0.8) & (action < 0.9), random_ids, inputs)
   return {"inputs": inputs.astype(np.int32),
           "input_mask": (row["tokens_segment_ids"] > 0).astype(np.int32),
@@ -125,14 +126,15 @@ def seq2seq_features(source: np.ndarray, target: np.ndarray, layout: str,
           "positions": steps.astype(np.int32) * segment_ids, "weights": weights.astype(np.float32)}
 
 
-def token_statistics(docs: Sequence[Mapping], text_key: str, tokenizer) -> tuple[float, float]:
+def token_statistics(docs: Sequence[Mapping], text_key: str,
+                     tokenizer: tok_lib.Tokenizer) -> tuple[float, float]:
   """(entropy in nats/token of the target-token unigram distribution, i.e. document tokens
   + EOS; mean tokens per document) over an evenly spread sample of the documents."""
   counts = np.zeros(tokenizer.vocab_size, np.int64)
   sample = sample_indices(len(docs))
   for i in sample:
     counts += np.bincount(tokenizer.encode(docs[i][text_key]), minlength=tokenizer.vocab_size)
-    counts[tok_lib.EOS] += 1
+    counts[tokenizer.eos_id] += 1
   p = counts[counts > 0] / counts.sum()
   return float(-(p * np.log(p)).sum()), float(counts.sum() / len(sample))
 
@@ -229,14 +231,16 @@ class Pipeline:
     if self._splits.kind == "seq2seq":
       return ds.map(lambda r: seq2seq_features(encode(r["source"]), encode(r["target"]), layout,
                                                seq_len)).to_iter_dataset(read_options)
+    bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
     docs = ds.map(lambda r: {"tokens": np.concatenate(
-        [[tok_lib.BOS], encode(r[key]), [tok_lib.EOS]]).astype(np.int32)}).to_iter_dataset(
-            read_options)
+        [[bos], encode(r[key]), [eos]]).astype(np.int32)}).to_iter_dataset(read_options)
     if layout == "lm":
       return _PackDataset(docs, seq_len + 1).map(lm_features)
-    masking = dict(probability=self._mlm_probability,
-                   first_regular_id=self.tokenizer.first_regular_id,
-                   vocab_size=self.tokenizer.vocab_size)
+    regular_ids = self.tokenizer.regular_ids
+    is_regular = np.zeros(self.tokenizer.vocab_size, bool)
+    is_regular[regular_ids] = True
+    masking = dict(probability=self._mlm_probability, regular_ids=regular_ids,
+                   is_regular=is_regular, mask_id=self.tokenizer.mask_id)
     return _PackDataset(docs, seq_len).random_map(
         lambda row, rng: mlm_features(row, rng, **masking), seed=self._seed)
 

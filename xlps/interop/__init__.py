@@ -18,8 +18,10 @@ from etils import epath
 
 from xlps import checkpoint as checkpoint_lib
 from xlps import config as config_lib
+from xlps import data as data_lib
 from xlps import models
 from xlps import train as train_lib
+from xlps.data import tokenizers as tok_lib
 
 # The data iterator state of a converted checkpoint: empty, which the trainer reads as
 # "start the data afresh" (``train_and_evaluate`` skips ``set_state`` for a falsy state).
@@ -50,16 +52,28 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
 
 def write_workdir(config: ml_collections.ConfigDict, params: Any,
                   workdir: str | os.PathLike) -> str:
-  """``write_checkpoint`` plus ``WORKDIR/config.json``; returns the ``launch.train`` command
-  that trains on from it (run from the repository root; ``configs/workdir.py`` reads the
-  file)."""
+  """``write_checkpoint`` plus ``WORKDIR/config.json`` and, for ``data.tokenizer='file'``, a
+  copy of the tokenizer in ``WORKDIR/tokenizer`` (checked against the model first); returns
+  the ``launch.train`` command that trains on from it (run from the repository root;
+  ``configs/workdir.py`` reads the file)."""
   workdir = train_lib.workdir_path(workdir)
+  tokenizer = None
+  if config.data.tokenizer == "file" and config.data.tokenizer_path:
+    tokenizer = tok_lib.load(config.data.tokenizer_path)
+    data_lib.check_tokenizer(config, tokenizer)
   directory = write_checkpoint(config, params, workdir)
+  if tokenizer is not None:
+    data_lib.keep_tokenizer(tokenizer, workdir)
   (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
   command = shlex.join(["python", "-m", "launch.train",
                         f"--config=configs/workdir.py:{workdir}", f"--workdir={workdir}"])
-  return (f"wrote {directory} (step 0) and {workdir / 'config.json'}; train it with:\n"
-          f"{command}")
+  kept = (f", its tokenizer in {workdir / data_lib.KEPT_TOKENIZER}" if tokenizer is not None
+          else "")
+  missing = ("\nno tokenizer was given: add --config.data.tokenizer_path=PATH (the model's own "
+             "tokenizer) to train it" if config.data.tokenizer == "file" and tokenizer is None
+             else "")
+  return (f"wrote {directory} (step 0){kept} and {workdir / 'config.json'}; train it "
+          f"with:\n{command}{missing}")
 
 
 def read_checkpoint(workdir: str | os.PathLike,

@@ -13,6 +13,14 @@ k = 1 and G | N, else an explicit ``table``. BERT is N unshared layers (``sequen
 ``save_hf`` writes BERT for ``embed_dim == d_model`` with unshared layers, else ALBERT with
 the smallest k that reproduces the slot table (so ``cycle`` with M | N is G = 1, k = M).
 
+Tokenizer: ``load_hf`` takes the model's tokenizer from ``tokenizer=`` or from the
+snapshot directory's own tokenizer files (``xlps.data.tokenizers.load``), checks its
+vocabulary and special ids against the HF config, and sets ``data.tokenizer='file'`` with
+``data.tokenizer_path``; without one, ``data.tokenizer_path`` stays empty and training asks
+for it instead of feeding byte ids to a WordPiece / SentencePiece embedding. ``save_hf``
+writes the tokenizer's pad / BOS / EOS ids into the HF config (null when unknown) and its
+files next to the weights.
+
 A model without an MLM head (``AlbertModel`` / ``BertModel``) gets a freshly initialised
 head (``config.seed``, ``model.init_std`` = ``initializer_range``); a pooler present in the
 HF model sets ``model.pooler=True`` and is mapped. ``save_hf`` writes the MLM model and,
@@ -41,7 +49,7 @@ from xlps import config as config_lib
 from xlps import models
 from xlps import presets
 from xlps.config import ConfigError
-from xlps.data import tokenizers
+from xlps.data import tokenizers as tok_lib
 
 # HF hidden_act -> xlps activation; xlps -> HF on save.
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
@@ -230,18 +238,48 @@ def _xlps_config(hf, pooler: bool) -> ml_collections.ConfigDict:
   return config
 
 
-def load_hf(path_or_model: str | os.PathLike | torch.nn.Module
-            ) -> tuple[ml_collections.ConfigDict, dict]:
+def _snapshot_has_tokenizer(directory: pathlib.Path) -> bool:
+  return (directory / "tokenizer.json").is_file() or any(directory.glob("*.model"))
+
+
+def check_hf_tokenizer(hf, tokenizer: tok_lib.Tokenizer, where: str) -> None:
+  """ConfigError naming both unless ``tokenizer``'s vocabulary size and pad / BOS / EOS ids
+  are those of the HF config ``hf`` (ids the config leaves unset are not compared)."""
+  pairs = (("vocab_size", hf.vocab_size, tokenizer.vocab_size),
+           ("pad_token_id", getattr(hf, "pad_token_id", None), tokenizer.pad_id),
+           ("bos_token_id", getattr(hf, "bos_token_id", None), tokenizer.bos_id),
+           ("eos_token_id", getattr(hf, "eos_token_id", None), tokenizer.eos_id))
+  wrong = [f"{name}={theirs} (tokenizer: {ours})" for name, theirs, ours in pairs
+           if theirs is not None and theirs != ours]
+  if wrong:
+    raise ConfigError(f"the tokenizer {tokenizer.describe()} does not match the HF model "
+                      f"{where}: {', '.join(wrong)}; valid: the tokenizer the model was "
+                      "trained with")
+
+
+def load_hf(path_or_model: str | os.PathLike | torch.nn.Module,
+            tokenizer: str | os.PathLike | None = None) -> tuple[ml_collections.ConfigDict, dict]:
   """``(config, params)`` of an HF ALBERT / BERT model or ``save_pretrained`` directory.
 
   ``config`` is a full xlps config: preset ``base`` / ``bert_base`` of ``xlps.presets`` (as
   in ``configs/albert.py``) with the model keys taken from the HF config; ``params`` are
   float32 numpy arrays in the exact structure of ``nn.unbox(models.init_params(config))``.
+  ``tokenizer`` (a path for ``xlps.data.tokenizers.load``; default: the directory's own
+  tokenizer files, if any) becomes ``data.tokenizer='file'`` with ``data.tokenizer_path``
+  after ``check_hf_tokenizer``; without one the path stays '' (see the module docstring).
   """
   hf, raw = _hf_config_and_weights(path_or_model)
   arch = hf.model_type
   if arch not in _PREFIXES:
     raise ConfigError(f"model_type={arch!r} is not supported; expected 'albert' or 'bert'")
+  if tokenizer is None and not isinstance(path_or_model, torch.nn.Module) and \
+      _snapshot_has_tokenizer(pathlib.Path(path_or_model)):
+    tokenizer = path_or_model
+  tokenizer_path = "" if tokenizer is None else os.path.abspath(os.fspath(tokenizer))
+  if tokenizer_path:
+    where = ("in memory" if isinstance(path_or_model, torch.nn.Module)
+             else os.fspath(path_or_model))
+    check_hf_tokenizer(hf, tok_lib.load(tokenizer_path, field="tokenizer"), where)
   weights = {_strip(k, arch): v for k, v in raw.items()}
   has_head = "predictions.bias" in weights
   config = _xlps_config(hf, pooler=any(k.startswith("pooler.") for k in weights))
@@ -276,6 +314,7 @@ def load_hf(path_or_model: str | os.PathLike | torch.nn.Module
   expected = models.param_shapes(config)
   got = {p: v.shape for p, v in _flatten(params).items()}
   assert got == expected, f"converted parameters {got} != xlps structure {expected}"
+  config.data.tokenizer, config.data.tokenizer_path = "file", tokenizer_path
   return config, params
 
 
@@ -340,21 +379,39 @@ def _albert_config_values(config: ml_collections.ConfigDict) -> dict[str, int]:
   return {"num_hidden_layers": n, "num_hidden_groups": g, "inner_group_num": k}
 
 
-def hf_config(config: ml_collections.ConfigDict) -> transformers.PretrainedConfig:
-  """The ``AlbertConfig`` / ``BertConfig`` of an xlps config (ValueError if inexpressible)."""
+def config_tokenizer(config: ml_collections.ConfigDict) -> tok_lib.Tokenizer | None:
+  """The tokenizer ``config.data`` names, where known without data: byte, a tokenizer file,
+  or None (a converted model without one; a locally trained SentencePiece, which has xlps's
+  ids but lives with its run: pass the run's, ``xlps.data.run_tokenizer``)."""
+  d = config.data
+  if d.tokenizer == "byte":
+    return tok_lib.ByteTokenizer()
+  if d.tokenizer == "file" and d.tokenizer_path:
+    return tok_lib.load(d.tokenizer_path)
+  return None
+
+
+def hf_config(config: ml_collections.ConfigDict,
+              tokenizer: tok_lib.Tokenizer | None = None) -> transformers.PretrainedConfig:
+  """The ``AlbertConfig`` / ``BertConfig`` of an xlps config (ValueError if inexpressible);
+  pad / BOS / EOS ids are ``tokenizer``'s (default ``config_tokenizer``), null if unknown."""
   arch, s = _arch_of(config), models.spec_of(config)
+  tokenizer = tokenizer or config_tokenizer(config)
+  ids = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+  if tokenizer is not None:
+    ids = {"pad_token_id": tokenizer.pad_id, "bos_token_id": tokenizer.bos_id,
+           "eos_token_id": tokenizer.eos_id}
   common = dict(
       vocab_size=s.vocab_size, hidden_size=s.d_model, num_attention_heads=s.num_heads,
       intermediate_size=s.d_ff, hidden_act=_HF_ACTIVATIONS[s.activation],
       hidden_dropout_prob=s.dropout_rate, attention_probs_dropout_prob=s.attention_dropout_rate,
       max_position_embeddings=s.max_len, type_vocab_size=s.type_vocab_size,
-      initializer_range=s.init_std, layer_norm_eps=s.norm_eps, pad_token_id=tokenizers.PAD,
-      architectures=[_MLM_CLASSES[arch].__name__])
+      initializer_range=s.init_std, layer_norm_eps=s.norm_eps,
+      architectures=[_MLM_CLASSES[arch].__name__], **ids)
   if arch == "bert":
     return transformers.BertConfig(num_hidden_layers=s.num_layers, **common)
-  return transformers.AlbertConfig(embedding_size=s.embed_dim, bos_token_id=tokenizers.BOS,
-                                   eos_token_id=tokenizers.EOS,
-                                   **_albert_config_values(config), **common)
+  return transformers.AlbertConfig(embedding_size=s.embed_dim, **_albert_config_values(config),
+                                   **common)
 
 
 def hf_state_dict(config: ml_collections.ConfigDict, params: Mapping) -> dict[str, torch.Tensor]:
@@ -377,15 +434,23 @@ def hf_state_dict(config: ml_collections.ConfigDict, params: Mapping) -> dict[st
   return out
 
 
-def save_hf(config: ml_collections.ConfigDict, params: Mapping,
-            directory: str | os.PathLike) -> pathlib.Path:
-  """Writes ``config.json`` + ``model.safetensors`` for ``Albert/BertForMaskedLM.from_pretrained``.
+def save_hf(config: ml_collections.ConfigDict, params: Mapping, directory: str | os.PathLike,
+            tokenizer: tok_lib.Tokenizer | None = None) -> pathlib.Path:
+  """Writes ``config.json`` + ``model.safetensors`` for ``Albert/BertForMaskedLM.from_pretrained``,
+  and the tokenizer's files (``tokenizer``, default ``config_tokenizer``; none for byte).
 
   Raises ValueError for configs HF cannot express (pre-LN, RMSNorm, SwiGLU, GQA/MQA,
-  differing per-component plans, non-ALBERT sharing layouts, ...).
+  differing per-component plans, non-ALBERT sharing layouts, ...) and for a tokenizer whose
+  vocabulary is not the model's.
   """
   directory = pathlib.Path(directory)
   tensors = hf_state_dict(config, params)
-  hf_config(config).save_pretrained(directory)
+  tokenizer = tokenizer or config_tokenizer(config)
+  if tokenizer is not None and tokenizer.files and tokenizer.vocab_size != config.model.vocab_size:
+    raise ConfigError(f"the tokenizer {tokenizer.describe()} does not match the model: "
+                      f"model.vocab_size={config.model.vocab_size}")
+  hf_config(config, tokenizer).save_pretrained(directory)
+  if tokenizer is not None:
+    tokenizer.save(directory)
   safetensors.torch.save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
   return directory
