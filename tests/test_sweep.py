@@ -165,3 +165,85 @@ def test_collect_keeps_adaptive_depth_metrics(tmp_path):
   assert row["final_eval_loss_iter1"] == 2.5 and row["best_eval_loss_iter4"] == 1.9
   assert row["final_eval_ponder"] == 3.25 and "best_eval_ponder" not in row
   assert sweep.is_result("final_eval_loss_iter4")
+
+
+class FakePopen:
+  """A point's training process that exits 0 at once; records its environment and how many
+  points ran at the same time."""
+
+  started: list = []
+  live = peak = 0
+
+  def __init__(self, cmd, env=None, **kwargs):
+    self.pid, self.returncode, self.env = 10_000 + len(self.started), None, env
+    FakePopen.started.append(self)
+    FakePopen.live += 1
+    FakePopen.peak = max(FakePopen.peak, FakePopen.live)
+
+  def poll(self):
+    if self.returncode is None:
+      self.returncode = 0
+      FakePopen.live -= 1
+    return self.returncode
+
+
+def fake_sweep(tmp_path, monkeypatch, platform: str, count: int, parallel: int,
+               points: int = 4) -> list:
+  """Runs ``sweep.run`` on ``points`` points with JAX seeing ``count`` ``platform`` devices;
+  returns the started fake processes."""
+  FakePopen.started, FakePopen.live, FakePopen.peak = [], 0, 0
+  monkeypatch.setattr(sweep.subprocess, "Popen", FakePopen)
+  monkeypatch.setattr(sweep, "local_devices", lambda: (platform, count), raising=False)
+  jobs = [({"seed": i}, {"seed": i}, None, tmp_path / f"seed={i}") for i in range(points)]
+  assert sweep.run("configs/default.py:runlocal", jobs, parallel) == []
+  assert all((workdir / sweep.DONE).exists() for *_, workdir in jobs)
+  return FakePopen.started
+
+
+@pytest.mark.parametrize("platform, count, visible, parallel, expected, peak, fraction", [
+    ("gpu", 4, None, 2, {"0,1", "2,3"}, 2, None),     # point j of K: its block of the GPUs
+    ("gpu", 2, "3,5", 2, {"3", "5"}, 2, None),        # the user's CUDA_VISIBLE_DEVICES split
+    ("gpu", 1, None, 3, {"0"}, 3, "0.25"),            # one GPU shared: its memory split
+    ("tpu", 4, None, 2, {None}, 1, None),             # a host's TPU chips: one point at a time
+    ("cpu", 0, None, 2, {None}, 2, None),
+])
+def test_parallel_points_get_their_share_of_the_accelerators(
+    tmp_path, monkeypatch, platform, count, visible, parallel, expected, peak, fraction):
+  if visible is None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+  else:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+  pinned = []
+  monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append(cores),
+                      raising=False)
+  started = fake_sweep(tmp_path, monkeypatch, platform, count, parallel)
+  envs = [p.env or {} for p in started]
+  assert {e.get("CUDA_VISIBLE_DEVICES") for e in envs} == expected, envs
+  if platform == "gpu" and count > 1:  # the points running together never share a GPU
+    assert envs[0]["CUDA_VISIBLE_DEVICES"] != envs[1]["CUDA_VISIBLE_DEVICES"]
+  assert {e.get("XLA_PYTHON_CLIENT_MEM_FRACTION") for e in envs} == {fraction}
+  assert FakePopen.peak == peak
+  assert all(e.get("PATH") == os.environ["PATH"] for e in envs if e)  # the rest is inherited
+  assert len(pinned) == 4 and (peak == 1 or not pinned[0] & pinned[1])  # disjoint cores
+
+
+def test_sweep_runs_where_cpu_affinity_is_unavailable(tmp_path, monkeypatch, capsys):
+  """macOS has neither os.sched_getaffinity nor os.sched_setaffinity: the points run
+  unpinned, said in one line."""
+  monkeypatch.delattr(os, "sched_setaffinity", raising=False)
+  monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+  started = fake_sweep(tmp_path, monkeypatch, "cpu", 0, parallel=2)
+  assert len(started) == 4 and FakePopen.peak == 2
+  notes = [line for line in capsys.readouterr().out.splitlines() if "affinity" in line]
+  assert len(notes) == 1, notes
+
+
+def test_local_devices_asks_a_child_process(monkeypatch):
+  """The sweep learns the platform without initializing a backend itself (it would hold the
+  GPUs' memory or the TPU chips its points need); JAX_PLATFORMS=cpu needs no probe."""
+  assert sweep.local_devices() == ("cpu", 0)  # conftest: JAX_PLATFORMS=cpu
+  monkeypatch.setenv("JAX_PLATFORMS", "")
+  platform, count = sweep.local_devices()
+  assert (platform, count) == ("cpu", 8) or platform in ("gpu", "tpu") and count >= 1

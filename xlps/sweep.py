@@ -19,6 +19,7 @@ but ``seed``) into mean and std.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib.util
 import itertools
@@ -190,38 +191,109 @@ def plan(experiment_path: str, root: pathlib.Path) -> tuple[str, list[tuple]]:
   return base, out
 
 
-def core_sets(parallel: int) -> list[set[int]]:
-  cores = sorted(os.sched_getaffinity(0))
-  k = max(1, min(parallel, len(cores)))
-  return [set(cores[i::k]) for i in range(k)]
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One of the places the points of ``run`` take turns in: the CPU cores its process is
+  pinned to (None: not pinned) and the environment variables that give it its accelerators."""
+
+  cores: frozenset[int] | None
+  env: Mapping[str, str]
+
+  def describe(self) -> str:
+    cores = f"cores {sorted(self.cores)}" if self.cores is not None else "cores not pinned"
+    return " ".join([cores, *(f"{k}={v}" for k, v in self.env.items())])
+
+
+GPU_MEMORY_FRACTION = 0.75  # what one JAX process preallocates of a GPU by default
+
+
+def local_devices() -> tuple[str, int]:
+  """This host's JAX platform (cpu, gpu, tpu) and device count, asked of a short child
+  process: the sweep itself must not hold the accelerators its points need."""
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip() == "cpu":
+    return "cpu", 0
+  code = "import jax; d = jax.local_devices(); print(d[0].platform, len(d))"
+  try:
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=600)
+    words, why = probe.stdout.split()[-2:], (probe.stderr.strip().splitlines() or ["?"])[-1]
+  except subprocess.TimeoutExpired:
+    words, why = [], "no answer in 600 s"
+  if len(words) != 2 or not words[1].isdigit():
+    print(f"sweep: could not list JAX's devices ({why}); the points run on CPU cores",
+          flush=True)
+    return "cpu", 0
+  return words[0], int(words[1])
+
+
+def slots(parallel: int, platform: str, count: int, environ: Mapping[str, str]) -> list[Slot]:
+  """At most ``parallel`` slots on a host with ``count`` JAX devices of ``platform``.
+
+  CPU cores are split into disjoint sets where the OS can pin a process to them
+  (``os.sched_setaffinity``, Linux); elsewhere the points are not pinned. GPUs (those in the
+  ``CUDA_VISIBLE_DEVICES`` the sweep was started with, else every one JAX sees): slot j of K
+  gets the j-th contiguous block; with more slots than GPUs, slots share GPUs round-robin
+  and split each one's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless already set). TPU:
+  a host's chips are held by one process, so there is one slot, with all of them.
+  """
+  pinnable = hasattr(os, "sched_setaffinity") and hasattr(os, "sched_getaffinity")
+  cores = sorted(os.sched_getaffinity(0)) if pinnable else list(range(os.cpu_count() or 1))
+  k = 1 if platform == "tpu" else max(1, min(parallel, len(cores)))
+  envs: list[dict[str, str]] = [{} for _ in range(k)]
+  if platform == "gpu":
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    visible = ([d.strip() for d in given.split(",") if d.strip()] if given
+               else [str(i) for i in range(count)])
+    n = len(visible)
+    split_memory = not ({"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_ALLOCATOR"} &
+                        set(environ)) and environ.get("XLA_PYTHON_CLIENT_PREALLOCATE") != "false"
+    for j, env in enumerate(envs):
+      if k <= n:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[j * n // k:(j + 1) * n // k])
+      else:
+        env["CUDA_VISIBLE_DEVICES"] = visible[j % n]
+        sharing = len(range(j % n, k, n))
+        if split_memory and sharing > 1:
+          env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{GPU_MEMORY_FRACTION / sharing:.3g}"
+  return [Slot(frozenset(cores[j::k]) if pinnable else None, env) for j, env in enumerate(envs)]
 
 
 def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
   """Trains the points not yet done; returns the log paths of those that failed."""
   todo = [j for j in jobs if not (j[3] / DONE).exists()]
-  free, running, failed, durations = core_sets(parallel), {}, [], []
+  platform, count = local_devices() if todo else ("cpu", 0)
+  free = slots(parallel, platform, count, os.environ)
+  running, failed, durations, width = {}, [], [], len(free)
   total, t0 = len(todo), time.time()
   print(f"sweep: {len(jobs)} points, {len(jobs) - total} already done, {total} to run, "
-        f"{len(free)} at a time", flush=True)
+        f"{width} at a time", flush=True)
+  if platform == "tpu" and parallel > 1:
+    print(f"sweep: TPU: one process holds this host's chips, so --parallel={parallel} runs "
+          "one point at a time", flush=True)
+  if width > 1 and free[0].cores is None:
+    print("sweep: os.sched_setaffinity is not available on this platform; the parallel points "
+          "run without pinning to CPU cores", flush=True)
   last_line = 0.0
   while todo or running:
     while todo and free:
       _, overrides, _, workdir = todo.pop(0)
-      cores = free.pop()
+      slot = free.pop()
       workdir.mkdir(parents=True, exist_ok=True)
       log = (workdir / "sweep.log").open("a")
-      log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} cores {sorted(cores)}\n")
+      log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {slot.describe()}\n")
       log.flush()
       proc = subprocess.Popen(command(base, workdir, overrides), stdout=log,
-                              stderr=subprocess.STDOUT)
-      # Pinned right after the start, before JAX creates its thread pools (a preexec_fn
-      # would fork this process, whose JAX threads make forking unsafe).
-      os.sched_setaffinity(proc.pid, cores)
-      running[proc] = (workdir, cores, log, time.time())
+                              stderr=subprocess.STDOUT,
+                              env={**os.environ, **slot.env} if slot.env else None)
+      if slot.cores is not None:
+        # Pinned right after the start, before JAX creates its thread pools (a preexec_fn
+        # would fork this process, whose JAX threads make forking unsafe).
+        os.sched_setaffinity(proc.pid, slot.cores)
+      running[proc] = (workdir, slot, log, time.time())
     for proc in [p for p in running if p.poll() is not None]:
-      workdir, cores, log, start = running.pop(proc)
+      workdir, slot, log, start = running.pop(proc)
       log.close()
-      free.append(cores)
+      free.append(slot)
       if proc.returncode == 0:
         durations.append(time.time() - start)
         done = workdir / DONE
@@ -239,7 +311,7 @@ def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
       if durations:
         left = len(todo) + len(running) / 2
         eta = " | ETA " + time.strftime(
-            "%H:%M:%S", time.gmtime(sum(durations) / len(durations) * left / parallel))
+            "%H:%M:%S", time.gmtime(sum(durations) / len(durations) * left / width))
       print(f"sweep: {done} done ({len(failed)} failed), {len(running)} running, "
             f"{len(todo)} left | {now - t0:.0f} s{eta}", flush=True)
       last_line = now
