@@ -7,8 +7,9 @@
 Every point trains in ``WORKDIR/<point name>`` with the command ``--dry_run`` prints; a point
 whose run exited 0 is marked done and skipped by later runs of the same sweep, an
 interrupted one resumes from its checkpoints. The K parallel points get disjoint sets of
-the cores and, on a GPU host, of the GPUs (``xlps.sweep.slots``). At the end (also when some points failed) ``WORKDIR/results.csv`` (one row per
-point), ``results.md`` (mean and std over seeds) and plots are written.
+the cores and, on a GPU host, of the GPUs (``xlps.sweep.slots``). At the end (also when some
+points failed) ``WORKDIR/results.csv`` (one row per point), ``results.md`` (mean and std
+over seeds) and plots are written.
 """
 
 import csv
