@@ -341,3 +341,59 @@ def test_ut_algorithmic_config_learns_to_copy():
              "targets": jnp.asarray(np.pad(source, ((0, 0), (0, 1)), constant_values=tokenizers.EOS))}
     params, opt_state, loss = step(params, opt_state, batch)
   assert float(loss) < 0.5, float(loss)
+
+
+def test_mfu_counts_truncated_iterations_forward_only(tmp_path, data_dir):
+  """A looped model at r = 2 iterations with k = 1: MFU counts the first iteration at
+  forward cost (a third of a trained layer), not the FLOPs of every layer trained."""
+  config = shrink(default.get_config("tied"), data_dir, steps=2)
+  config.model.sharing = config_lib.sharing_config()
+  config.model.num_layers = 4  # prelude 1, core 1 x up to 2 iterations, coda 1
+  config.model.loop.update(prelude=1, core=1, coda=1, inject="add", backprop_iterations=1)
+  result = train.train_and_evaluate(config, tmp_path / "wd")
+  summary = result["summary"]
+  layer = summary["adaptive_depth"]["layer_flops_per_token"]["decoder"]
+  applied = summary["flops_per_token"] - layer * 2 // 3  # by hand: iteration 1 forward only
+  check_token_rates(config, records(tmp_path / "wd"), applied / result["peak_flops"])
+
+
+def test_continuing_a_finished_run_keeps_its_schedule(tmp_path, data_dir):
+  """decay_steps = 0 follows num_steps of the run's first start: continuing a finished
+  4-step run to 8, then 10 steps trains on at the final rate, with no jump at the resume
+  step; learning_rate (the rate of the row's last update) is in every row and TensorBoard."""
+  config = shrink(default.get_config("tied"), data_dir, steps=4)
+  t = config.train
+  t.decay_steps, t.learning_rate, t.warmup_steps, t.end_lr_factor = 0, 3e-3, 2, 0.1
+  for steps in (4, 8, 10):
+    t.num_steps = steps
+    train.train_and_evaluate(config, tmp_path / "wd")
+  rows = {r["step"]: r["learning_rate"] for r in records(tmp_path / "wd") if "train_loss" in r}
+  # optax: 0 -> 3e-3 linearly over 2 updates, then cosine to 3e-4 at update 4, then 3e-4.
+  by_hand = [0.0, 1.5e-3, 3e-3, 3e-4 + 2.7e-3 * 0.5] + [3e-4] * 6
+  np.testing.assert_allclose([rows[s] for s in range(1, 11)], by_hand, rtol=1e-6)
+  assert tensorboard_steps(tmp_path / "wd")["learning_rate"] == list(range(1, 11))
+
+
+def test_schedule_on_resume_is_the_recorded_one_unless_decay_steps_is_set():
+  """The README's case: a finished 400-step run (warmup 30, 3e-3 -> 3e-4) continued with
+  num_steps=800 stays at 3e-4; an explicit decay_steps=800 is followed and the note names
+  the jump; checkpoints without the record use their config; step 0 has no schedule yet."""
+  t = config_lib.train_config()
+  t.num_steps, t.warmup_steps, t.learning_rate, t.end_lr_factor = 800, 30, 3e-3, 0.1
+  old = {"config": {"train": {"decay_steps": 0, "num_steps": 400}}}
+  assert train.recorded_horizon(old, 400) == 400
+  assert train.recorded_horizon({**old, "schedule": {"decay_steps": 300}}, 600) == 300
+  assert train.recorded_horizon(old, 0) is None and train.recorded_horizon(None, 0) is None
+  assert train.schedule_horizon(t, 400) == 400 and train.schedule_horizon(t, None) == 800
+  rates = [float(train.make_schedule(t, train.schedule_horizon(t, 400))(c)) for c in (399, 400)]
+  np.testing.assert_allclose(rates, [3.0e-4, 3.0e-4], rtol=1e-3)
+  assert train.schedule_note(t, 400, 400) == (
+      "continuing on the schedule this run started with (warmup + cosine over 400 updates): "
+      "updates 401..800 run at its final rate 0.0003 (learning_rate x end_lr_factor); set "
+      "--config.train.decay_steps to stretch the cosine instead")
+  t.decay_steps = 800
+  assert train.schedule_horizon(t, 400) == 800
+  assert train.schedule_note(t, 400, 400) == (
+      "train.decay_steps=800 changes the schedule this run followed (decay_steps 400): the "
+      "learning rate at update 401 goes from 0.0003 to 0.00173")
+  assert train.schedule_note(t, None, 0) is None

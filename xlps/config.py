@@ -743,13 +743,14 @@ ON_MISMATCH = ("refuse", "restart")
 def train_config() -> ml_collections.ConfigDict:
   """Every training key with its default."""
   t = ml_collections.ConfigDict()
-  t.num_steps = 1000               # total optimizer steps (extend to continue a finished run)
+  t.num_steps = 1000               # total optimizer steps (extend to continue a finished run
+                                   # on its schedule: past its end at the final rate)
   t.batch_size = 32                # global batch size (examples)
   t.learning_rate = 1e-3           # peak learning rate
   t.warmup_steps = 100             # linear warmup steps
   t.end_lr_factor = 0.1            # cosine decays to learning_rate * end_lr_factor
-  t.decay_steps = 0                # length of warmup + cosine; 0 = num_steps (fix it to extend
-                                   # a run without changing the schedule of its first steps)
+  t.decay_steps = 0                # length of warmup + cosine; 0 = num_steps of the run's first
+                                   # start (a resumed run keeps the schedule it started with)
   t.weight_decay = 0.01            # AdamW decoupled weight decay (kernels and embeddings only)
   t.b1 = 0.9                       # Adam beta1
   t.b2 = 0.98                      # Adam beta2

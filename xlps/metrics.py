@@ -6,7 +6,7 @@ tokens: every position the model ran on, globally, padding included (encoder_dec
 plus target positions), not only the loss-weighted ones. ``useful_tokens_per_sec`` counts the
 non-pad ones (``xlps.families.useful_tokens``, summed on device by the train step) and
 ``padding_fraction`` is the share of processed tokens that were padding. MFU counts the
-FLOPs actually run, padding included.
+model FLOPs of a step (``xlps.models.train_flops_per_token``), padding included.
 ``MetricWriter`` appends each record to ``WORKDIR/metrics.jsonl`` (object stores: numbered
 parts of bounded size) and TensorBoard; ``read_records`` reads either form.
 """
@@ -100,7 +100,7 @@ def log_progress(step: int, num_steps: int, record: Mapping[str, float], steps_d
               f"{record['tokens_per_sec']:.0f} tok/s processed, "
               f"{record['useful_tokens_per_sec']:.0f} useful "
               f"({100 * record['padding_fraction']:.1f}% padding)",
-              f"MFU {100 * record['mfu']:.1f}%"]
+              f"MFU {100 * record['mfu']:.1f}%", f"lr {record['learning_rate']:.3g}"]
   eta = (num_steps - step) * seconds / max(steps_done, 1)
   parts.append("ETA " + time.strftime("%H:%M:%S", time.gmtime(eta)))
   parts += [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("eval") and

@@ -2,7 +2,8 @@
 
 Resuming is automatic: the same command on the same workdir continues from the last
 checkpoint (params, optimizer state, step, RNG key and data iterator state), and a larger
-``--config.train.num_steps`` trains on from there. Dropout keys are
+``--config.train.num_steps`` trains on from there on the learning-rate schedule the run
+started with (``schedule_horizon``). Dropout keys are
 ``fold_in(rng, step)``, so a resumed run draws exactly the masks of an uninterrupted one.
 SIGTERM saves a checkpoint at the current step and returns cleanly.
 """
@@ -72,15 +73,71 @@ def decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(t: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """AdamW with linear warmup + cosine decay and global-norm clipping."""
-  decay_steps = t.decay_steps or t.num_steps
-  schedule = optax.warmup_cosine_decay_schedule(
+def make_schedule(t: ml_collections.ConfigDict, decay_steps: int | None = None) -> optax.Schedule:
+  """Linear warmup from 0 to ``learning_rate``, then cosine to ``learning_rate x
+  end_lr_factor`` at update ``decay_steps`` (default ``t.decay_steps or t.num_steps``), and
+  that final rate after it."""
+  decay_steps = decay_steps or t.decay_steps or t.num_steps
+  return optax.warmup_cosine_decay_schedule(
       0.0, t.learning_rate, t.warmup_steps, max(decay_steps, t.warmup_steps + 1),
       t.learning_rate * t.end_lr_factor)
+
+
+def make_optimizer(t: ml_collections.ConfigDict,
+                   decay_steps: int | None = None) -> optax.GradientTransformation:
+  """AdamW on ``make_schedule(t, decay_steps)`` with global-norm clipping."""
   chain = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm > 0 else []
-  chain.append(optax.adamw(schedule, t.b1, t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+  chain.append(optax.adamw(make_schedule(t, decay_steps), t.b1, t.b2,
+                           weight_decay=t.weight_decay, mask=decay_mask))
   return optax.chain(*chain)
+
+
+def recorded_horizon(metadata: Mapping | None, step: int) -> int | None:
+  """The ``decay_steps`` that the run which saved checkpoint ``step`` followed
+  (``metadata["schedule"]``; older checkpoints: their config's ``decay_steps or
+  num_steps``); None for no checkpoint or a step-0 one (``launch.convert`` writes those),
+  which no schedule has run on."""
+  if metadata is None or step == 0:
+    return None
+  if "schedule" in metadata:
+    return int(metadata["schedule"]["decay_steps"])
+  saved = metadata["config"]["train"]
+  return int(saved.get("decay_steps") or saved["num_steps"])
+
+
+def schedule_horizon(t: ml_collections.ConfigDict, recorded: int | None) -> int:
+  """The ``decay_steps`` a run follows: ``train.decay_steps`` when set; else the one it
+  resumes on (``recorded``), so a larger ``num_steps`` continues a run at its final rate
+  instead of stretching its cosine (the rate would jump up at the resume step); else
+  ``num_steps``."""
+  return t.decay_steps or recorded or t.num_steps
+
+
+def schedule_note(t: ml_collections.ConfigDict, recorded: int | None, step: int) -> str | None:
+  """What resuming at ``step`` does to the learning rate, when it is not simply the same
+  schedule: kept past its end (``decay_steps=0`` with a larger ``num_steps``) or changed
+  by an explicit ``train.decay_steps`` (the rate of update ``step + 1`` before and after)."""
+  horizon = schedule_horizon(t, recorded)
+  if recorded is None or (horizon == recorded and t.num_steps <= horizon):
+    return None
+  if horizon == recorded:
+    final = t.learning_rate * t.end_lr_factor
+    return (f"continuing on the schedule this run started with (warmup + cosine over "
+            f"{horizon} updates): updates {max(horizon, step) + 1}..{t.num_steps} run at its "
+            f"final rate {final:.3g} (learning_rate x end_lr_factor); set "
+            f"--config.train.decay_steps to stretch the cosine instead")
+  before, after = (float(make_schedule(t, d)(step)) for d in (recorded, horizon))
+  return (f"train.decay_steps={horizon} changes the schedule this run followed "
+          f"(decay_steps {recorded}): the learning rate at update {step + 1} goes from "
+          f"{before:.3g} to {after:.3g}")
+
+
+def applied_updates(opt_state: Any) -> int:
+  """Updates the optimizer has applied (its schedule's count): ``step`` minus the steps
+  that ``train.nonfinite=skip`` dropped."""
+  return next(int(s.count) for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+              if isinstance(s, optax.ScaleByScheduleState))
 
 
 def loss_and_metrics(logits: jax.Array, targets: jax.Array,
@@ -250,16 +307,22 @@ def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: i
   model = models.build(spec)
   state, state_sharding = sharded_init(spec, optimizer, seed, mesh, rules)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
-  train_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
-                                       skip_nonfinite=skip_nonfinite),
-                     in_shardings=(state_sharding, batch_sharding),
-                     out_shardings=(state_sharding, None), donate_argnums=0)
+  train_fn = jit_train_step(model, optimizer, state_sharding, batch_sharding, skip_nonfinite)
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(state_sharding.params, batch_sharding))
   eval_depth_fn = jax.jit(functools.partial(eval_step, model=model),
                           in_shardings=(state_sharding.params, batch_sharding, None))
   return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn, eval_depth_fn, mesh,
                rules)
+
+
+def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state_sharding,
+                   batch_sharding, skip_nonfinite: bool = False):
+  """``train_step`` of ``model`` and ``optimizer``, jitted with shardings and donation."""
+  return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
+                                   skip_nonfinite=skip_nonfinite),
+                 in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, None), donate_argnums=0)
 
 
 # Workdir schemes served end to end: epath for our files, TensorStore for Orbax's arrays.
@@ -451,13 +514,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     train_iter.close()
     ckpt.close()
     raise
+  saved = None
   if resumed is not None:
-    start, state, data_state, _ = resumed
+    start, state, data_state, saved = resumed
     if data_state:  # an empty state (e.g. a converted checkpoint) starts the data afresh
       train_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   step = int(state.step)
-  metadata = checkpoint_metadata(config, spec, summary)
+  recorded = recorded_horizon(saved, step)
+  horizon = schedule_horizon(t, recorded)
+  if horizon != (t.decay_steps or t.num_steps):  # the schedule the run started with
+    setup.train_fn = jit_train_step(models.build(spec), make_optimizer(t, horizon),
+                                    setup.state_sharding, setup.batch_sharding,
+                                    t.nonfinite == "skip")
+  note = schedule_note(t, recorded, step)
+  if note and is_main:
+    logging.warning("%s", note)
+  schedule = make_schedule(t, horizon)
+  metadata = {**checkpoint_metadata(config, spec, summary), "schedule": {"decay_steps": horizon}}
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=step)
   flops, flops_source = metrics_lib.peak_flops(t.peak_flops_per_device)
   if is_main:
@@ -475,10 +549,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if is_main:
       logging.info("train step compiled in %.1f s", compile_time)
     # Tokens the model runs on per step, globally: every position of every row (source and
-    # target for encoder_decoder); FLOPs per step: summary's per (target) token count.
+    # target for encoder_decoder); FLOPs per step: the model FLOPs per (target) token
+    # (a looped model's expected depth, its no-grad iterations forward only).
     throughput = metrics_lib.Throughput(families.processed_tokens(spec.family, batch),
-                                        summary["flops_per_token"] * batch["targets"].size,
-                                        flops)
+                                        models.train_flops_per_token(summary)
+                                        * batch["targets"].size, flops)
     t_start = time.perf_counter()
     step_start, last_eval = step, {}
     while step < t.num_steps and not stop(step):
@@ -506,7 +581,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                sequences=config.data.name == "algorithmic",
                                iterations=config_lib.eval_iterations(t, spec))
         record.update(last_eval)
-      if record:
+      if record:  # the rate of the last update applied
+        record["learning_rate"] = float(schedule(max(applied_updates(state.opt_state) - 1, 0)))
         writer.write(step, record)
         history.append({"step": step, **record})
         if is_main:
