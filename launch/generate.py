@@ -179,7 +179,7 @@ def main(argv):
           f"K/V cache {cache['policy']} ({cache['entries']} entries, "
           f"{cache['bytes_per_token']:,} bytes/token)")
     if _EVAL_SPLIT.value:
-      pipeline = data.build(config)
+      pipeline = data.build(config, tokenizer=data.run_tokenizer(config, _WORKDIR.value))
       exact_accuracy(spec, params, pipeline, _EVAL_SPLIT.value, _NUM_EXAMPLES.value,
                      _BATCH_SIZE.value, _MAX_NEW.value, sampling)
     else:

@@ -75,9 +75,11 @@ class Tokenizer:
   files: dict[str, bytes] = {}
 
   def encode(self, text: str | bytes) -> np.ndarray:
+    """Token ids (int32) of ``text``, without specials."""
     raise NotImplementedError
 
   def decode(self, ids: Iterable[int]) -> bytes:
+    """UTF-8 (byte tokenizer: raw) bytes of ``ids`` without the specials."""
     raise NotImplementedError
 
   @property
@@ -96,6 +98,7 @@ class Tokenizer:
     return f"{self.name}:{digest.hexdigest()}"
 
   def ids(self) -> dict[str, int | None]:
+    """The vocabulary size and the special ids (what a model's embedding rows depend on)."""
     return {"vocab": self.vocab_size, "pad": self.pad_id, "bos": self.bos_id,
             "eos": self.eos_id, "mask": self.mask_id}
 
@@ -105,7 +108,7 @@ class Tokenizer:
     ids = ", ".join(f"{k} {v}" for k, v in self.ids().items() if k != "vocab" and v is not None)
     return f"{where}({self.name}, vocab {self.vocab_size}; {ids})"
 
-  def save(self, directory) -> None:
+  def save(self, directory: str | os.PathLike) -> None:
     """Writes ``files`` into ``directory`` (created; local or remote) for ``load``."""
     from etils import epath
     directory = epath.Path(directory)
