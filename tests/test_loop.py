@@ -302,3 +302,54 @@ def test_truncation_detaches_exactly_the_first_r_minus_k_iterations(inject):
       b = functools.reduce(lambda t, key: t[key.key], path, want)
       np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"r={r} {jax.tree_util.keystr(path)}")
     assert np.abs(np.asarray(got["embedder"]["embedding"])).sum() > 0
+
+
+KV_POLICIES = {"per_layer": {}, "recursive": {"policy": "recursive"},
+               "cla1": {"policy": "cross_layer", "group_size": 1},
+               "cla2": {"policy": "cross_layer", "group_size": 2},
+               "cla3": {"policy": "cross_layer", "group_size": 3},
+               "table": {"policy": "table", "table": "0 1 2 2 3 3 4 4 5"}}
+
+
+@pytest.mark.parametrize("prelude", [1, 2])
+@pytest.mark.parametrize("kv", sorted(KV_POLICIES))
+def test_loop_below_its_maximum_is_the_table_model_under_every_kv_policy(kv, prelude):
+  """A loop run for r = 2 of 3 iterations equals the plain 2-iteration table model with the
+  same K/V policy (masked iterations write nothing active layers read), or the K/V config
+  is refused before any tracing, naming the field and what is valid."""
+  layout = dict(LOOP, prelude=prelude)
+  n = prelude + 2 * 3 + 1
+  m = tiny("decoder_lm", n, kv_sharing=KV_POLICIES[kv])
+  m.loop.update(layout)
+  try:
+    spec = models.spec_of(m)
+  except config_lib.ConfigError as e:
+    assert "model.kv_sharing." in str(e) and "valid" in str(e), str(e)
+    assert kv in ("cla2", "cla3", "table"), f"{kv} refused: {e}"
+    return
+  slots = " ".join(map(str, list(range(prelude)) + [prelude, prelude + 1] * 2 + [prelude + 2]))
+  plain = models.spec_of(tiny("decoder_lm", prelude + 2 * 2 + 1, kv_sharing=KV_POLICIES[kv],
+                              sharing={"order": "table", "table": slots, "num_unique": 0}))
+  params = nn.unbox(models.init_params(spec))
+  params = jax.tree.map(lambda p: p * 4.0, params)  # logits far from uniform
+  batch = models.example_batch(spec, 2, 8)
+  got = models.build(spec).apply({"params": params}, batch, iterations=2)
+  np.testing.assert_allclose(got, models.build(plain).apply({"params": params}, batch),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["per_layer", "recursive", "cla2"])
+def test_random_initial_state_decodes_equal_to_recomputation(kv):
+  """``init_state=random`` in deterministic passes depends on each token's position only:
+  cached decoding of left-padded prompts (other rows, chunk lengths and offsets) gives the
+  logits of one full forward pass per row, under every K/V policy a loop allows."""
+  from tests.test_generate import NEW, PROMPTS, lm_reference, params_of
+  from xlps import generate
+  m = tiny("decoder_lm", 9, max_len=16, kv_sharing=KV_POLICIES[kv])
+  m.loop.update(**LOOP, init_state="random", inject="add")
+  spec = models.spec_of(m)
+  params = params_of(spec)
+  out = generate.LMGenerator(spec, NEW, generate.Sampling(temperature=1.0, seed=1), eos_id=-1,
+                             return_logits=True)(params, PROMPTS)
+  want = lm_reference(spec, params, PROMPTS, out.tokens)
+  np.testing.assert_allclose(out.logits, want, atol=1e-5, rtol=1e-5)

@@ -458,6 +458,7 @@ class LoopSpec:
       raise ConfigError(f"{field}.core={lp['core']} defines the sharing table (prelude and coda "
                         "slots used once, core slots cycled); leave model.sharing at its "
                         "defaults")
+    check_loop_kv(m["kv_sharing"], lp, field)
     most = body // lp["core"]
     for key in ("mean_iterations", "eval_iterations", "backprop_iterations"):
       if lp[key] > most:
@@ -468,6 +469,28 @@ class LoopSpec:
     return cls(lp["prelude"], lp["core"], lp["coda"], most, lp["inject"], lp["init_state"],
                lp["train_iterations"], mean, lp["backprop_iterations"],
                lp["eval_iterations"] or mean, float(lp["exit_threshold"]))
+
+
+def check_loop_kv(kv: Mapping, lp: Mapping, field: str) -> None:
+  """K/V sharing a looped stack can run at every depth: an active layer must never read an
+  entry that a layer past the sampled depth writes. Per-layer and recursive K/V qualify;
+  cross_layer when its groups stay inside the prelude and inside one core iteration (then
+  a loop run for r iterations is the r-iteration model with the same policy); a fixed
+  table does not (it names entries for one depth)."""
+  policy, size = kv["policy"], kv["group_size"]
+  prelude, core = lp["prelude"], lp["core"]
+  if policy == "table":
+    raise ConfigError(f"model.kv_sharing.policy='table' with {field}.core={core}: a table names "
+                      "K/V entries for one fixed depth, but a looped stack runs a varying "
+                      "number of core iterations; valid with a loop: per_layer, recursive, or "
+                      "cross_layer with a group_size dividing prelude and core")
+  if policy == "cross_layer" and isinstance(size, int) and size >= 1 and (
+      prelude % size or core % size):
+    valid = [g for g in range(1, core + 1) if core % g == 0 and prelude % g == 0]
+    raise ConfigError(f"model.kv_sharing.group_size={size} with {field}.prelude={prelude} and "
+                      f"{field}.core={core}: a K/V group would span a core iteration's edge, so "
+                      "layers past the sampled depth would write entries that active layers "
+                      f"read; valid group_size: {', '.join(map(str, valid))} (dividing both)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -438,15 +438,15 @@ class Stack(nn.Module):
       buffer = jnp.zeros(shape, s.dtype)
       kv = {"k": buffer, "v": buffer, "index": jnp.int32(0)}
 
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     act = None
     if s.act is not None:
       act = act_start(x)
-      if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
 
     loop = None
     if s.loop is not None:
-      loop = self._loop_state(x, deterministic, iterations, valid)
+      loop = self._loop_state(x, deterministic, iterations, valid, positions)
 
     def layer(blk: Block, carry: tuple, step: Mapping[str, Array]) -> tuple[tuple, None]:
       return blk(carry[0], step, mask, encoded, cross_mask, dropout_key, *carry[1:],
@@ -487,9 +487,14 @@ class Stack(nn.Module):
     return x if cache is None else (x, kv)
 
   def _loop_state(self, x: Array, deterministic: bool, iterations: Array | int | None,
-                  valid: Array | None) -> dict[str, Array]:
+                  valid: Array | None, positions: Array) -> dict[str, Array]:
     """Core iterations to run (given, sampled in training, else ``eval_iterations``), the
-    initial core state, a slot for the prelude output and, with routing, ``route``'s state."""
+    initial core state, a slot for the prelude output and, with routing, ``route``'s state.
+
+    ``init_state=random`` draws N(0, init_std) per position: in training from the step's
+    dropout key; in deterministic passes from a key folded with each token's absolute
+    position only (``positions``), so a token starts from the same state whatever its
+    batch row, chunk or chunk length, and cached decoding equals recomputation."""
     lp = self.spec.loop
     key = None if deterministic else self.make_rng("dropout")
     if iterations is None:
@@ -501,8 +506,13 @@ class Stack(nn.Module):
     if lp.init_state == "zeros":
       init = jnp.zeros_like(x)
     elif lp.init_state == "random":
-      init_key = jax.random.PRNGKey(0) if key is None else jax.random.fold_in(key, 2)
-      init = (jax.random.normal(init_key, x.shape) * self.spec.init_std).astype(x.dtype)
+      if key is None:
+        draw = lambda p: jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(0), p),  # noqa: E731
+                                           x.shape[-1:])
+        init = jax.vmap(draw)(positions.reshape(-1)).reshape(x.shape)
+      else:
+        init = jax.random.normal(jax.random.fold_in(key, 2), x.shape)
+      init = (init * self.spec.init_std).astype(x.dtype)
     state = {"e": jnp.zeros_like(x), "init": init, "iterations": iterations}
     zeros = jnp.zeros(x.shape[:-1], jnp.float32)
     if lp.exit_threshold and deterministic:
