@@ -117,3 +117,10 @@ def test_converted_workdir_trains_with_the_printed_command(tmp_path, data_dir):
     assert ckpt.all_steps() == [0, 2]
   finally:
     ckpt.close()
+
+  # Back to HF: the run's tokenizer (kept in the workdir) and its ids go with the weights.
+  out = run_module("launch.convert", f"--workdir={workdir}", f"--hf_out={tmp_path / 'out'}")
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert (tmp_path / "out" / "spiece.model").read_bytes() == spiece
+  hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert [hf_config[f"{k}_token_id"] for k in ("pad", "bos", "eos")] == [0, 2, 3]
