@@ -56,4 +56,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg.runlocal:
     m.d_model, m.num_heads, m.d_ff = 64, 2, 128
     t.num_steps, t.log_every_steps, t.eval_every_steps, t.checkpoint_every_steps = 20, 5, 10, 10
+    t.warmup_steps = 5                 # the peak rate within the 20 steps (check_train)
   return config

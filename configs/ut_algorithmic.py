@@ -58,6 +58,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.d_model, m.num_heads, m.d_ff, m.num_layers = 64, 2, 128, 2
     m.sharing = config_lib.sharing_config(num_unique=2 if arg.unshared else 1,
                                           order="sequence")
-    t.num_steps, t.batch_size, t.log_every_steps = 50, 16, 10
+    t.num_steps, t.batch_size, t.log_every_steps, t.warmup_steps = 50, 16, 10, 10
     t.eval_every_steps = t.checkpoint_every_steps = 50
   return config

@@ -210,7 +210,8 @@ def disk_full(ctx: Ctx) -> Cli:
   flags = ["--config.data.name=text_files", f"--config.data.glob={root}/*.txt",
            "--config.data.seq_len=32", "--config.model.max_len=32", "--config.train.batch_size=8",
            "--config.data.eval_batches=1", "--config.train.log_every_steps=1",
-           "--config.train.checkpoint_every_steps=1", "--config.train.async_checkpoints=false"]
+           "--config.train.checkpoint_every_steps=1", "--config.train.async_checkpoints=false",
+           "--config.train.warmup_steps=0"]
   first = run_command(launch_train(wd, *flags, "--config.train.num_steps=1"), timeout=300)
   assert first.returncode == 0, first.stderr[-3000:]
   command = shlex.join(launch_train(wd, *flags, "--config.train.num_steps=2"))
@@ -275,6 +276,10 @@ ROWS = [
     ("seed_negative", validated(("seed", -1)), r"^seed=-1 must be an integer >= 0"),
     ("seq_len_too_small", validated(("data.seq_len", 1)),
      r"^data\.seq_len=1 must be an integer >= 2"),
+    ("warmup_not_before_the_end", validated(("train.num_steps", 20), ("train.warmup_steps", 30)),
+     r"^train\.warmup_steps=30 >= train\.num_steps=20: the run ends inside its warmup and the "
+     r"learning rate never reaches learning_rate=0\.001; valid: warmup_steps < num_steps, or "
+     r"ask for it explicitly by setting train\.decay_steps"),
     # -- config: cross-field constraints
     ("seq_len_exceeds_max_len", validated(("data.seq_len", 1024)),
      r"^data\.seq_len=1024 exceeds model\.max_len=512: .*set model\.max_len >= 1024 or "
@@ -446,7 +451,7 @@ NEW = {
     "mesh_rules_not_pairs", "mesh_rules_a_string", "data_dir_is_a_file",
     "text_files_unreadable_file", "tfds_corrupted_file", "workdir_empty", "disk_full_mid_run",
     "cli_config_file_missing", "cli_config_file_raises", "cli_config_arg_unknown",
-    "cli_override_key_typo", "cli_override_not_an_int",
+    "cli_override_key_typo", "cli_override_not_an_int", "warmup_not_before_the_end",
 }
 # Rows that were a ConfigError already and now also say what is valid (a did-you-mean, the
 # kind of value, or why the path cannot be used).

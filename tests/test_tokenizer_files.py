@@ -224,7 +224,7 @@ def test_generate_uses_the_runs_kept_tokenizer(tmp_path, data_dir):
   config.model = tiny(max_len=32, vocab_size=300, num_layers=2)
   text_data(config, tmp_path, data_dir)
   config.data.update(tokenizer="file", tokenizer_path=str(tmp_path / "spiece.model"))
-  config.train.num_steps = 1
+  config.train.num_steps, config.train.warmup_steps = 1, 0
   train.train_and_evaluate(config, tmp_path / "wd")
   os.remove(tmp_path / "spiece.model")
   kept = data.run_tokenizer(config, tmp_path / "wd")

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -397,3 +398,65 @@ def test_schedule_on_resume_is_the_recorded_one_unless_decay_steps_is_set():
       "train.decay_steps=800 changes the schedule this run followed (decay_steps 400): the "
       "learning rate at update 401 goes from 0.0003 to 0.00173")
   assert train.schedule_note(t, None, 0) is None
+
+
+def test_shipped_variants_reach_their_peak_rate():
+  """Every shipped config variant (runlocal included) ends its warmup before its last step
+  (issue 23 item 5: runlocal had warmup 30 of 20 steps); an explicit decay_steps may stop a
+  run inside its warmup."""
+  from configs import recursive, ut_algorithmic
+  variants = {default: ("tied", "unshared", "cycle", "sequence", "cycle_rev"),
+              albert: ("base", "bert_base"), transformer: ("vanilla", "tied", "cycle_rev"),
+              ut_algorithmic: ("copy", "reverse", "addition"),
+              recursive: ("middle_cycle", "relaxed", "mor_expert", "mor_token")}
+  for module, names in variants.items():
+    for arg in (a for name in names for a in (name, f"{name},runlocal")):
+      t = module.get_config(arg).train
+      config_lib.check_train(t)
+      assert t.warmup_steps < (t.decay_steps or t.num_steps), (module.__name__, arg)
+  t = config_lib.train_config()
+  t.num_steps, t.warmup_steps = 10, 30
+  with pytest.raises(config_lib.ConfigError, match=r"^train\.warmup_steps=30 >= "
+                     r"train\.num_steps=10: the run ends inside its warmup"):
+    config_lib.check_train(t)
+  t.decay_steps = 400  # explicitly the first 10 updates of a 400-update schedule
+  config_lib.check_train(t)
+
+
+def test_rerun_with_fewer_steps_says_the_checkpoint_is_past_them(tmp_path, data_dir):
+  """A finished 4-step run re-run with num_steps=2 is a one-line error naming the step it
+  is at (it exited 0 silently); with num_steps=4 it trains nothing and says it is done."""
+  config = shrink(default.get_config("tied"), data_dir, steps=4)
+  train.train_and_evaluate(config, tmp_path / "wd")
+  config.train.num_steps = 2
+  with pytest.raises(config_lib.ConfigError, match=r"^train\.num_steps=2, but the latest "
+                     r"checkpoint in .*checkpoints is at step 4 already: nothing to train; "
+                     r"valid: num_steps > 4 to continue this run"):
+    train.train_and_evaluate(config, tmp_path / "wd")
+  config.train.num_steps = 4
+  again = train.train_and_evaluate(config, tmp_path / "wd")
+  assert again["step"] == 4 and again["history"] == [] and again["compile_time"] == 0.0
+
+
+# The keys of a metrics row that do not depend on wall-clock time.
+DETERMINISTIC = ("train_loss", "train_accuracy", "grad_norm", "learning_rate",
+                 "padding_fraction", "eval_loss", "eval_accuracy", "eval_perplexity")
+
+
+def test_resume_inside_a_logging_window_logs_the_uninterrupted_rows(tmp_path, data_dir):
+  """Killed after the step-4 checkpoint (log every 3): the resumed run's step-6 row averages
+  steps 4..6 as the uninterrupted run's does, not only 5..6 (issue 23 item 6)."""
+  config = shrink(default.get_config("tied"), data_dir, steps=6)
+  config.model.dropout_rate = 0.1
+  t = config.train
+  t.log_every_steps, t.checkpoint_every_steps, t.keep_checkpoints = 3, 2, 5
+  train.train_and_evaluate(config, tmp_path / "full")
+  shutil.copytree(tmp_path / "full", tmp_path / "killed")
+  shutil.rmtree(tmp_path / "killed" / "checkpoints" / "6")  # killed before step 6 committed
+  resumed = train.train_and_evaluate(config, tmp_path / "killed")
+  assert resumed["history"][0]["step"] == 6
+
+  def rows(workdir):
+    return [{k: r[k] for k in ("step", *DETERMINISTIC) if k in r} for r in records(workdir)]
+  assert rows(tmp_path / "killed") == rows(tmp_path / "full")  # bitwise
+  assert [r["step"] for r in records(tmp_path / "full")] == [3, 6]

@@ -839,6 +839,13 @@ def check_train(t: ml_collections.ConfigDict) -> None:
   check_number("train.peak_flops_per_device", t.peak_flops_per_device, 0)
   for key in ("b1", "b2"):
     check_number(f"train.{key}", t[key], 0, 1, open_hi=True)
+  if not t.decay_steps and t.warmup_steps >= t.num_steps:
+    raise ConfigError(
+        f"train.warmup_steps={t.warmup_steps} >= train.num_steps={t.num_steps}: the run ends "
+        f"inside its warmup and the learning rate never reaches learning_rate="
+        f"{t.learning_rate}; valid: warmup_steps < num_steps, or ask for it explicitly by "
+        "setting train.decay_steps (the schedule's length: the run stops after num_steps of "
+        "its updates)")
 
 
 # ----------------------------------------------------------------------------- mesh

@@ -66,6 +66,13 @@ class Throughput:
   def __init__(self, tokens_per_step: int, flops_per_step: float, peak: float):
     self.tokens_per_step, self.flops_per_step, self.peak = tokens_per_step, flops_per_step, peak
     self._steps, self._paused, self._start = 0, 0.0, time.perf_counter()
+    self._carried = (0, 0.0)
+
+  def carry(self, steps: int, useful_tokens: float) -> None:
+    """A resumed run's window began before the resume: its first ``steps`` steps (with
+    ``useful_tokens``, included in the next ``report``'s count) were timed by the run that
+    saved the checkpoint, so they count in ``padding_fraction`` but not in the rates."""
+    self._carried = (steps, useful_tokens)
 
   def step(self) -> None:
     self._steps += 1
@@ -84,10 +91,13 @@ class Throughput:
     seconds = time.perf_counter() - self._start - self._paused
     steps_per_sec = self._steps / seconds
     processed = self._steps * self.tokens_per_step
+    carried_steps, carried_useful = self._carried
+    window_tokens = (self._steps + carried_steps) * self.tokens_per_step
     self._steps, self._paused, self._start = 0, 0.0, time.perf_counter()
+    self._carried = (0, 0.0)
     return {"steps_per_sec": steps_per_sec, "tokens_per_sec": processed / seconds,
-            "useful_tokens_per_sec": useful_tokens / seconds,
-            "padding_fraction": 1.0 - useful_tokens / processed,
+            "useful_tokens_per_sec": (useful_tokens - carried_useful) / seconds,
+            "padding_fraction": 1.0 - useful_tokens / window_tokens,
             "mfu": steps_per_sec * self.flops_per_step / self.peak}
 
 

@@ -4,7 +4,9 @@ Resuming is automatic: the same command on the same workdir continues from the l
 checkpoint (params, optimizer state, step, RNG key and data iterator state), and a larger
 ``--config.train.num_steps`` trains on from there on the learning-rate schedule the run
 started with (``schedule_horizon``). Dropout keys are
-``fold_in(rng, step)``, so a resumed run draws exactly the masks of an uninterrupted one.
+``fold_in(rng, step)``, so a resumed run draws exactly the masks of an uninterrupted one, and
+a checkpoint keeps the metric sums of its unfinished logging window (``window_metadata``), so
+a resumed run logs exactly the rows of an uninterrupted one.
 SIGTERM saves a checkpoint at the current step and returns cleanly.
 """
 
@@ -451,6 +453,29 @@ def _diverged(what: str, step: int, ckpt: checkpoint_lib.Checkpointer) -> NonFin
       "--config.train.nonfinite=skip to drop non-finite updates")
 
 
+WINDOW_KEY = "metrics_window"  # checkpoint metadata: the logging window's steps since its row
+
+
+def window_metadata(sums: Mapping[str, Any] | None, window: int) -> dict:
+  """The metric sums of the ``window`` steps trained since the last logged row, for the
+  checkpoint's metadata: a run resumed from it logs the rows an uninterrupted run logs
+  (float32 sums are exact in JSON)."""
+  if not window:
+    return {}
+  return {WINDOW_KEY: {"steps": window,
+                       "sums": {k: float(v) for k, v in jax.device_get(sums).items()}}}
+
+
+def restored_window(metadata: Mapping | None) -> tuple[dict[str, jax.Array] | None, int]:
+  """``(sums, steps)`` of the logging window a checkpoint was saved in (``window_metadata``);
+  ``(None, 0)`` at a window boundary or for checkpoints written before it was stored."""
+  saved = (metadata or {}).get(WINDOW_KEY)
+  if not saved:
+    return None, 0
+  return ({k: jnp.asarray(v, jnp.float32) for k, v in saved["sums"].items()},
+          int(saved["steps"]))
+
+
 def checkpoint_metadata(config, spec: ModelSpec, summary: dict) -> dict:
   """JSON stored with every checkpoint: the config, the slot tables, package versions."""
   return {"config": json.loads(config.to_json_best_effort()), "sharing": summary["slots"],
@@ -521,6 +546,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       train_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
   step = int(state.step)
+  if step > t.num_steps:
+    train_iter.close()
+    ckpt.close()
+    raise ConfigError(f"train.num_steps={t.num_steps}, but the latest checkpoint in "
+                      f"{os.fspath(ckpt.directory)} is at step {step} already: nothing to "
+                      f"train; valid: num_steps > {step} to continue this run, or another "
+                      "--workdir for a shorter one")
+  if step == t.num_steps and is_main:
+    logging.warning("the latest checkpoint in %s is at step %d = train.num_steps: this run is "
+                    "finished, nothing to train; raise --config.train.num_steps to continue it",
+                    os.fspath(ckpt.directory), step)
   recorded = recorded_horizon(saved, step)
   horizon = schedule_horizon(t, recorded)
   if horizon != (t.decay_steps or t.num_steps):  # the schedule the run started with
@@ -541,19 +577,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   stop = distributed.StopOnSigterm(step)  # SIGTERM: every process stops at the same step
   history: list[dict] = []
-  sums, window = None, 0
+  sums, window = restored_window(saved)  # resumed inside a logging window: its sums so far
   try:
     unconsumed_data_state = train_iter.get_state()  # valid while `batch` is not yet trained on
     batch = setup.global_batch(next(train_iter))
-    compile_time = setup.compile_train(state, batch)
-    if is_main:
-      logging.info("train step compiled in %.1f s", compile_time)
+    compile_time = 0.0
+    if step < t.num_steps:  # a finished run compiles nothing
+      compile_time = setup.compile_train(state, batch)
+      if is_main:
+        logging.info("train step compiled in %.1f s", compile_time)
     # Tokens the model runs on per step, globally: every position of every row (source and
     # target for encoder_decoder); FLOPs per step: the model FLOPs per (target) token
     # (a looped model's expected depth, its no-grad iterations forward only).
     throughput = metrics_lib.Throughput(families.processed_tokens(spec.family, batch),
                                         models.train_flops_per_token(summary)
                                         * batch["targets"].size, flops)
+    if window:
+      throughput.carry(window, float(sums["useful_tokens"]))
     t_start = time.perf_counter()
     step_start, last_eval = step, {}
     while step < t.num_steps and not stop(step):
@@ -590,11 +630,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                    time.perf_counter() - t_start)
       if due(step, t.checkpoint_every_steps, t.num_steps):
         with throughput.paused():
-          _save_finite(ckpt, step, state, train_iter.get_state(), metadata)
+          _save_finite(ckpt, step, state, train_iter.get_state(),
+                       {**metadata, **window_metadata(sums, window)})
     if stop.stopped and ckpt.latest_step() != step:
       logging.warning("SIGTERM at step %d: saving a final checkpoint", step)
       data_state = train_iter.get_state() if batch is None else unconsumed_data_state
-      _save_finite(ckpt, step, state, data_state, metadata)
+      _save_finite(ckpt, step, state, data_state, {**metadata, **window_metadata(sums, window)})
   finally:
     stop.close()
     train_iter.close()
