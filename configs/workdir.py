@@ -30,7 +30,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def saved_config(workdir: epath.Path) -> dict:
-  """``WORKDIR/config.json``, else the config in the latest checkpoint's metadata.
+  """``WORKDIR/config.json``, else the config in the metadata of the newest checkpoint that
+  verifies (``Checkpointer.newest_metadata``).
 
   ``workdir`` may be remote (``gs://...``), as for ``launch.train``.
   """
@@ -45,9 +46,9 @@ def saved_config(workdir: epath.Path) -> dict:
     from xlps import checkpoint as checkpoint_lib  # Orbax, only when there is no config.json
     ckpt = checkpoint_lib.Checkpointer(checkpoints, async_save=False)
     try:
-      step = ckpt.latest_step()
-      if step is not None:
-        return ckpt.metadata(step)["config"]
+      newest = ckpt.newest_metadata()  # a damaged newer step is reported and skipped
+      if newest is not None:
+        return newest[1]["config"]
     finally:
       ckpt.close()
   raise ConfigError(f"workdir {str(workdir)!r} has neither config.json nor a checkpoint in "

@@ -3,6 +3,7 @@ aside on request), retention keeps the newest plus multiples of a period and del
 after the newer checkpoint has committed."""
 
 import asyncio
+import json
 import logging
 import shutil
 import threading
@@ -291,3 +292,86 @@ def test_another_model_is_refused_then_restarted_on_request(tmp_path, data_dir, 
   result = train.train_and_evaluate(other, tmp_path)
   assert [r["step"] for r in result["history"]] == [3, 4]
   assert len(list(tmp_path.glob("checkpoints.mismatch-*"))) == 1
+
+
+# ------------------------------------------------------- corruption that Orbax accepts
+
+def corrupt_array(step_dir, how):
+  """Overwrites 4 KiB (``overwrite``, random bytes) or zeroes 8 KiB (``zero``) in the middle
+  of the state's largest array file, as far as the file is long; the size is unchanged, so
+  the database's byte ranges all still exist."""
+  path = array_file(step_dir)
+  data = bytearray(path.read_bytes())
+  size = min(4096 if how == "overwrite" else 8192, len(data) // 2)
+  lo = len(data) // 2 - size // 2
+  data[lo:lo + size] = (np.random.default_rng(0).bytes(size) if how == "overwrite"
+                        else bytes(size))
+  path.write_bytes(bytes(data))
+  return path
+
+
+@pytest.mark.parametrize("how", ["overwrite", "zero"])
+def test_corrupt_array_bytes_fail_their_checksum_and_fall_back(how, tmp_path, caplog):
+  save_steps(tmp_path, [2, 4])
+  bad = corrupt_array(tmp_path / "4", how)
+  with caplog.at_level(logging.WARNING):
+    (step, state, data_state, _), steps = resume(tmp_path)
+  assert step == 2 and data_state == {"next": 2} and steps == [2]
+  np.testing.assert_array_equal(state["w"], np.arange(2000.0) + 2)
+  text = warnings_of(caplog)
+  assert "Checkpoint step 4" in text and f"{bad} does not match its checksum" in text, text
+  assert len(list(tmp_path.glob("4.damaged-*"))) == 1
+
+
+def test_restored_nan_falls_back_without_checksums(tmp_path, caplog):
+  """A checkpoint with no checksum file (written before they existed) whose arrays restore
+  with NaN: the finiteness check names the step and the array, and the previous step is
+  used (training never saves non-finite values)."""
+  save_steps(tmp_path, [2])
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(4, {"w": jnp.full(2000, jnp.nan), "b": {"c": jnp.ones((8, 8))}}, {}, {})
+  ckpt.close()
+  (tmp_path / "4" / checkpoint_lib.CHECKSUMS).unlink(missing_ok=True)
+  with caplog.at_level(logging.WARNING):
+    (step, _, _, _), steps = resume(tmp_path)
+  assert step == 2 and steps == [2]
+  text = warnings_of(caplog)
+  assert "Checkpoint step 4" in text and "restored with NaN/Inf in w" in text, text
+
+
+def test_checksums_are_written_with_each_step(tmp_path):
+  save_steps(tmp_path, [2])
+  ckpt = checkpoint_lib.Checkpointer(tmp_path, async_save=True)
+  ckpt.save(4, state_at(4), {}, {})
+  ckpt.close()
+  for step in (2, 4):
+    written = json.loads((tmp_path / str(step) / checkpoint_lib.CHECKSUMS).read_text())
+    assert array_file(tmp_path / str(step)).relative_to(tmp_path / str(step)).as_posix() in \
+        written["files"]
+    assert checkpoint_lib.Checkpointer(tmp_path).verify(step) == []
+
+
+def test_every_reader_falls_back_past_a_corrupt_step(tmp_path, data_dir, caplog):
+  """launch.generate (prompts and --eval_split) and the conversion tools read through
+  interop.read_checkpoint, launch.summary and configs/workdir.py through the stored config:
+  a damaged latest step is reported and the previous one used, and a read-only tool moves
+  nothing; training then resumes from the previous step and moves the damaged one aside."""
+  config = small(data_dir, 4)
+  train.train_and_evaluate(config, tmp_path)
+  bad = corrupt_array(tmp_path / "checkpoints" / "4", "zero")
+  with caplog.at_level(logging.WARNING):
+    _, params, step = interop.read_checkpoint(tmp_path)
+  assert step == 2
+  text = warnings_of(caplog)
+  assert "Checkpoint step 4" in text and f"{bad} does not match its checksum" in text, text
+  assert "using step 2" in text, text
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+  with pytest.raises(checkpoint_lib.CheckpointError, match="step 4: .* does not match"):
+    interop.read_checkpoint(tmp_path, step=4)
+  (tmp_path / "checkpoints" / "4" / "metadata" / "metadata").write_text("{")
+  from configs import workdir as workdir_config
+  with caplog.at_level(logging.WARNING):
+    assert workdir_config.get_config(str(tmp_path)).train.num_steps == 4  # step 2's config
+  result = train.train_and_evaluate(config, tmp_path)  # training moves step 4 aside
+  assert [r["step"] for r in result["history"]] == [3, 4]
+  assert len(list((tmp_path / "checkpoints").glob("4.damaged-*"))) == 1

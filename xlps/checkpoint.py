@@ -12,15 +12,24 @@ Orbax writes each step into a temporary directory and renames it when complete, 
 crash or SIGKILL during a save leaves the previous checkpoint intact; unfinished
 directories are ignored when listing steps.
 
+Every save also writes ``<step>/xlps_checksums.json``: the size and SHA-256 of each file of
+the three items, computed by process 0 after Orbax has written them and before it commits
+the step (Orbax's post-finalization callback), so the checksums commit with the step.
+
 Resuming (``Checkpointer.restore_latest``) checks a checkpoint before using it: every JSON
-file must parse and every byte range the array database (OCDBT) points at must exist. A
-damaged checkpoint is reported (step and file), moved aside to ``<step>.damaged-<UTC time>``
-(not a step name: Orbax no longer lists it, and a new save of that step does not collide
-with it) and the previous one is used; if none can be restored, ``CheckpointError`` lists
-what is wrong with each and nothing is moved. Checkpoints of another model than the config
-describes (``RESUMABLE_MODEL_KEYS`` aside) are refused before anything is restored
-(``ModelMismatchError``), or with ``on_mismatch='restart'`` the whole directory is moved
-aside to ``checkpoints.mismatch-<UTC time>`` and the run starts at step 0.
+file must parse, every byte range the array database (OCDBT) points at must exist, every
+file must match its checksum (checkpoints written before checksums existed skip this), and
+the restored state must be finite (training never saves NaN/Inf, so a non-finite value is
+corruption that even the checksums of an older checkpoint could not catch). A damaged
+checkpoint is reported (step and file), moved aside to ``<step>.damaged-<UTC time>`` (not a
+step name: Orbax no longer lists it, and a new save of that step does not collide with it)
+and the previous one is used; if none can be restored, ``CheckpointError`` lists what is
+wrong with each and nothing is moved. Read-only tools (``launch.generate``, conversion,
+``configs/workdir.py``) fall back the same way but leave the damaged step in place.
+Checkpoints of another model than the config describes (``RESUMABLE_MODEL_KEYS`` aside) are
+refused before anything is restored (``ModelMismatchError``), or with
+``on_mismatch='restart'`` the whole directory is moved aside to
+``checkpoints.mismatch-<UTC time>`` and the run starts at step 0.
 
 Retention: the ``max_to_keep`` newest checkpoints plus every step that is a multiple of
 ``keep_every_steps`` (Orbax preservation policies). Orbax deletes older steps only after
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -64,6 +74,9 @@ RESUMABLE_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "attention_imp
 DAMAGED_INFIX = ".damaged-"
 MISMATCH_INFIX = ".mismatch-"
 TMP_MARK = ".orbax-checkpoint-tmp"  # a save that never committed (Orbax ignores it)
+CHECKSUMS = "xlps_checksums.json"  # in each step directory: {"files": {path: {size, sha256}}}
+# Orbax bookkeeping that it may rewrite after a step is written: not checksummed.
+UNCHECKED = ("_CHECKPOINT_METADATA", "commit_success.txt")
 
 
 class CheckpointError(ConfigError):
@@ -107,8 +120,14 @@ class Checkpointer:
       retention = {"preservation_policy": keep}
     else:  # orbax-checkpoint before preservation policies: the same two rules
       retention = {"max_to_keep": max_to_keep, "keep_period": keep_every_steps or None}
+    # Always Orbax's async checkpointer: its post-finalization callback writes the checksums
+    # into the step before the commit; ``async_save=False`` waits for each save instead.
+    self._async = async_save
+    self._saving: int | None = None  # the step whose save is in flight
     self._options = ocp.CheckpointManagerOptions(
-        enable_async_checkpointing=async_save, create=True, **retention)
+        enable_async_checkpointing=True, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums),
+        **retention)
     self._manager = self._make_manager()
 
   def _make_manager(self) -> ocp.CheckpointManager:
@@ -126,10 +145,30 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Any, metadata: dict) -> None:
     """Starts a (possibly async) save of ``step``; the caller decides when to save."""
+    self._manager.wait_until_finished()  # one save in flight: ``_saving`` names it
+    self._saving = step
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state),
         metadata=ocp.args.JsonSave(metadata)), force=True)
+    if not self._async:
+      self._manager.wait_until_finished()
+
+  def _write_checksums(self) -> None:
+    """Orbax's post-finalization callback: the items of step ``_saving`` are written and
+    not yet committed (renamed from ``<step>.orbax-checkpoint-tmp-*``; on object stores,
+    where Orbax writes in place and commits with a marker file, the step's own directory)."""
+    if jax.process_index() != 0:
+      return
+    step = self._saving
+    pending = sorted(p for p in self.directory.iterdir()
+                     if p.name.startswith(f"{step}{TMP_MARK}"))
+    root = pending[-1] if pending else self.step_path(step)
+    files = {name: {"size": size, "sha256": digest}
+             for name, (size, digest) in _file_digests(root).items()}
+    tmp = root / f"{CHECKSUMS}.tmp"
+    tmp.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1))
+    tmp.rename(root / CHECKSUMS)
 
   def restore(self, step: int, abstract_state: Any = None) -> tuple[Any, Any, dict]:
     """Restores step ``step`` onto the shardings carried by ``abstract_state``.
@@ -161,9 +200,10 @@ class Checkpointer:
     """What is wrong with the files of checkpoint ``step``; empty when nothing is found.
 
     Every JSON file must parse, and every byte range the state's array database (OCDBT)
-    points at must exist: its b-tree nodes are walked (``tensorstore.ocdbt.dump``), array
-    data is never read. A file that is present but corrupt inside may still pass; restoring
-    then fails, which ``restore_latest`` handles the same way.
+    points at must exist: its b-tree nodes are walked (``tensorstore.ocdbt.dump``). Process
+    0 then reads every file the step's checksum file lists and compares its size and SHA-256
+    (a step without one, written before checksums existed, skips this; its restored state
+    is still checked for NaN/Inf by the callers that restore).
     """
     root, problems = self.step_path(step), []
 
@@ -193,16 +233,23 @@ class Checkpointer:
           json_file(path)
       if not isinstance(tree, dict) or tree.get("use_ocdbt", True):
         problems += _ocdbt_problems(state)
+    if jax.process_index() == 0 and (root / CHECKSUMS).exists():
+      written = json_file(root / CHECKSUMS)
+      if isinstance(written, dict):
+        problems += _checksum_problems(root, written.get("files", {}))
     return problems
 
   def restore_latest(self, abstract_state: Any, *, model: Any = None,
-                     on_mismatch: str = "refuse") -> tuple[int, Any, Any, dict] | None:
+                     on_mismatch: str = "refuse",
+                     move_aside: bool = True) -> tuple[int, Any, Any, dict] | None:
     """The newest intact checkpoint as ``(step, state, data_state, metadata)``, or None.
 
-    Newest first, each checkpoint is verified (``verify``) and restored; a damaged one is
-    skipped with a warning naming its step and file, and once an older one has restored,
-    each damaged newer one is moved aside to ``<step>.damaged-<UTC time>`` (never deleted).
-    If none restores, ``CheckpointError`` lists every problem and nothing is moved.
+    Newest first, each checkpoint is verified (``verify``), restored and checked for NaN/Inf
+    (``nonfinite_arrays``); a damaged one is skipped with a warning naming its step and
+    file, and once an older one has restored, each damaged newer one is moved aside to
+    ``<step>.damaged-<UTC time>`` (never deleted; ``move_aside=False``, for read-only
+    tools: left in place). If none restores, ``CheckpointError`` lists every problem and
+    nothing is moved. ``abstract_state=None`` restores as ``restore`` does without one.
 
     With ``model`` (the run's model config), the stored ``metadata["config"]["model"]`` of
     the checkpoint about to be restored is compared first (``model_differences``); if it
@@ -224,21 +271,23 @@ class Checkpointer:
         continue
       if model is not None and self._check_model(step, metadata, model, on_mismatch):
         return None  # on_mismatch='restart' moved the checkpoints aside
-      try:
-        state, data_state, metadata = self.restore(step, abstract_state)
-      except Exception as e:  # noqa: BLE001 - any failure to read the arrays is damage here
-        problem = f"{self.step_path(step)} cannot be restored ({_one_line(e)})"
+      restored, problem = self._restored(step, abstract_state)
       if self._is_damaged(step, problem, damaged):
         continue
       for bad, why in damaged:
+        if not move_aside:
+          logging.warning("Checkpoint step %d in %s is damaged: %s. Left it in place (the next "
+                          "launch.train run moves it aside); using step %d.",
+                          bad, self.directory, why, step)
+          continue
         aside = self._move_aside(self.step_path(bad), DAMAGED_INFIX)
         logging.warning(
             "Checkpoint step %d in %s is damaged: %s. Moved it aside to %s (a name Orbax does "
             "not list as a step; nothing was deleted). Resuming from step %d.",
             bad, self.directory, why, aside, step)
-      if damaged:
+      if damaged and move_aside:
         self._manager.reload()
-      return step, state, data_state, metadata
+      return (step, *restored)
     if damaged:
       lines = "\n".join(f"  step {bad}: {why}" for bad, why in damaged)
       raise CheckpointError(
@@ -247,6 +296,59 @@ class Checkpointer:
           f"any name that is not a number, e.g. {damaged[0][0]}{DAMAGED_INFIX}manual), or use "
           "another --workdir to start afresh.")
     return None
+
+  def restore_checked(self, step: int, abstract_state: Any = None) -> tuple[Any, Any, dict]:
+    """``restore(step, abstract_state)`` after the checks of ``restore_latest``, for a step
+    asked for by name: a damaged one raises ``CheckpointError`` naming what is wrong."""
+    if step not in self.all_steps():
+      raise CheckpointError(f"{self.directory} holds no checkpoint step {step} (steps: "
+                            f"{self.all_steps()})")
+    problem = "; ".join(self.verify(step))
+    restored = None
+    if not problem:
+      restored, problem = self._restored(step, abstract_state)
+    problem = self._agree(problem, step)
+    if problem:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged (nothing "
+                            f"was moved or deleted):\n  step {step}: {problem}")
+    return restored
+
+  def newest_metadata(self) -> tuple[int, dict] | None:
+    """``(step, metadata)`` of the newest checkpoint that verifies and whose metadata reads
+    (no arrays are restored), each newer one reported and left in place; None without
+    checkpoints; ``CheckpointError`` when none is intact."""
+    damaged: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      problem = "; ".join(self.verify(step))
+      if not problem:
+        try:
+          metadata = self.metadata(step)
+        except Exception as e:  # noqa: BLE001 - verify found nothing, reading still failed
+          problem = f"{self.step_path(step) / 'metadata'} cannot be read ({_one_line(e)})"
+      if self._is_damaged(step, problem, damaged):
+        continue
+      for bad, why in damaged:
+        logging.warning("Checkpoint step %d in %s is damaged: %s. Left it in place; using "
+                        "step %d.", bad, self.directory, why, step)
+      return step, metadata
+    if damaged:
+      lines = "\n".join(f"  step {bad}: {why}" for bad, why in damaged)
+      raise CheckpointError(f"no checkpoint in {self.directory} can be read:\n{lines}")
+    return None
+
+  def _restored(self, step: int, abstract_state: Any) -> tuple[tuple | None, str]:
+    """``((state, data_state, metadata), "")``, or ``(None, problem)`` when the arrays cannot
+    be read or hold NaN/Inf."""
+    try:
+      restored = self.restore(step, abstract_state)
+    except Exception as e:  # noqa: BLE001 - any failure to read the arrays is damage here
+      return None, f"{self.step_path(step)} cannot be restored ({_one_line(e)})"
+    bad = nonfinite_arrays(restored[0])
+    if bad:
+      more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+      return None, (f"{self.step_path(step)} restored with NaN/Inf in {', '.join(bad[:5])}"
+                    f"{more} (training never saves non-finite values: its files are corrupt)")
+    return restored, ""
 
   def _is_damaged(self, step: int, problem: str, damaged: list[tuple[int, str]]) -> bool:
     """Whether any process found ``problem`` with ``step`` (then logged and collected)."""
@@ -316,6 +418,67 @@ class Checkpointer:
     self._manager.close()
 
 
+def nonfinite_arrays(tree: Any) -> list[str]:
+  """The paths (``params/mlp/wi_up/kernel``) of the floating-point arrays of ``tree`` that
+  hold NaN or Inf; one jitted reduction per array (sharded arrays stay where they are)."""
+  leaves = [(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree)
+            if np.issubdtype(x.dtype, np.inexact)]
+  finite = jax.device_get(_all_finite_each([x for _, x in leaves]))
+  return ["/".join(_key_name(k) for k in path)
+          for (path, _), ok in zip(leaves, finite) if not ok]
+
+
+@jax.jit
+def _all_finite_each(arrays: list) -> list:
+  return [jax.numpy.isfinite(x).all() for x in arrays]
+
+
+def _key_name(key: Any) -> str:
+  for field in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)
+
+
+def _file_digests(root: epath.Path) -> dict[str, tuple[int, str]]:
+  """``{relative path: (size, SHA-256)}`` of every file of the items under ``root`` but
+  Orbax's bookkeeping (``UNCHECKED``)."""
+  digests = {}
+  pending = [root / item for item in ITEMS]
+  while pending:
+    path = pending.pop()
+    if path.is_dir():
+      pending.extend(path.iterdir())
+    elif path.name not in UNCHECKED and path.exists():
+      digests[os.fspath(path)[len(os.fspath(root)) + 1:]] = _digest(path)
+  return digests
+
+
+def _digest(path: epath.Path) -> tuple[int, str]:
+  hasher, size = hashlib.sha256(), 0
+  with path.open("rb") as f:
+    while chunk := f.read(1 << 22):
+      hasher.update(chunk)
+      size += len(chunk)
+  return size, hasher.hexdigest()
+
+
+def _checksum_problems(root: epath.Path, files: Mapping[str, Mapping]) -> list[str]:
+  """Each file of ``files`` (``CHECKSUMS``) under ``root`` that is missing or differs."""
+  problems = []
+  for name, expected in sorted(files.items()):
+    path = root / name
+    if not path.exists():
+      problems.append(f"{path} is missing (listed in {CHECKSUMS})")
+      continue
+    size, digest = _digest(path)
+    if (size, digest) != (expected.get("size"), expected.get("sha256")):
+      problems.append(f"{path} does not match its checksum ({size} bytes, sha256 "
+                      f"{digest[:12]}...; written {expected.get('size')} bytes, sha256 "
+                      f"{str(expected.get('sha256'))[:12]}...)")
+  return problems
+
+
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) for a restore target."""
   return jax.tree.map(
@@ -334,7 +497,7 @@ def model_differences(saved: Mapping, current: Any) -> list[str]:
   (``order`` is moot with M=1).
   """
   defaults = _flatten(_as_dict(config_lib.model_config()))
-  old = {**defaults, **_flatten(saved)}
+  old = {**defaults, **_flatten(config_lib.upgrade_saved_model(saved))}
   new = {**defaults, **_flatten(_as_dict(current))}
   old_spec, new_spec = _resolved(old), _resolved(new)
   resolved = old_spec is not None and new_spec is not None
@@ -342,9 +505,13 @@ def model_differences(saved: Mapping, current: Any) -> list[str]:
   for key, value in new.items():
     if key.split(".")[0] in RESUMABLE_MODEL_KEYS or old.get(key) == value:
       continue
+    section = key.split(".")[0]
     if resolved and key.startswith(("sharing.", "kv_sharing.")):
       if _slot_tables(old_spec) == _slot_tables(new_spec):
         continue
+    elif resolved and section in ("act", "loop", "lora", "routing") and "." in key:
+      if getattr(old_spec, section) == getattr(new_spec, section):
+        continue  # e.g. both off: the section's keys are moot
     elif resolved and hasattr(new_spec, key) and getattr(old_spec, key) == getattr(new_spec, key):
       continue
     differences.append(f"model.{key}: checkpoint {old.get(key)!r}, config {value!r}")

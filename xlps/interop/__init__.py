@@ -78,18 +78,24 @@ def write_workdir(config: ml_collections.ConfigDict, params: Any,
 
 def read_checkpoint(workdir: str | os.PathLike,
                     step: int | None = None) -> tuple[ml_collections.ConfigDict, Any, int]:
-  """``(config, params, step)`` of a checkpoint in ``WORKDIR/checkpoints`` (default: latest).
+  """``(config, params, step)`` of a checkpoint in ``WORKDIR/checkpoints`` (default: the
+  newest intact one).
 
-  The config is the one stored in the checkpoint's metadata, set onto today's schema (keys
-  added since it was saved take their defaults); params are a tree of dicts on one device,
-  whatever topology saved them.
+  Checkpoints are checked as training checks them (files, checksums, NaN/Inf): without
+  ``step`` a damaged newer one is reported and left in place and the previous one is read;
+  a damaged ``step`` raises ``CheckpointError``. The config is the one stored in the
+  checkpoint's metadata, set onto today's schema (keys added since it was saved take their
+  defaults); params are a tree of dicts on one device, whatever topology saved them.
   """
   ckpt = checkpoint_lib.Checkpointer(train_lib.workdir_path(workdir) / "checkpoints", async_save=False)
   try:
-    step = ckpt.latest_step() if step is None else step
     if step is None:
-      raise ValueError(f"{ckpt.directory} holds no checkpoint")
-    state, _, metadata = ckpt.restore(step)
+      newest = ckpt.restore_latest(None, move_aside=False)
+      if newest is None:
+        raise ValueError(f"{ckpt.directory} holds no checkpoint")
+      step, state, _, metadata = newest
+    else:
+      state, _, metadata = ckpt.restore_checked(step)
   finally:
     ckpt.close()
   return config_lib.from_saved(metadata["config"]), state["params"], step
