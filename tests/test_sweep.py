@@ -70,6 +70,10 @@ BAD = [
     ('[{"model.num_heads": 3}]', r"point 0 \(num_heads=3\): model.num_heads=3 does not divide"),
     ('[{"model": 3}]', r"model is a section"),
     ('[3]', r"point 0 is 3, not a dict"),
+    ('[{"seed": 1}', r"experiment file '.*bad\.py' has a syntax error at line 12: '\[' was "
+                     r"never closed$"),
+    ('[{"seed": 1 / 0}]', r"experiment file '.*bad\.py': get_grid\(\) at line 12 raised "
+                          r"ZeroDivisionError: division by zero$"),
 ]
 
 
@@ -89,6 +93,19 @@ def test_bad_experiment_is_one_line_and_exit_2(tmp_path, data_dir):
   assert "error: " in out.stderr and "non-empty list" in out.stderr
   missing = run_command(sweep_command(tmp_path / "nope.py", tmp_path / "run"))
   assert missing.returncode == 2 and "experiment file" in missing.stderr
+
+
+def test_experiment_file_without_get_grid_is_one_line(tmp_path):
+  experiment = tmp_path / "nogrid.py"
+  experiment.write_text('BASE = "configs/default.py:runlocal"\n')
+  with pytest.raises(config_lib.ConfigError, match=r"experiment file '.*nogrid\.py' defines no "
+                     r"get_grid\(\); valid: a file with BASE and get_grid\(\) returning a list of "
+                     r"override dicts, e\.g\. experiments/sharing_orders\.py"):
+    sweep.plan(os.fspath(experiment), tmp_path / "run")
+  experiment.write_text("import no_such_module_xlps\n")
+  with pytest.raises(config_lib.ConfigError, match=r"experiment file '.*nogrid\.py': line 1 "
+                     r"raised ModuleNotFoundError: No module named 'no_such_module_xlps'$"):
+    sweep.plan(os.fspath(experiment), tmp_path / "run")
 
 
 def test_grid_helpers():

@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -65,13 +66,30 @@ def seeds(*values: int) -> list[Point]:
 
 
 def load_module(path: str | os.PathLike, what: str):
+  """The Python file ``path`` as a module; a missing file, a syntax error or an exception
+  while it runs is a one-line ConfigError naming ``what`` and the file."""
   path = pathlib.Path(path)
   if not path.is_file():
     raise ConfigError(f"{what} {os.fspath(path)!r} does not exist")
   spec = importlib.util.spec_from_file_location(f"_xlps_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{what} {os.fspath(path)!r} has a syntax error at line {e.lineno}: "
+                      f"{e.msg}") from None
+  except Exception as e:  # noqa: BLE001 - whatever the file raised, in one line
+    raise ConfigError(f"{what} {os.fspath(path)!r}: {_raised(path, e)}") from None
   return module
+
+
+def _raised(path: pathlib.Path, error: BaseException) -> str:
+  """``line N raised Type: message`` (N: the deepest line of ``path`` in the traceback)."""
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.realpath(f.filename) == os.path.realpath(path)]
+  text = str(error).strip().splitlines()
+  where = f"line {lines[-1]} " if lines else ""
+  return f"{where}raised {type(error).__name__}: {text[0] if text else ''}"
 
 
 def load_config(base: str) -> ml_collections.ConfigDict:
@@ -115,7 +133,15 @@ def _same_type(current, value) -> bool:
 
 def points(experiment) -> list[Point]:
   """The experiment's grid, checked: non-empty, dicts of dotted keys, no duplicates."""
-  grid = experiment.get_grid()
+  where = f"experiment file {experiment.__file__!r}"
+  if not callable(getattr(experiment, "get_grid", None)):
+    raise ConfigError(f"{where} defines no get_grid(); valid: a file with BASE and get_grid() "
+                      "returning a list of override dicts, e.g. experiments/sharing_orders.py")
+  try:
+    grid = experiment.get_grid()
+  except Exception as e:  # noqa: BLE001 - whatever get_grid raised, in one line
+    raised = _raised(pathlib.Path(experiment.__file__), e)
+    raise ConfigError(f"{where}: get_grid() at {raised}") from None
   if not isinstance(grid, list) or not grid:
     raise ConfigError(f"{experiment.__file__}: get_grid() returned {grid!r}; it must return "
                       "a non-empty list of override dicts")
