@@ -16,6 +16,7 @@ The model and its config come from the latest checkpoint of WORKDIR (its stored 
 the same batch, after compilation, and printed with the compile times.
 """
 
+import os
 import sys
 import time
 
@@ -31,8 +32,9 @@ _EVAL_SPLIT = flags.DEFINE_string("eval_split", None, "Seq2seq eval split (e.g. 
                                   "test_long) to score by exact-sequence accuracy.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 256, "Examples of --eval_split (0 = all).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Rows per generation batch (eval).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Tokens to generate; 0 = 128 for "
-                                "prompts, the longest target + 1 for --eval_split.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 0, "Tokens to generate; 0 = up to 128 for "
+                                "prompts (as many as fit in model.max_len after the longest "
+                                "one), the longest target + 1 for --eval_split.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy; else sample.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
@@ -95,9 +97,12 @@ def complete(spec, params, tokenizer, prompts: list[str], max_new: int, sampling
   from xlps import generate
   if spec.family == "decoder_lm":
     ids = [[tokenizer.bos_id, *tokenizer.encode(p).tolist()] for p in prompts]
+    room = spec.max_len - max(map(len, ids)) if spec.position_embedding != "none" else 128
+    max_new = max_new or max(min(128, room), 1)  # too long a prompt: generate's own error
     gen = generate.LMGenerator(spec, max_new, sampling, eos_id=tokenizer.eos_id)
     out, timings = lm_generate(gen, params, ids)
   else:
+    max_new = max_new or (min(128, spec.max_len) if spec.position_embedding != "none" else 128)
     gen = generate.Seq2SeqGenerator(spec, max_new, _BEAM.value, _ALPHA.value, sampling,
                                     eos_id=tokenizer.eos_id)
     ids = [tokenizer.encode(p).tolist() for p in prompts]
@@ -116,7 +121,15 @@ def exact_accuracy(spec, params, pipeline, split: str, limit: int, batch_size: i
   import numpy as np
   from xlps import generate
   from xlps.data import tokenizers
+  if split not in pipeline.eval_splits:
+    raise config_lib.ConfigError(f"--eval_split={split!r} is not an eval split of this run's "
+                                 f"data; valid: {', '.join(pipeline.eval_splits)}")
   records = pipeline.eval_records(split)
+  if records and not all(key in records[0] for key in ("source", "target")):
+    raise config_lib.ConfigError(
+        f"--eval_split={split!r} scores exact-sequence accuracy on source/target examples, and "
+        "this run's data holds documents; valid: --prompt for a language model, --eval_split "
+        "for a run on a seq2seq dataset (data.name='algorithmic')")
   n = len(records) if limit <= 0 else min(limit, len(records))
   encode = pipeline.tokenizer.encode
   pairs = [(encode(records[i]["source"]).tolist(),
@@ -144,27 +157,64 @@ def exact_accuracy(spec, params, pipeline, split: str, limit: int, batch_size: i
   _print_timings(timings)
 
 
+def check_flags() -> None:
+  """ConfigError for a flag value that cannot work, before anything is read."""
+  for flag, low in ((_BATCH_SIZE, 1), (_MAX_NEW, 0), (_NUM_EXAMPLES, 0)):
+    if flag.value < low:
+      raise config_lib.ConfigError(f"--{flag.name}={flag.value} must be an integer >= {low}")
+  for prompt in _PROMPT.value:
+    try:
+      prompt.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 arrive as lone surrogates
+      raise config_lib.ConfigError(f"--prompt={os.fsencode(prompt)!r} is not UTF-8 text; "
+                                   "valid: a UTF-8 prompt") from None
+
+
+def deeper(config, iterations: int) -> None:
+  """Sets ``config``'s looped model to run ``iterations`` core iterations at evaluation, also
+  beyond its trained maximum (more applied layers of the same shared core); refused where
+  parameters are stacked along applied depth (LoRA) or per iteration (routers)."""
+  lp = config.model.loop
+  if not lp.core:
+    raise config_lib.ConfigError(f"--iterations={iterations} needs a looped model "
+                                 "(model.loop.core > 0); this checkpoint's has none")
+  trained = (config.model.num_layers - lp.prelude - lp.coda) // lp.core
+  per_depth = [what for what, on in (
+      (f"per-applied-layer LoRA adapters (model.lora.rank={config.model.lora.rank})",
+       config.model.lora.rank > 0),
+      (f"per-iteration routers (model.routing.kind={config.model.routing.kind!r})",
+       config.model.routing.kind != "none")) if on]
+  if iterations > trained and per_depth:
+    raise config_lib.ConfigError(
+        f"--iterations={iterations} exceeds the {trained} core iterations this checkpoint "
+        f"was trained with, and its {' and '.join(per_depth)} exist only for those; valid: "
+        f"--iterations 1..{trained}")
+  config.model.num_layers = max(config.model.num_layers,
+                                lp.prelude + lp.core * iterations + lp.coda)
+  lp.eval_iterations = iterations
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if bool(_PROMPT.value) == bool(_EVAL_SPLIT.value):
     raise app.UsageError("give --prompt (one or more) or --eval_split, not both")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO
-  from xlps import data, generate, interop, models
+  from xlps import data, generate, interop, models, train
   try:
+    check_flags()
     sampling = generate.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
+    checkpoints = train.workdir_path(_WORKDIR.value) / "checkpoints"
+    if not checkpoints.is_dir():  # reading through Orbax would create it
+      raise config_lib.ConfigError(f"--workdir={_WORKDIR.value!r} holds no checkpoints "
+                                   f"({os.fspath(checkpoints)} does not exist); valid: the "
+                                   "--workdir of a training run")
     try:
       config, params, step = interop.read_checkpoint(_WORKDIR.value, _STEP.value)
     except (ValueError, FileNotFoundError) as e:
       raise config_lib.ConfigError(f"--workdir={_WORKDIR.value!r}: {e}") from None
-    if _ITERATIONS.value:  # beyond the trained maximum too: the parameters do not depend on it
-      lp = config.model.loop
-      if not lp.core:
-        raise config_lib.ConfigError(f"--iterations={_ITERATIONS.value} needs a looped model "
-                                     "(model.loop.core > 0); this checkpoint's has none")
-      config.model.num_layers = max(config.model.num_layers,
-                                    lp.prelude + lp.core * _ITERATIONS.value + lp.coda)
-      lp.eval_iterations = _ITERATIONS.value
+    if _ITERATIONS.value:
+      deeper(config, _ITERATIONS.value)
     if _EXIT.value is not None:
       config.model.loop.exit_threshold = _EXIT.value
     spec = models.spec_of(config)
@@ -185,7 +235,7 @@ def main(argv):
     else:
       tokenizer = (data.run_tokenizer(config, _WORKDIR.value)
                    or data.build(config).tokenizer)  # sentencepiece kept nowhere: rebuilt
-      complete(spec, params, tokenizer, _PROMPT.value, _MAX_NEW.value or 128, sampling)
+      complete(spec, params, tokenizer, _PROMPT.value, _MAX_NEW.value, sampling)
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

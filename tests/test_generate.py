@@ -364,3 +364,47 @@ def test_launch_generate_prompts_eval_split_and_errors(tmp_path, data_dir):
   out = run_command([sys.executable, "-m", "launch.generate", f"--workdir={tmp_path / 'none'}",
                      "--prompt=x"])
   assert out.returncode == 2 and out.stderr.startswith("error: --workdir="), out.stderr
+
+
+def test_launch_generate_bad_requests_are_one_line(tmp_path, data_dir):
+  """issue 23 item 7: each of these was a traceback (or, for a missing workdir, created
+  WORKDIR/checkpoints); the default --max_new_tokens fits a model with max_len 32."""
+  from configs import default
+  from tests.helpers import run_command
+  from xlps import interop
+  config = default.get_config("runlocal")
+  config.model.update(num_layers=4, max_len=32)
+  config.data.update(data_dir=str(data_dir), seq_len=32)
+  lm = tmp_path / "lm"
+  interop.write_checkpoint(config, params_of(models.spec_of(config)), lm)
+  config.model.loop.update(prelude=1, core=1, coda=1)  # 2 core iterations
+  config.model.lora.rank = 2
+  looped = tmp_path / "looped_lora"
+  interop.write_checkpoint(config, params_of(models.spec_of(config)), looped)
+
+  def error(workdir, *flags):
+    out = run_command([sys.executable, "-m", "launch.generate", f"--workdir={workdir}", *flags])
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return out.stderr.strip().splitlines()[-1]
+  assert error(lm, b"--prompt=caf\xe9".decode("utf-8", "surrogateescape")) == (
+      r"error: --prompt=b'caf\xe9' is not UTF-8 text; valid: a UTF-8 prompt")
+  assert error(lm, "--eval_split=validation").startswith(
+      "error: --eval_split='validation' scores exact-sequence accuracy on source/target "
+      "examples, and this run's data holds documents; valid: --prompt for a language model")
+  assert error(lm, "--eval_split=test_long") == (
+      "error: --eval_split='test_long' is not an eval split of this run's data; valid: "
+      "validation")
+  assert error(lm, "--eval_split=validation", "--batch_size=0") == (
+      "error: --batch_size=0 must be an integer >= 1")
+  assert error(looped, "--prompt=x", "--iterations=3") == (
+      "error: --iterations=3 exceeds the 2 core iterations this checkpoint was trained with, "
+      "and its per-applied-layer LoRA adapters (model.lora.rank=2) exist only for those; "
+      "valid: --iterations 1..2")
+  assert error(tmp_path / "none", "--prompt=x").startswith(
+      "error: --workdir='{}' holds no checkpoints".format(tmp_path / "none"))
+  assert not (tmp_path / "none").exists()
+  out = run_command([sys.executable, "-m", "launch.generate", f"--workdir={looped}",
+                     "--prompt=x", "--iterations=1"])
+  assert out.returncode == 0 and "1 of 2 core iterations" in out.stdout, out.stderr[-3000:]
+  out = run_command([sys.executable, "-m", "launch.generate", f"--workdir={lm}", "--prompt=abc"])
+  assert out.returncode == 0 and "--- prompt: 'abc'" in out.stdout, out.stderr[-3000:]
