@@ -5,11 +5,13 @@
         --dry_run      # one launch.train command per point, for a cluster scheduler
 
 Every point trains in ``WORKDIR/<point name>`` with the command ``--dry_run`` prints; a point
-whose run exited 0 is marked done and skipped by later runs of the same sweep, an
-interrupted one resumes from its checkpoints. The K parallel points get disjoint sets of
-the cores and, on a GPU host, of the GPUs (``xlps.sweep.slots``). At the end (also when some
-points failed) ``WORKDIR/results.csv`` (one row per point), ``results.md`` (mean and std
-over seeds) and plots are written.
+whose run reached its num_steps is marked done and skipped by later runs of the same sweep,
+an interrupted one (also one stopped by SIGTERM, which exits 0) resumes from its
+checkpoints. The sweep locks WORKDIR (a second sweep there stops with the first one's pid),
+and its points' runs stop (saving a checkpoint) when the sweep process dies. The K parallel
+points get disjoint sets of the cores and, on a GPU host, of the GPUs
+(``xlps.sweep.slots``). At the end (also when some points failed) ``WORKDIR/results.csv``
+(one row per point), ``results.md`` (mean and std over seeds) and plots are written.
 """
 
 import csv
@@ -31,7 +33,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print each point's command and e
 def write_results(root: pathlib.Path, jobs: list[tuple]) -> None:
   """results.csv, results.md and plots from the points that are done."""
   finished = [(point, config, workdir) for point, _, config, workdir in jobs
-              if (workdir / sweep.DONE).exists()]
+              if sweep.is_done(workdir, config)]
   rows = [sweep.collect(config, point, workdir) for point, config, workdir in finished]
   if not rows:
     return
@@ -64,7 +66,11 @@ def main(argv):
     for _, overrides, _, workdir in jobs:
       print(sweep.shell_line(sweep.command(base, workdir, overrides)))
     return
-  failed = sweep.run(base, jobs, _PARALLEL.value)
+  try:
+    failed = sweep.run(base, jobs, _PARALLEL.value)
+  except config_lib.ConfigError as e:  # another sweep holds the workdir
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   write_results(root, jobs)
   if failed:
     print(f"sweep: {len(failed)} points failed; logs:\n  " + "\n  ".join(failed),

@@ -148,6 +148,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   for handler in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
     handler.addFilter(_QuietOrbax())
+  from xlps import sweep
+  sweep.exit_with_parent()  # a sweep's point: stop (saving) when the sweep process dies
   import jax
   if _DISTRIBUTED.value or _COORDINATOR.value:
     from xlps import distributed

@@ -185,14 +185,18 @@ def test_collect_keeps_adaptive_depth_metrics(tmp_path):
 
 
 class FakePopen:
-  """A point's training process that exits 0 at once; records its environment and how many
-  points ran at the same time."""
+  """A point's training process that exits 0 at once, its last checkpoint at step ``reach``
+  (``num_steps`` of the fake points); records its environment and how many points ran at
+  the same time."""
 
   started: list = []
   live = peak = 0
+  reach = NUM_STEPS = 3
 
   def __init__(self, cmd, env=None, **kwargs):
     self.pid, self.returncode, self.env = 10_000 + len(self.started), None, env
+    workdir = pathlib.Path(next(a for a in cmd if a.startswith("--workdir="))[10:])
+    (workdir / "checkpoints" / str(FakePopen.reach)).mkdir(parents=True)
     FakePopen.started.append(self)
     FakePopen.live += 1
     FakePopen.peak = max(FakePopen.peak, FakePopen.live)
@@ -208,13 +212,52 @@ def fake_sweep(tmp_path, monkeypatch, platform: str, count: int, parallel: int,
                points: int = 4) -> list:
   """Runs ``sweep.run`` on ``points`` points with JAX seeing ``count`` ``platform`` devices;
   returns the started fake processes."""
+  assert sweep.run("configs/default.py:runlocal", fake_jobs(tmp_path, monkeypatch, platform,
+                                                          count, points), parallel) == []
+  assert all((tmp_path / f"seed={i}" / sweep.DONE).exists() for i in range(points))
+  return FakePopen.started
+
+
+def fake_jobs(tmp_path, monkeypatch, platform: str = "cpu", count: int = 0,
+              points: int = 4) -> list[tuple]:
+  """``points`` points of NUM_STEPS steps, trained by FakePopen on ``count`` ``platform``
+  devices."""
   FakePopen.started, FakePopen.live, FakePopen.peak = [], 0, 0
   monkeypatch.setattr(sweep.subprocess, "Popen", FakePopen)
   monkeypatch.setattr(sweep, "local_devices", lambda: (platform, count), raising=False)
-  jobs = [({"seed": i}, {"seed": i}, None, tmp_path / f"seed={i}") for i in range(points)]
-  assert sweep.run("configs/default.py:runlocal", jobs, parallel) == []
-  assert all((workdir / sweep.DONE).exists() for *_, workdir in jobs)
-  return FakePopen.started
+  config = config_lib.base_config()
+  config.train.num_steps = FakePopen.NUM_STEPS
+  return [({"seed": i}, {"seed": i}, config, tmp_path / f"seed={i}") for i in range(points)]
+
+
+def test_a_point_stopped_before_its_num_steps_is_not_done(tmp_path, monkeypatch, capsys):
+  """A point stopped by SIGTERM saves its step and exits 0: it is reported, not marked done,
+  and the next run of the sweep continues it."""
+  monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: None, raising=False)
+  jobs = fake_jobs(tmp_path, monkeypatch, points=1)
+  monkeypatch.setattr(FakePopen, "reach", 1)
+  failed = sweep.run("configs/default.py:runlocal", jobs, 1)
+  assert failed == [os.fspath(tmp_path / "seed=0" / "sweep.log")]
+  assert not (tmp_path / "seed=0" / sweep.DONE).exists()
+  assert "point seed=0 stopped at step 1 of 3 (exit 0)" in capsys.readouterr().out
+  monkeypatch.setattr(FakePopen, "reach", 3)
+  assert sweep.run("configs/default.py:runlocal", jobs, 1) == []
+  assert len(FakePopen.started) == 2 and (tmp_path / "seed=0" / sweep.DONE).exists()
+  assert sweep.run("configs/default.py:runlocal", jobs, 1) == []
+  assert len(FakePopen.started) == 2  # done: not run again
+
+
+def test_two_sweeps_in_one_workdir_refuse_the_second(tmp_path, monkeypatch):
+  from test_workdir import hold_lock
+  monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: None, raising=False)
+  fd = hold_lock(tmp_path)
+  try:
+    with pytest.raises(config_lib.ConfigError, match=r"is in use by launch.train \(pid 4242 "
+                                                     r"on host elsewhere"):
+      sweep.run("configs/default.py:runlocal", fake_jobs(tmp_path, monkeypatch), 2)
+  finally:
+    os.close(fd)
+  assert FakePopen.started == []
 
 
 @pytest.mark.parametrize("platform, count, visible, parallel, expected, peak, fraction", [
@@ -264,3 +307,43 @@ def test_local_devices_asks_a_child_process(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "")
   platform, count = sweep.local_devices()
   assert (platform, count) == ("cpu", 8) or platform in ("gpu", "tpu") and count >= 1
+
+
+def alive(pid: int) -> bool:
+  """Whether ``pid`` runs (a zombie, which no parent has reaped yet, does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc (Linux)")
+def test_a_killed_sweep_takes_its_training_children_along(tmp_path, data_dir):
+  """SIGKILL of the sweep process (no handler can run): its training child gets SIGTERM,
+  saves a checkpoint and exits, instead of training on unwatched."""
+  experiment = write_experiment(tmp_path / "long.py", data_dir,
+                                '[{"train.num_steps": 100000, "train.decay_steps": 100000}]')
+  proc = subprocess.Popen(sweep_command(experiment, tmp_path / "run"), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+  try:
+    deadline, child = time.time() + 300, None
+    while time.time() < deadline and child is None:  # the child trains: it saved a step
+      assert proc.poll() is None, "the sweep ended early"
+      with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+      if pids and list((tmp_path / "run").glob("*/checkpoints/[0-9]*")):
+        child = pids[0]
+      time.sleep(0.1)
+    assert child is not None, "no training child started"
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 60
+    while alive(child) and time.time() < deadline:
+      time.sleep(0.2)
+    assert not alive(child), "the training child of the killed sweep trains on"
+    log = next((tmp_path / "run").glob("*/sweep.log")).read_text()
+    assert "SIGTERM: stopping at step" in log, log[-2000:]
+  finally:
+    os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the sweep's session

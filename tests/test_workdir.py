@@ -5,6 +5,7 @@ An in-memory fsspec filesystem stands in for Google Cloud Storage (no network): 
 serves gs:// through fsspec when TensorFlow is absent, as on these machines.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -197,3 +198,43 @@ def test_metrics_files_of_earlier_versions_and_copied_runs_keep_every_row(fake_g
   writer.close()
   assert [r["step"] for r in records(local)] == [1, 2, 3, 4, 5]
   assert metrics.metric_files(local) == [epath.Path(local) / "metrics.jsonl"]
+
+
+def hold_lock(workdir, holder: str = "pid 4242 on host elsewhere") -> int:
+  """Takes the workdir's lock as another run would (an open file with an exclusive flock);
+  returns the file descriptor (closing it releases the lock)."""
+  import fcntl
+  workdir.mkdir(parents=True, exist_ok=True)
+  fd = os.open(workdir / "xlps.lock", os.O_RDWR | os.O_CREAT, 0o644)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  os.write(fd, json.dumps({"pid": 4242, "host": "elsewhere", "what": "launch.train",
+                           "since": "2026-01-01T00:00:00Z"}).encode())
+  return fd
+
+
+def test_a_second_run_in_a_workdir_is_refused_naming_the_first(tmp_path, data_dir):
+  """Two runs in one workdir would both train and write every metrics row twice: the second
+  stops before any work with one line naming the process that holds the workdir."""
+  from configs import default
+  config = default.get_config("tied,runlocal")
+  config.data.data_dir = str(data_dir)
+  config.train.update(num_steps=2, decay_steps=2, warmup_steps=1, log_every_steps=1,
+                      eval_every_steps=2, checkpoint_every_steps=2)
+  fd = hold_lock(tmp_path / "wd")
+  try:
+    with pytest.raises(train.ConfigError, match=r"workdir='.*/wd' is in use by launch.train "
+                                                r"\(pid 4242 on host elsewhere, since "
+                                                r"2026-01-01T00:00:00Z\)"):
+      train.train_and_evaluate(config, tmp_path / "wd")
+  finally:
+    os.close(fd)
+  assert not (tmp_path / "wd" / "checkpoints").exists()
+  train.train_and_evaluate(config, tmp_path / "wd")  # released: the run goes ahead
+  assert [r["step"] for r in records(tmp_path / "wd")] == [1, 2]
+
+
+def test_object_store_workdirs_are_not_locked_and_say_so(caplog):
+  from xlps import workdir_lock
+  with caplog.at_level("WARNING"), workdir_lock.hold("gs://bucket/run", "launch.train"):
+    pass
+  assert "is not locked against a second run (an object store has no file locks)" in caplog.text

@@ -19,6 +19,7 @@ but ``seed``) into mean and std.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import difflib
 import importlib.util
@@ -29,9 +30,11 @@ import os
 import pathlib
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,10 +42,13 @@ from typing import Any
 
 import ml_collections
 
+from xlps import workdir_lock
 from xlps.config import ConfigError, validate
 
 Point = dict[str, Any]
-DONE = "sweep_done.json"  # written into a point's workdir when its run exited 0
+DONE = "sweep_done.json"  # written into a point's workdir when its run reached num_steps
+PARENT_ENV = "XLPS_SWEEP_PARENT"  # the sweep's pid, in the environment of its points' runs
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 METRICS = ("eval_loss", "eval_accuracy", "eval_sequence_accuracy",
            "eval_test_long_accuracy", "eval_test_long_sequence_accuracy")
 
@@ -284,9 +290,60 @@ def slots(parallel: int, platform: str, count: int, environ: Mapping[str, str]) 
   return [Slot(frozenset(cores[j::k]) if pinnable else None, env) for j, env in enumerate(envs)]
 
 
+def reached_step(workdir: pathlib.Path) -> int:
+  """The newest committed checkpoint step of a point's run (0 without one)."""
+  checkpoints = workdir / "checkpoints"
+  if not checkpoints.is_dir():
+    return 0
+  return max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=0)
+
+
+def is_done(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
+  """Whether a point is done: marked (``DONE``) and its checkpoints reached its num_steps
+  (a mark alone, from a sweep before this check or a smaller num_steps, is not enough)."""
+  return (workdir / DONE).exists() and reached_step(workdir) >= config.train.num_steps
+
+
+def exit_with_parent() -> None:
+  """In a point's training process (``PARENT_ENV`` set by ``run``): SIGTERM to itself when
+  the sweep process dies, however it dies (SIGKILL included), so no point trains on
+  unwatched; the run saves a checkpoint at its step and stops, and the next sweep continues
+  it. Linux: ``prctl(PR_SET_PDEATHSIG)``, which the kernel acts on at once; elsewhere a
+  daemon thread that polls the parent pid every second."""
+  parent = int(os.environ.get(PARENT_ENV) or 0)
+  if not parent:
+    return
+  if sys.platform.startswith("linux"):
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+      if os.getppid() != parent:  # the sweep died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+      return
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=watch, name="xlps-sweep-parent", daemon=True).start()
+
+
 def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
-  """Trains the points not yet done; returns the log paths of those that failed."""
-  todo = [j for j in jobs if not (j[3] / DONE).exists()]
+  """Trains the points not yet done (``is_done``); returns the log paths of those that
+  failed or stopped before their num_steps.
+
+  The sweep's workdir (the parent of every point's) is locked for the sweep
+  (``xlps.workdir_lock``), so a second sweep there stops at once; each point's run, which
+  locks its own workdir, gets SIGTERM when this process dies (``exit_with_parent``).
+  """
+  root = jobs[0][3].parent
+  root.mkdir(parents=True, exist_ok=True)
+  with workdir_lock.hold(root, "launch.sweep"):
+    return _run(base, jobs, parallel)
+
+
+def _run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
+  todo = [j for j in jobs if not is_done(j[3], j[2])]
   platform, count = local_devices() if todo else ("cpu", 0)
   free = slots(parallel, platform, count, os.environ)
   running, failed, durations, width = {}, [], [], len(free)
@@ -302,7 +359,7 @@ def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
   last_line = 0.0
   while todo or running:
     while todo and free:
-      _, overrides, _, workdir = todo.pop(0)
+      _, overrides, config, workdir = todo.pop(0)
       slot = free.pop()
       workdir.mkdir(parents=True, exist_ok=True)
       log = (workdir / "sweep.log").open("a")
@@ -310,22 +367,27 @@ def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
       log.flush()
       proc = subprocess.Popen(command(base, workdir, overrides), stdout=log,
                               stderr=subprocess.STDOUT,
-                              env={**os.environ, **slot.env} if slot.env else None)
+                              env={**os.environ, **slot.env, PARENT_ENV: str(os.getpid())})
       if slot.cores is not None:
         # Pinned right after the start, before JAX creates its thread pools (a preexec_fn
         # would fork this process, whose JAX threads make forking unsafe).
         os.sched_setaffinity(proc.pid, slot.cores)
-      running[proc] = (workdir, slot, log, time.time())
+      running[proc] = (workdir, config.train.num_steps, slot, log, time.time())
     for proc in [p for p in running if p.poll() is not None]:
-      workdir, slot, log, start = running.pop(proc)
+      workdir, num_steps, slot, log, start = running.pop(proc)
       log.close()
       free.append(slot)
-      if proc.returncode == 0:
+      step = reached_step(workdir) if proc.returncode == 0 else 0
+      if proc.returncode == 0 and step >= num_steps:
         durations.append(time.time() - start)
         done = workdir / DONE
         (workdir / (DONE + ".tmp")).write_text(json.dumps(
-            {"wall_time_s": durations[-1], "finished": time.time()}))
+            {"wall_time_s": durations[-1], "finished": time.time(), "step": step}))
         os.replace(workdir / (DONE + ".tmp"), done)
+      elif proc.returncode == 0:  # e.g. SIGTERM: it saved its step and exited cleanly
+        failed.append(os.fspath(workdir / "sweep.log"))
+        print(f"sweep: point {workdir.name} stopped at step {step} of {num_steps} (exit 0); "
+              f"not done: run the sweep again to continue it; log: {failed[-1]}", flush=True)
       else:
         failed.append(os.fspath(workdir / "sweep.log"))
         print(f"sweep: point {workdir.name} failed (exit {proc.returncode}); log: "

@@ -41,6 +41,7 @@ from xlps import metrics as metrics_lib
 from xlps import models
 from xlps import partitioning
 from xlps import storage
+from xlps import workdir_lock
 from xlps.config import ConfigError, ModelSpec
 
 
@@ -506,10 +507,19 @@ def _save_finite(ckpt: checkpoint_lib.Checkpointer, step: int, state: TrainState
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary."""
+  """Trains ``config`` in ``workdir`` (resuming if it holds checkpoints); returns a summary.
+
+  The workdir is locked for the run (``xlps.workdir_lock``): a second run in it stops before
+  any work, naming the process that holds it."""
   workdir = workdir_path(workdir)
   spec = config_lib.validate(config, jax.process_count())
   _check_workdir(workdir)
+  with workdir_lock.hold(workdir, "launch.train", jax.process_index(), jax.process_count()):
+    return _train_and_evaluate(config, workdir, spec)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        spec: ModelSpec) -> dict:
   t = config.train
   is_main = jax.process_index() == 0
   pipeline = data_lib.build(config, process_index=jax.process_index(),
