@@ -6,7 +6,9 @@ experiments/ut_length_generalization.py (the same COMMON settings: 4+4-layer
 encoder-decoder, d_model 64, 2 heads, d_ff 256, sinusoidal positions, no dropout, 2000
 steps of 32 examples at lr 2e-3, each side one layer, M = 1) with ACT on
 (``model.act.enabled``: threshold 0.99, ponder weight 0.01, halting bias 1.0, position +
-step coordinates before every step): each position applies its side's layer 1..4 times.
+step coordinates before every step, Scenic's interpolating update, which was the default
+when this study ran; the default is now the UT paper's effective rule, ``accumulate``):
+each position applies its side's layer 1..4 times.
 The fixed-depth Universal Transformer and the vanilla one on the same tasks, settings and
 budget are experiments/ut_length_generalization.py's runs (not re-run here), whose BASE and
 COMMON this file imports. Run it from the repository root, as BASE's config path
@@ -20,7 +22,8 @@ experiments/results/ut_act/README.md.
 from experiments.ut_length_generalization import BASE, COMMON  # the same base and settings
 from xlps import sweep
 
-ACT = {"model.sharing.num_unique": 1, "model.act.enabled": True}
+ACT = {"model.sharing.num_unique": 1, "model.act.enabled": True,
+       "model.act.update_rule": "interpolate"}
 
 
 def get_grid() -> list[dict]:

@@ -4,9 +4,11 @@
 out one position at a time: a position runs steps while its summed halting probability stays
 at most the threshold (1 - eps), halts at the step that would pass it or at the last step,
 weighs in with p while running and with its remainder R = 1 - (sum of earlier p) when it
-halts, so its weights sum to 1; the output is the Universal Transformer's interpolation
-``out = x_t w_t + out (1 - w_t)`` (``model.act.update='interpolate'``, the default) or
-Graves' sum_t w_t x_t (``'accumulate'``), and the ponder cost N + R (N = steps taken). ``engine.act_step`` and the models are checked against it: weights
+halts, so its weights sum to 1; the output is Graves' sum_t w_t x_t
+(``model.act.update_rule='accumulate'``, the default: what tensor2tensor's UT computes
+under its final LayerNorm, checked below) or Scenic's interpolation
+``out = x_t w_t + out (1 - w_t)`` (``'interpolate'``), and the ponder cost N + R (N = steps
+taken). ``engine.act_step`` and the models are checked against it: weights
 and output, ponder, halted positions frozen, the never-halting limit equal to fixed depth,
 gradients (finite differences), dropout / both encoder_decoder stacks / the train step, and
 cached decoding.
@@ -99,6 +101,39 @@ def flat(a, lead=1):
   return a.reshape(*a.shape[:lead], -1, *a.shape[lead + 2:])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_t2t_update_under_layernorm_is_the_default_rule(seed):
+  """tensor2tensor's UT (the code behind the paper's numbers) updates
+  ``transformed * w + previous * 1 - w``: summed, ``sum_t w_t y_t - 1`` per position. Its
+  final LayerNorm removes that constant, so LN(t2t) equals LN of the default rule
+  (``accumulate``), and not LN of ``interpolate``."""
+  from xlps import config as config_lib
+  ps = flat(random_ps(seed)).astype(np.float64)
+  num_steps = ps.shape[0]
+  xs = np.random.default_rng(200 + seed).normal(size=(num_steps, ps.shape[1], 8))
+  halting, remainders = np.zeros(ps.shape[1]), np.zeros(ps.shape[1])
+  state = np.zeros(xs.shape[1:])
+  for t in range(num_steps):  # t2t's loop (halting forced at the last step, as in Graves)
+    running = (halting < 1.0).astype(np.float64)
+    passes = (halting + ps[t] * running > THRESHOLD) | (t == num_steps - 1)
+    new_halted = passes * running
+    running = (~passes) * running
+    halting += ps[t] * running
+    remainders += new_halted * (1 - halting)
+    halting += new_halted * remainders
+    w = (ps[t] * running + new_halted * remainders)[:, None]
+    state = xs[t] * w + state * 1 - w
+  layernorm = lambda v: (v - v.mean(-1, keepdims=True)) / np.sqrt(v.var(-1, keepdims=True))  # noqa: E731
+  default = config_lib.act_config().update_rule
+  assert default == "accumulate"
+  out = {rule: np.asarray(run_act_steps(ps[:, None].astype(np.float32),
+                                        xs[:, None].astype(np.float32), update=rule)[-1][
+                                            "output"][0], np.float64)
+         for rule in UPDATES}
+  np.testing.assert_allclose(layernorm(out[default]), layernorm(state), atol=1e-4)
+  assert np.abs(layernorm(out["interpolate"]) - layernorm(state)).max() > 0.1
+
+
 @pytest.mark.parametrize("update", UPDATES)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_act_step_weights_sum_to_one_and_output_follows_the_update(seed, update):
@@ -158,7 +193,7 @@ def act_model(family="decoder_lm", num_layers=4, coordinates=True, ponder_weight
   """The tiny model of ``family`` (max_len 16) with ACT on (threshold 0.99)."""
   config = tiny(family, num_layers, **{"max_len": 16, **overrides})
   config.act.update(enabled=True, coordinates=coordinates, ponder_weight=ponder_weight,
-                    update=update)
+                    update_rule=update)
   return models.spec_of(config)
 
 
@@ -487,3 +522,41 @@ def test_ponder_loss_counts_real_positions_only():
   np.testing.assert_allclose(aux["losses"]["decoder"]["ponder"][0], ponder[real].mean(),
                              rtol=1e-6)
   assert not np.isclose(ponder[real].mean(), ponder.mean())
+
+
+def test_no_config_key_is_a_configdict_attribute():
+  """A key named like a ConfigDict attribute (``update``, ``get``, ``items`` ...) cannot be
+  set from the command line: the flag library reaches the method instead."""
+  import ml_collections
+  from xlps import config as config_lib
+  reserved = set(dir(ml_collections.ConfigDict))
+
+  def keys(node, prefix=""):
+    for key in node:
+      yield prefix + key, key
+      if isinstance(node[key], ml_collections.ConfigDict):
+        yield from keys(node[key], f"{prefix}{key}.")
+
+  clashes = [path for path, key in keys(config_lib.base_config()) if key in reserved]
+  assert not clashes, clashes
+
+
+def test_saved_runs_keep_the_act_rule_they_trained_with():
+  """Runs saved with the old key ``model.act.update`` (or before it existed, when the rule
+  was the interpolation) restore with that rule under ``update_rule``; resuming one with
+  another rule is a named model difference, and with ACT off the key is moot."""
+  from xlps import checkpoint
+  from xlps import config as config_lib
+  old = config_lib.model_config().to_dict()
+  old["act"].pop("update_rule")
+  old["act"]["update"] = "interpolate"
+  assert config_lib.from_saved({"model": old}).model.act.update_rule == "interpolate"
+  del old["act"]["update"]
+  assert config_lib.from_saved({"model": old}).model.act.update_rule == "interpolate"
+  current = config_lib.model_config()
+  assert checkpoint.model_differences(old, current) == []
+  old["act"]["enabled"] = current.act.enabled = True
+  assert checkpoint.model_differences(old, current) == [
+      "model.act.update_rule: checkpoint 'interpolate', config 'accumulate'"]
+  current.act.update_rule = "interpolate"
+  assert checkpoint.model_differences(old, current) == []

@@ -227,3 +227,106 @@ def test_bad_routing_config_names_the_field(change, match):
     m.routing.update(change)
   with pytest.raises(config_lib.ConfigError, match=match):
     models.spec_of(m)
+
+
+# ------------------------------------------ gating against the MoR reference code in NumPy
+
+
+def _np_layer(x, lp, slot, mask):
+  """One pre-LN layer of the tiny config (slot ``slot`` of 4) in float64 NumPy."""
+  from test_reference import attention, layernorm, mlp, residual, take
+  norm = lambda h, q: layernorm(h, q, 1e-6)  # noqa: E731
+  a, f, n = (take(lp[c], 4, slot) for c in ("attention", "mlp", "norms"))
+  x = residual(x, lambda h: attention(h, h, mask, a, 4, 4), n["attention"], norm, True)
+  return residual(x, lambda h: mlp(h, f, "gelu"), n["mlp"], norm, True)
+
+
+def _np_mor(p, tokens, kind, gating, alpha, capacity):
+  """The routed model written from the MoR code's formulas: expert-choice (per iteration r,
+  among the positions kept at r - 1 the top capacity[r] x L by s = sigmoid(router_r(H)))
+  ``H + alpha s f(H)``; token-choice (depth d = argmax softmax(router(x)) + 1, weight p_d)
+  ``x + p_d f^d(x)``; ``interpolate``: ``H + g (f(H) - H)`` at the gated iterations."""
+  from test_reference import causal, layernorm
+  b, length = tokens.shape
+  emb, lp = p["embedder"], p["decoder"]["layers"]
+  mask = np.broadcast_to(causal(length), (b, length, length))
+  h = _np_layer(emb["embedding"][tokens] + emb["position_embedding"][:length][None], lp, 0, mask)
+  router = lp["router"]
+
+  def core(h, run):  # positions not running keep their state through every core layer
+    f = h
+    for j in range(2):
+      f = np.where(run[..., None], _np_layer(f, lp, 1 + j, mask), h)
+    return f
+
+  if kind == "token_choice":
+    logits = h @ router["kernel"] + router["bias"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    depth, weight = logits.argmax(-1) + 1, probs.max(-1)[..., None]
+    x = h
+    for r in range(ITERATIONS):
+      run = r < depth
+      f = core(h, run)
+      last = (run & (r == depth - 1))[..., None]
+      gated = x + weight * f if gating == "residual" else h + weight * (f - h)
+      h = np.where(last, gated, f)
+  else:
+    active = np.ones((b, length), bool)
+    for r in range(ITERATIONS):
+      s = 1 / (1 + np.exp(-(h @ router["kernel"][r] + router["bias"][r])[..., 0]))
+      k = max(1, round(capacity[r] * length))
+      score = np.where(active, s, -1.0)
+      rank = np.argsort(np.argsort(-score, axis=-1, kind="stable"), axis=-1, kind="stable")
+      run = active & (rank < k)
+      f = core(h, run)
+      gated = h + alpha * s[..., None] * f if gating == "residual" else h + s[..., None] * (f - h)
+      h = np.where(run[..., None], gated, h)
+      active = run
+  h = _np_layer(h, lp, 3, mask)
+  return layernorm(h, p["final_norm"], 1e-6) @ emb["embedding"].T
+
+
+@pytest.mark.parametrize("gating", ["residual", "interpolate"])
+@pytest.mark.parametrize("kind", ["expert_choice", "token_choice"])
+def test_gating_matches_the_reference_formulas_in_numpy(kind, gating):
+  from test_reference import random_params
+  capacity = (1.0, 0.5, 0.25)
+  extra = {"capacity": "1,0.5,0.25", "alpha": 0.3} if kind == "expert_choice" else {}
+  if gating == "interpolate":
+    extra.pop("alpha", None)
+  m = routed_model(kind, gating=gating, **extra)
+  params, p64 = random_params(models.spec_of(m), seed=9)
+  tokens = np.random.default_rng(4).integers(1, 32, (3, L))
+  got = run(m, params, {"inputs": jnp.asarray(tokens)})[0]
+  want = _np_mor(p64, tokens, kind, gating, 0.3, capacity)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["expert_choice", "token_choice"])
+@pytest.mark.parametrize("init,inject", [("prelude", "none"), ("prelude", "add"),
+                                         ("zeros", "add"), ("random", "adapter")])
+def test_routing_decisions_depend_on_the_tokens(kind, init, inject):
+  """The router reads the state entering the recursion after re-injection: at iteration 0
+  its decisions differ between token sequences under every allowed initial state (reading
+  a zero / random initial state it would decide by position alone)."""
+  m = routed_model(kind, **({"capacity": "0.5,0.5,0.25"} if kind == "expert_choice" else {}))
+  m.loop.init_state, m.loop.inject = init, inject
+  spec = models.spec_of(m)
+  params = nn.unbox(models.init_params(spec))
+  first = []
+  for seed in (1, 2):
+    tokens = np.random.default_rng(seed).integers(1, 32, (3, L))
+    aux = run(m, params, {"inputs": jnp.asarray(tokens)})[1]["intermediates"]["decoder"]
+    first.append(np.asarray(aux["routed"][0][0] if kind == "expert_choice" else aux["depth"][0]))
+  assert not np.array_equal(first[0], first[1]), first
+  assert all(len(np.unique(decision)) > 1 for decision in first), first
+
+
+@pytest.mark.parametrize("init", ["zeros", "random"])
+def test_a_core_that_never_sees_the_input_is_refused(init):
+  m = routed_model("token_choice")
+  m.loop.init_state = init
+  with pytest.raises(config_lib.ConfigError,
+                     match=f"model.loop.init_state='{init}' with model.loop.inject='none'"):
+    models.spec_of(m)

@@ -139,10 +139,18 @@ def routing_config() -> ml_collections.ConfigDict:
   r.z_weight = 0.001           # token_choice: router z-loss (ST-MoE: mean logsumexp^2)
   r.inference = "threshold"    # deterministic passes: threshold (causal: router > 0.5) |
                                # top_k (the training rule; reads the whole sequence)
+  r.gating = "residual"        # residual (the MoR code): expert_choice H + g f(H) with
+                               # g = alpha sigmoid(router); token_choice x + p f^d(x), x the
+                               # recursion's input, p its depth's probability | interpolate:
+                               # H + g (f(H) - H) (xlps before 2026-12; saved runs keep it)
+  r.alpha = 0.1                # expert_choice, gating=residual: the gate's scale (MoR: 0.1)
   return r
 
 
-ACT_UPDATES = ("interpolate", "accumulate")
+ROUTING_GATINGS = ("residual", "interpolate")
+
+
+ACT_UPDATES = ("accumulate", "interpolate")
 LOOP_INJECTIONS = ("none", "add", "adapter")
 LOOP_INIT_STATES = ("prelude", "zeros", "random")
 LOOP_DEPTHS = ("fixed", "uniform", "poisson_lognormal")
@@ -178,8 +186,10 @@ def act_config(enabled: bool = False) -> ml_collections.ConfigDict:
   a.ponder_weight = 0.01       # tau: loss += tau * mean over positions of (N(t) + R(t))
   a.halting_bias_init = 1.0    # initial bias of the halting unit (t2t's act_halting_bias_init)
   a.coordinates = True         # add the position + step sinusoid before every step (UT)
-  a.update = "interpolate"     # interpolate: output = x w + output (1 - w) (UT / t2t / Scenic);
-                               # accumulate: output += x w (Graves: sum_t w_t x_t)
+  a.update_rule = "accumulate"  # accumulate: output += x w (Graves: sum_t w_t x_t; what the
+                               # UT paper's t2t code computes once its final LayerNorm removes
+                               # the -1 of its `previous * 1 - w`) | interpolate: output =
+                               # x w + output (1 - w) (Scenic)
   return a
 
 
@@ -254,15 +264,17 @@ def check_str(field: str, value) -> None:
 
 
 def check_number(field: str, value, lo: float, hi: float | None = None, *,
-                 integer: bool = False, open_hi: bool = False) -> None:
-  """ConfigError naming ``field`` unless ``lo <= value <= hi`` (``< hi`` with ``open_hi``)."""
+                 integer: bool = False, open_lo: bool = False, open_hi: bool = False) -> None:
+  """ConfigError naming ``field`` unless ``lo <= value <= hi`` (``lo <`` with ``open_lo``,
+  ``< hi`` with ``open_hi``)."""
   kinds = (int,) if integer else (int, float)
   wrong_type = isinstance(value, bool) or not isinstance(value, kinds)
+  below = not wrong_type and (value <= lo if open_lo else value < lo)
   above = not wrong_type and hi is not None and (value >= hi if open_hi else value > hi)
-  if wrong_type or value < lo or above:
+  if wrong_type or below or above:
     what = "an integer" if integer else "a number"
     bound = "" if hi is None else f" and {'<' if open_hi else '<='} {hi}"
-    raise ConfigError(f"{field}={value!r} must be {what} >= {lo}{bound}")
+    raise ConfigError(f"{field}={value!r} must be {what} {'>' if open_lo else '>='} {lo}{bound}")
 
 
 def check_int(field: str, value, minimum: int) -> None:
@@ -458,6 +470,11 @@ class LoopSpec:
       raise ConfigError(f"{field}.core={lp['core']} defines the sharing table (prelude and coda "
                         "slots used once, core slots cycled); leave model.sharing at its "
                         "defaults")
+    if lp["inject"] == "none" and lp["init_state"] != "prelude":
+      raise ConfigError(f"{field}.init_state={lp['init_state']!r} with {field}.inject='none': "
+                        "the core would start from a state that holds no token and never see "
+                        "the input (every output the same whatever the tokens); valid: inject "
+                        "'add' or 'adapter', or init_state='prelude'")
     check_loop_kv(m["kv_sharing"], lp, field)
     most = body // lp["core"]
     for key in ("mean_iterations", "eval_iterations", "backprop_iterations"):
@@ -501,7 +518,7 @@ class ActSpec:
   ponder_weight: float
   halting_bias_init: float
   coordinates: bool
-  update: str
+  update_rule: str
 
   @classmethod
   def from_config(cls, a: Mapping, field: str) -> "ActSpec | None":
@@ -510,11 +527,11 @@ class ActSpec:
     check_number(f"{field}.threshold", a["threshold"], 0, 1, open_hi=True)
     check_number(f"{field}.ponder_weight", a["ponder_weight"], 0)
     check_number(f"{field}.halting_bias_init", a["halting_bias_init"], -1e9, 1e9)
-    check_choice(f"{field}.update", a["update"], ACT_UPDATES)
+    check_choice(f"{field}.update_rule", a["update_rule"], ACT_UPDATES)
     if not a["enabled"]:
       return None
     return cls(float(a["threshold"]), float(a["ponder_weight"]), float(a["halting_bias_init"]),
-               bool(a["coordinates"]), a["update"])
+               bool(a["coordinates"]), a["update_rule"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,16 +573,25 @@ class RoutingSpec:
   balance_weight: float
   z_weight: float
   inference: str
+  gating: str
+  alpha: float
 
   @classmethod
   def from_config(cls, r: Mapping, loop: "LoopSpec | None", field: str) -> "RoutingSpec | None":
     check_choice(f"{field}.kind", r["kind"], ROUTINGS)
     check_choice(f"{field}.inference", r["inference"], ("threshold", "top_k"))
+    check_choice(f"{field}.gating", r["gating"], ROUTING_GATINGS)
     for key in ("aux_weight", "balance_weight", "z_weight"):
       check_number(f"{field}.{key}", r[key], 0)
+    check_number(f"{field}.alpha", r["alpha"], 0, open_lo=True)
     check_str(f"{field}.capacity", r["capacity"])
     if r["kind"] == "none":
       return None
+    if r["alpha"] != routing_config().alpha and (r["kind"], r["gating"]) != ("expert_choice",
+                                                                              "residual"):
+      raise ConfigError(f"{field}.alpha={r['alpha']} is only read with kind='expert_choice' and "
+                        f"gating='residual' (kind is {r['kind']!r}, gating {r['gating']!r}); "
+                        "leave it at 0.1")
     if loop is None:
       raise ConfigError(f"{field}.kind={r['kind']!r} routes positions through a looped core; set "
                         "model.loop.core > 0 (MoR's middle-cycle: loop.prelude=1, loop.coda=1)")
@@ -593,7 +619,7 @@ class RoutingSpec:
                           "one per core iteration, non-increasing (only positions kept at "
                           "iteration r - 1 can be kept at r)")
     return cls(r["kind"], capacity, float(r["aux_weight"]), float(r["balance_weight"]),
-               float(r["z_weight"]), r["inference"])
+               float(r["z_weight"]), r["inference"], r["gating"], float(r["alpha"]))
 
 
 def check_remat_group(size: int, scan_layers: bool, stacks, field: str) -> None:
@@ -930,10 +956,34 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
+# Model keys renamed since runs were saved (old -> new name in the same section).
+RENAMED_MODEL_KEYS = {"act.update": "update_rule"}
+# Model keys whose default changed: a saved section without them ran with these values.
+SAVED_BEFORE_DEFAULTS = {"act.update_rule": "interpolate", "routing.gating": "interpolate"}
+
+
+def upgrade_saved_model(model: Mapping) -> dict:
+  """A saved ``config.model`` in today's keys: renamed keys moved, and keys whose default
+  changed since set to the value the run was trained with (a section without them)."""
+  model = {k: dict(v) if isinstance(v, Mapping) else v for k, v in model.items()}
+  for old, new in RENAMED_MODEL_KEYS.items():
+    section, key = old.split(".")
+    if isinstance(model.get(section), dict) and key in model[section]:
+      model[section][new] = model[section].pop(key)
+  for path, value in SAVED_BEFORE_DEFAULTS.items():
+    section, key = path.split(".")
+    if isinstance(model.get(section), dict):
+      model[section].setdefault(key, value)
+  return model
+
+
 def from_saved(values: Mapping) -> ml_collections.ConfigDict:
   """``base_config()`` with a saved config's ``values`` set key by key (checkpoint metadata,
-  ``config.json``): keys saved before they existed keep their defaults, types stay the
-  schema's, and a saved key the schema lacks is a ConfigError naming it."""
+  ``config.json``): keys saved before they existed keep their defaults (or, where a default
+  changed, the value the run had: ``upgrade_saved_model``), types stay the schema's, and a
+  saved key the schema lacks is a ConfigError naming it."""
+  if isinstance(values.get("model"), Mapping):
+    values = {**values, "model": upgrade_saved_model(values["model"])}
   config = base_config()
   _set_saved(config, values, prefix="")
   return config

@@ -58,10 +58,12 @@ def act_step(p: Array, state: Mapping[str, Array], transformed: Array, last: Arr
   ``halting`` (sum of p while running), ``remainders`` R, ``n_updates`` N and ``output``.
   A running position halts when its summed probability would pass ``threshold`` (1 - eps)
   or at the ``last`` step; its weight w is p while it runs and its remainder
-  ``R = 1 - halting`` when it halts, so its weights sum to 1. The output update is the
-  Universal Transformer's ``output = transformed * w + output * (1 - w)`` (t2t / Scenic;
-  the t2t code's ``output * 1 - w`` is a precedence slip), or with ``accumulate`` Graves'
-  ``output += transformed * w`` (output = sum_t w_t transformed_t). Halted positions are
+  ``R = 1 - halting`` when it halts, so its weights sum to 1. With ``accumulate`` (the
+  default) the output is Graves' ``output += transformed * w`` (sum_t w_t transformed_t).
+  That is what produced the Universal Transformer paper's numbers: tensor2tensor writes
+  ``transformed * w + previous * 1 - w`` (no parentheses), i.e. ``sum_t w_t y_t - 1`` per
+  position, and its final LayerNorm removes the constant. Otherwise Scenic's interpolation
+  ``output = transformed * w + output * (1 - w)``, a different model. Halted positions are
   left exactly as they are.
   """
   running = ~state["halted"]
@@ -128,17 +130,22 @@ def route(logits: Array, state: Mapping[str, Array], iteration: Array, starts: A
 
   ``state``: ``valid`` (non-pad), ``active`` (ran the previous iteration), ``routed``
   ``[R, B, L]`` (who ran each iteration), ``depth`` (iterations run), ``aux`` (the weighted
-  auxiliary loss so far) and, token-choice, ``assigned`` / ``choice_gate``. Only where
-  ``starts`` (the first layer of an iteration) does anything change.
+  auxiliary loss so far), ``gate`` / ``gated`` (the update's scale and where it applies)
+  and, token-choice, ``assigned`` / ``choice_gate``. Only where ``starts`` (the first layer
+  of an iteration) does anything change. The router reads the state entering the
+  iteration, after input re-injection.
 
-  * expert_choice: score ``g = sigmoid(logits[..., 0])``; among the positions that ran the
+  * expert_choice: score ``s = sigmoid(logits[..., 0])``; among the positions that ran the
     previous iteration, the ``capacity[r] x L`` best scores per sequence run iteration r
-    (``top_k``; training), or those with ``g > 0.5`` (all of them at capacity 1): the causal
-    inference path that the auxiliary BCE(g, top-k selection) trains the router for. The
-    iteration's update is scaled by g.
-  * token_choice: at iteration 0, ``softmax(logits)`` over the R depths; each position runs
-    ``argmax + 1`` iterations and its last one's update is scaled by that probability;
-    auxiliary Switch load balance ``R sum_j f_j P_j`` and router z-loss.
+    (``top_k``; training), or those with ``s > 0.5`` (all of them at capacity 1): the causal
+    inference path that the auxiliary BCE(s, top-k selection) trains the router for. With
+    ``gating='residual'`` (the MoR code) a routed position's state becomes ``H + g f(H)``,
+    ``g = alpha s``; with ``interpolate``, ``H + s (f(H) - H)``.
+  * token_choice: at iteration 0, ``p = softmax(logits)`` over the R depths; each position
+    runs ``d = argmax + 1`` iterations; ``residual`` (the MoR code): its output is
+    ``x + p_d f^d(x)``, x the state entering iteration 0 (earlier iterations ungated);
+    ``interpolate``: the last iteration is ``H + p_d (f(H) - H)``. Auxiliary Switch load
+    balance ``R sum_j f_j P_j`` and router z-loss.
   """
   valid = state["valid"]
   weight = valid.astype(jnp.float32)
@@ -162,6 +169,9 @@ def route(logits: Array, state: Mapping[str, Array], iteration: Array, starts: A
     else:  # iterations at full capacity keep every candidate, as in training
       full = jnp.asarray(np.asarray(spec.capacity) >= 1)[jnp.clip(iteration, 0, num_iterations - 1)]
       active = candidates & ((gate > 0.5) | full)
+    gated = active
+    if spec.gating == "residual":
+      gate = spec.alpha * gate
   else:
     first = iteration == 0
     probs = jax.nn.softmax(logits, axis=-1)
@@ -169,7 +179,8 @@ def route(logits: Array, state: Mapping[str, Array], iteration: Array, starts: A
     assigned = jnp.where(first, choice + 1, state["assigned"])
     choice_gate = jnp.where(first, jnp.max(probs, axis=-1), state["choice_gate"])
     active = iteration < assigned
-    gate = jnp.where(iteration == assigned - 1, choice_gate, 1.0)
+    gated = iteration == assigned - 1  # the last iteration's update is scaled
+    gate = jnp.where(gated, choice_gate, 1.0)
     fraction = jax.vmap(mean, in_axes=-1)(jax.nn.one_hot(choice, num_iterations))
     balance = num_iterations * jnp.sum(fraction * jax.vmap(mean, in_axes=-1)(probs))
     z_loss = mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
@@ -178,6 +189,7 @@ def route(logits: Array, state: Mapping[str, Array], iteration: Array, starts: A
   routed = state["routed"].at[row].set(jnp.where(starts, active, state["routed"][row]))
   keep = lambda new, old: jnp.where(starts, new, old)  # noqa: E731
   out.update(active=keep(active, state["active"]), gate=keep(gate, state["gate"]),
+             gated=keep(gated, state["gated"]),
              routed=routed, depth=state["depth"] + (starts & active).astype(jnp.float32),
              aux=state["aux"] + jnp.where(starts, aux, 0.0))
   if spec.kind == "token_choice":  # decided at iteration 0's first layer, then kept
@@ -286,7 +298,7 @@ class Block(nn.Module):
         x = norms(site, x + layers.dropout(fn(x), s.dropout_rate, key(site)), step["norms"])
       x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if act is not None:
-      act = act_step(p, act, x, step["last"], s.act.threshold, s.act.update == "accumulate")
+      act = act_step(p, act, x, step["last"], s.act.threshold, s.act.update_rule == "accumulate")
     if loop is not None:
       x, loop = self._leave_layer(x, x_before, step, loop)
     return x, kv, act, loop
@@ -302,9 +314,14 @@ class Block(nn.Module):
     if "routed" in loop:  # positions not routed through this iteration keep their state
       running = active & (~in_core | loop["active"])
       x = jnp.where(running[..., None], x, x_before)
-      start = loop["start"].astype(jnp.float32)
-      gated = (start + loop["gate"][..., None] * (x.astype(jnp.float32) - start)).astype(x.dtype)
-      return jnp.where((step["ends"] & running)[..., None], gated, x), loop
+      start, new = loop["start"].astype(jnp.float32), x.astype(jnp.float32)
+      gate = loop["gate"][..., None]
+      if self.spec.routing.gating == "residual":  # MoR: H + g f(H)
+        gated = start + gate * new
+      else:  # interpolate: H + g (f(H) - H)
+        gated = start + gate * (new - start)
+      ends = step["ends"] & running & loop["gated"]
+      return jnp.where(ends[..., None], gated.astype(x.dtype), x), loop
     if "exited" not in loop:
       return jnp.where(active, x, x_before), loop
     running = active & ~(in_core & loop["exited"])
@@ -328,14 +345,6 @@ class Block(nn.Module):
     loop = {**loop, "e": jnp.where(first, x, loop["e"])}
     if loop["init"] is not None:  # else the core starts from the prelude output itself
       x = jnp.where(first, loop["init"], x)
-    routing = self.spec.routing
-    if routing is not None:
-      outputs = 1 if routing.kind == "expert_choice" else lp.max_iterations
-      logits = Router(outputs, lp.max_iterations if outputs == 1 else 1, name="router")(
-          x, iteration)
-      loop = route(logits, loop, iteration, starts, routing, self.top_k_routing,
-                   lp.max_iterations)
-      loop["start"] = jnp.where(starts[..., None], x, loop["start"])
     if lp.backprop_iterations:  # Huginn: the first max(r - k, 0) iterations run without grad
       cut = starts & (iteration > 0) & (iteration == loop["iterations"] - lp.backprop_iterations)
       x = jnp.where(cut, jax.lax.stop_gradient(x), x)
@@ -345,6 +354,17 @@ class Block(nn.Module):
       adapter = layers.Dense((x.shape[-1],), (None,), ("embed",), use_bias=self.spec.use_bias,
                              init_std=self.spec.init_std, dtype=self.spec.dtype, name="adapter")
       x = jnp.where(starts, adapter(jnp.concatenate([x, loop["e"]], -1)).astype(x.dtype), x)
+    routing = self.spec.routing
+    if routing is not None:  # routes on the state entering the recursion (after injection)
+      outputs = 1 if routing.kind == "expert_choice" else lp.max_iterations
+      logits = Router(outputs, lp.max_iterations if outputs == 1 else 1, name="router")(
+          x, iteration)
+      loop = route(logits, loop, iteration, starts, routing, self.top_k_routing,
+                   lp.max_iterations)
+      # The gated update's base: each iteration's input, except token-choice's reference
+      # gating, which builds on the recursion's input (iteration 0's).
+      base = first if (routing.kind, routing.gating) == ("token_choice", "residual") else starts
+      loop["start"] = jnp.where(base[..., None], x, loop["start"])
     return x, loop
 
 
@@ -519,7 +539,8 @@ class Stack(nn.Module):
       state.update(exited=zeros.astype(bool), previous=jnp.zeros_like(x), depth=zeros)
     if self.spec.routing is not None:
       state.update(valid=jnp.ones(x.shape[:-1], bool) if valid is None else valid,
-                   active=zeros.astype(bool), gate=zeros, start=jnp.zeros_like(x), depth=zeros,
+                   active=zeros.astype(bool), gate=zeros, gated=zeros.astype(bool),
+                   start=jnp.zeros_like(x), depth=zeros,
                    routed=jnp.zeros((lp.max_iterations, *x.shape[:-1]), bool),
                    aux=jnp.float32(0))
       if self.spec.routing.kind == "token_choice":
