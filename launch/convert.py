@@ -19,6 +19,7 @@ ALBERT / BERT shapes ``configs/albert.py`` also uses); the printed command names
 ``configs/workdir.py``, so run it from the repository root.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -49,6 +50,11 @@ def main(argv):
   try:
     workdir = train.workdir_path(_WORKDIR.value)
     if _HF.value is not None:
+      if "://" not in _HF.value and not os.path.isdir(_HF.value):
+        what = "is not a directory" if os.path.exists(_HF.value) else "does not exist"
+        raise config_lib.ConfigError(f"--hf={_HF.value!r} {what}; valid: a Hugging Face "
+                                     "save_pretrained directory (config.json and the weights)")
+      workdir = interop.check_new_workdir(workdir)
       config, params = huggingface.load_hf(_HF.value, tokenizer=_TOKENIZER.value)
       print(interop.write_workdir(config, params, workdir))
     else:

@@ -43,7 +43,7 @@ def main(argv):
   from xlps import interop
   from xlps import train
   try:
-    workdir = train.workdir_path(_WORKDIR.value)
+    workdir = interop.check_new_workdir(_WORKDIR.value)
     config, params = recursify.load_source(_FROM.value)
     config, params = recursify.recursify(
         config, params, _NUM_UNIQUE.value, _ORDER.value, _INIT.value, _LORA_RANK.value,

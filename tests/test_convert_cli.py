@@ -124,3 +124,30 @@ def test_converted_workdir_trains_with_the_printed_command(tmp_path, data_dir):
   assert (tmp_path / "out" / "spiece.model").read_bytes() == spiece
   hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
   assert [hf_config[f"{k}_token_id"] for k in ("pad", "bos", "eos")] == [0, 2, 3]
+
+
+def test_convert_and_recursify_bad_paths_are_one_line(tmp_path):
+  """issue 23 item 7: a missing --hf, a non-empty --workdir and a missing --from were
+  tracebacks (transformers' 'Repo id must be ...' OSError, write_checkpoint's ValueError)."""
+  transformers.AlbertForMaskedLM(transformers.AlbertConfig(**HF_ALBERT)).save_pretrained(
+      tmp_path / "hf")
+  (tmp_path / "used").mkdir()
+  (tmp_path / "used" / "metrics.jsonl").write_text("{}\n")
+
+  def error(*args):
+    out = run_module(*args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    return out.stderr.strip()
+  assert error("launch.convert", f"--hf={tmp_path / 'nohf'}", f"--workdir={tmp_path / 'a'}") == (
+      f"error: --hf='{tmp_path / 'nohf'}' does not exist; valid: a Hugging Face "
+      "save_pretrained directory (config.json and the weights)")
+  used = (f"error: --workdir='{tmp_path / 'used'}' is not empty (it holds metrics.jsonl); valid: "
+          "a new or empty directory to write the converted step-0 checkpoint to")
+  assert error("launch.convert", f"--hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'used'}") == used
+  assert error("launch.recursify", f"--from={tmp_path / 'hf'}", f"--workdir={tmp_path / 'used'}",
+               "--num_unique=2") == used
+  assert error("launch.recursify", f"--from={tmp_path / 'nosrc'}", f"--workdir={tmp_path / 'b'}",
+               "--num_unique=2") == (
+      f"error: --from='{tmp_path / 'nosrc'}' does not exist; valid: an xlps workdir (its latest "
+      "checkpoint) or an HF BERT / ALBERT save_pretrained directory")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

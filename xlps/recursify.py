@@ -59,7 +59,16 @@ def load_source(path: str) -> tuple[ml_collections.ConfigDict, dict]:
   if (epath.Path(path) / "checkpoints").is_dir():
     config, params, _ = interop.read_checkpoint(path)
     return config, params
-  from xlps.interop import huggingface  # torch and transformers: only for HF sources
+  if not (epath.Path(path) / "config.json").is_file():
+    what = "does not exist" if not epath.Path(path).exists() else (
+        "holds neither checkpoints/ nor an HF config.json")
+    raise ConfigError(f"--from={path!r} {what}; valid: an xlps workdir (its latest checkpoint) "
+                      "or an HF BERT / ALBERT save_pretrained directory")
+  try:
+    from xlps.interop import huggingface  # torch and transformers: only for HF sources
+  except ModuleNotFoundError as e:
+    raise ConfigError(f"--from={path!r} is a Hugging Face directory, which needs the interop "
+                      f"extra ({e.name} is missing): pip install 'xlps[interop]'") from None
   return huggingface.load_hf(path)
 
 

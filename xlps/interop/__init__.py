@@ -50,6 +50,20 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any,
   return ckpt.directory
 
 
+def check_new_workdir(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir`` as a path, or a one-line ConfigError unless it is new or an empty directory:
+  converting into a run's workdir would mix two runs (checked before any loading)."""
+  path = train_lib.workdir_path(workdir)
+  if path.exists():
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else None
+    if held is None or held:
+      what = "is a file" if held is None else f"is not empty (it holds {', '.join(held[:4])}" + (
+          ", ..." if len(held) > 4 else "") + ")"
+      raise config_lib.ConfigError(f"--workdir={os.fspath(workdir)!r} {what}; valid: a new or "
+                                   "empty directory to write the converted step-0 checkpoint to")
+  return path
+
+
 def write_workdir(config: ml_collections.ConfigDict, params: Any,
                   workdir: str | os.PathLike) -> str:
   """``write_checkpoint`` plus ``WORKDIR/config.json`` and, for ``data.tokenizer='file'``, a
