@@ -38,10 +38,26 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 
 class _QuietOrbax(py_logging.Filter):
-  """Drops Orbax's per-save INFO chatter from the console (warnings still pass)."""
+  """Drops Orbax's per-save INFO chatter from the console (warnings still pass), and the
+  tracebacks of its save threads' errors on a full disk: their one-line messages stay, and
+  the main thread ends with one ``error:`` line (``disk_full_error``)."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    if record.exc_info and _DISK_FULL.search(f"{record.getMessage()} {record.exc_info[1]}"):
+      record.exc_info = record.exc_text = None
+    return record.levelno >= py_logging.WARNING
+
+
+def _quiet_closed_loops(hook):
+  """``sys.unraisablehook`` minus the "Event loop is closed" RuntimeErrors that TensorStore's
+  write callbacks report once a failed Orbax save has closed its event loop."""
+  def quiet(unraisable):
+    if not (unraisable.exc_type is RuntimeError
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      hook(unraisable)
+  return quiet
 
 
 def plot_losses(history: list[dict], path: epath.Path, baseline: float | None) -> None:
@@ -148,6 +164,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   for handler in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
     handler.addFilter(_QuietOrbax())
+  sys.unraisablehook = _quiet_closed_loops(sys.unraisablehook)
   from xlps import sweep
   sweep.exit_with_parent()  # a sweep's point: stop (saving) when the sweep process dies
   import jax

@@ -71,8 +71,8 @@ class Ctx:
 
 @dataclasses.dataclass
 class Cli:
-  """A finished ``launch.train``; ``compiled`` allows the train step to have compiled and
-  Orbax's background threads to have logged their own tracebacks (the disk-full row)."""
+  """A finished ``launch.train``; ``compiled`` allows the train step to have compiled (the
+  disk-full row). No row may print a traceback, Orbax's background threads' included."""
 
   proc: subprocess.CompletedProcess
   compiled: bool = False
@@ -147,6 +147,17 @@ def unreadable_file(ctx: Ctx):
       return real_open(path, *args, **kwargs)
     ctx.monkeypatch.setattr(sources, "open", refusing_open, raising=False)
   return built(("data.name", "text_files"), ("data.glob", os.path.join(root, "*.txt")))(ctx)
+
+
+def unwritable_data_dir(ctx: Ctx) -> str:
+  """A data_dir that cannot be created: under a mode-555 folder, or (root writes there
+  anyway) under /sys, which refuses everyone."""
+  if os.geteuid() == 0:
+    return "/sys/xlps_bad_input_tfds"
+  folder = ctx.tmp_path / "read_only"
+  folder.mkdir()
+  folder.chmod(0o555)
+  return str(folder / "tfds")
 
 
 def tiny(*pairs) -> Callable[[Ctx], object]:
@@ -365,6 +376,9 @@ ROWS = [
     ("data_dir_is_a_file", built(("data.data_dir", lambda ctx: str(blocker(ctx) / "tfds"))),
      r"^data\.data_dir='.*a_file/tfds' cannot be used \('.*a_file' is a file, not a "
      r"directory\); valid: a directory"),
+    ("data_dir_unwritable", built(("data.data_dir", unwritable_data_dir)),
+     r"^data\.data_dir='.*tfds' cannot be written \(.*\) and xlps_stdlib is not prepared "
+     r"there; valid: a writable directory for prepared datasets"),
     ("text_files_no_match", built(("data.name", "text_files"),
                                   ("data.glob", "/nonexistent/**/*.txt")),
      r"^data\.glob='/nonexistent/\*\*/\*\.txt' matched no files; give a glob of your text "
@@ -452,6 +466,7 @@ NEW = {
     "text_files_unreadable_file", "tfds_corrupted_file", "workdir_empty", "disk_full_mid_run",
     "cli_config_file_missing", "cli_config_file_raises", "cli_config_arg_unknown",
     "cli_override_key_typo", "cli_override_not_an_int", "warmup_not_before_the_end",
+    "data_dir_unwritable",
 }
 # Rows that were a ConfigError already and now also say what is valid (a did-you-mean, the
 # kind of value, or why the path cannot be used).
@@ -496,7 +511,8 @@ def test_bad_input(action, pattern, tmp_path, tiny_tfds, monkeypatch):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
     message = errors[0]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     if not result.compiled:
-      assert "Traceback" not in proc.stderr and "compiled" not in proc.stderr, proc.stderr[-3000:]
+      assert "compiled" not in proc.stderr, proc.stderr[-3000:]
   assert "\n" not in message
   assert re.search(pattern, message), message

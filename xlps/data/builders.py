@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import os
@@ -31,7 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from xlps.config import TASKS
+from xlps.config import TASKS, ConfigError
 
 _ALGORITHMIC_SEED = 20180710  # the Universal Transformer paper's arXiv date
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
@@ -198,13 +199,24 @@ def prepare(builder_cls: type[tfds.core.GeneratorBasedBuilder],
   def make():
     return builder_cls(data_dir=data_dir, config=config_arg, file_format="array_record")
 
-  with exclusive_lock(data_dir, key):
-    # Constructed under the lock: the builder reads the prepared dataset info at init.
-    builder = make()
-    if not builder.is_prepared():
-      tfds.disable_progress_bar()  # a one-second job; its bars would swamp the training log
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  try:
+    with exclusive_lock(data_dir, key):
+      # Constructed under the lock: the builder reads the prepared dataset info at init.
       builder = make()
+      if not builder.is_prepared():
+        tfds.disable_progress_bar()  # a one-second job; its bars would swamp the training log
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        builder = make()
+  except OSError as e:
+    if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise
+    builder = make()  # a read-only data_dir serves a dataset prepared there before
+    if builder.is_prepared():
+      return builder
+    raise ConfigError(f"data.data_dir={data_dir!r} cannot be written ({e.strerror}: "
+                      f"{e.filename!r}) and {builder_cls.name} is not prepared there; valid: a "
+                      "writable directory for prepared datasets (created if missing), or '' for "
+                      "$TFDS_DATA_DIR or ~/tensorflow_datasets") from None
   return builder
