@@ -560,3 +560,11 @@ def test_saved_runs_keep_the_act_rule_they_trained_with():
       "model.act.update_rule: checkpoint 'interpolate', config 'accumulate'"]
   current.act.update_rule = "interpolate"
   assert checkpoint.model_differences(old, current) == []
+
+
+def test_act_threshold_one_is_valid():
+  """The halting threshold's valid range is (0, 1]: 1.0 (halt only at the last step unless
+  the sum passes 1) is accepted; 0 is refused (tests/test_bad_input.py)."""
+  config = tiny("decoder_lm", 4)
+  config.act.update(enabled=True, threshold=1.0)
+  assert models.spec_of(config).act.threshold == 1.0

@@ -454,6 +454,26 @@ ROWS = [
     ("cli_override_not_an_int", cli("--config.train.num_steps=2.5"),
      r"^error: train\.num_steps='2\.5' \(from --config\.train\.num_steps\) is not an integer; "
      r"valid: an integer, e\.g\. the default 1000$"),
+    # Settings accepted and then ignored or meaningless (issue 23).
+    ("loop_keys_without_a_core", validated(("model.loop.inject", "add")),
+     r"^model\.loop\.inject='add' is only read by a looped stack, and model\.loop\.core=0 "
+     r"\(no loop\): set model\.loop\.core > 0, or leave model\.loop\.inject at the default$"),
+    ("loop_exit_threshold_negative_without_a_core",
+     validated(("model.loop.exit_threshold", -0.5)),
+     r"^model\.loop\.exit_threshold=-0\.5 must be a number >= 0$"),
+    ("act_threshold_zero", validated(("model.act.enabled", True), ("model.act.threshold", 0.0)),
+     r"^model\.act\.threshold=0\.0 must be a number > 0 and <= 1$"),
+    ("lora_rank_above_full_rank", validated(("model.lora.rank", 1000)),
+     r"^model\.lora\.rank=1000 exceeds the full rank of the adapted matrices \(256: the "
+     r"smallest of model\.lora\.targets\); valid: 1\.\.256$"),
+    ("lora_target_the_model_lacks",
+     validated(("model.lora.rank", 4), ("model.lora.targets", "wi_up")),
+     r"^model\.lora\.targets='wi_up' names wi_up, which this model does not have "
+     r"\(model\.activation='gelu'\); valid: query, key, value, out, wi, wo$"),
+    ("cudnn_without_an_nvidia_gpu",
+     cli("--config.model.attention_impl=cudnn", "--config.model.dtype=bfloat16"),
+     r"^error: model\.attention_impl='cudnn' needs an NVIDIA GPU \(cuDNN flash attention\); "
+     r"this machine runs on cpu \(cpu\); valid here: auto, xla, einsum$"),
 ]
 
 # Rows that had no clear error before this table: a traceback, a silently accepted value,
@@ -467,6 +487,9 @@ NEW = {
     "cli_config_file_missing", "cli_config_file_raises", "cli_config_arg_unknown",
     "cli_override_key_typo", "cli_override_not_an_int", "warmup_not_before_the_end",
     "data_dir_unwritable",
+    "loop_keys_without_a_core", "loop_exit_threshold_negative_without_a_core",
+    "act_threshold_zero", "lora_rank_above_full_rank", "lora_target_the_model_lacks",
+    "cudnn_without_an_nvidia_gpu",
 }
 # Rows that were a ConfigError already and now also say what is valid (a did-you-mean, the
 # kind of value, or why the path cannot be used).

@@ -102,7 +102,7 @@ def effective_kernels(config, params):
 def test_full_rank_svd_lora_reproduces_every_layer(num_unique, order):
   config, params = source()
   new_config, new_params = recursify.recursify(
-      config, params, num_unique, order, "stepwise", lora_rank=32, lora_bias=True,
+      config, params, num_unique, order, "stepwise", lora_rank=16, lora_bias=True,
       unshared_norms=True)
   for got, want in zip(effective_kernels(new_config, new_params),
                        effective_kernels(config, params)):

@@ -451,7 +451,14 @@ class LoopSpec:
     for key, valid in (("inject", LOOP_INJECTIONS), ("init_state", LOOP_INIT_STATES),
                        ("train_iterations", LOOP_DEPTHS)):
       check_choice(f"{field}.{key}", lp[key], valid)
+    check_number(f"{field}.exit_threshold", lp["exit_threshold"], 0)
     if lp["core"] == 0:
+      default = loop_config()
+      changed = [k for k in lp if lp[k] != default[k]]
+      if changed:
+        raise ConfigError(f"{field}.{changed[0]}={lp[changed[0]]!r} is only read by a looped "
+                          f"stack, and {field}.core=0 (no loop): set {field}.core > 0, or leave "
+                          f"{', '.join(f'{field}.{k}' for k in changed)} at the default")
       return None
     family = m["family"]
     if len(families_lib.FAMILIES[family].stacks(m)) != 1:
@@ -481,7 +488,6 @@ class LoopSpec:
       if lp[key] > most:
         raise ConfigError(f"{field}.{key}={lp[key]} exceeds the {most} iterations "
                           f"model.num_layers={m['num_layers']} holds; valid: 0..{most}")
-    check_number(f"{field}.exit_threshold", lp["exit_threshold"], 0)
     mean = lp["mean_iterations"] or most
     return cls(lp["prelude"], lp["core"], lp["coda"], most, lp["inject"], lp["init_state"],
                lp["train_iterations"], mean, lp["backprop_iterations"],
@@ -524,7 +530,7 @@ class ActSpec:
   def from_config(cls, a: Mapping, field: str) -> "ActSpec | None":
     check_bool(f"{field}.enabled", a["enabled"])
     check_bool(f"{field}.coordinates", a["coordinates"])
-    check_number(f"{field}.threshold", a["threshold"], 0, 1, open_hi=True)
+    check_number(f"{field}.threshold", a["threshold"], 0, 1, open_lo=True)
     check_number(f"{field}.ponder_weight", a["ponder_weight"], 0)
     check_number(f"{field}.halting_bias_init", a["halting_bias_init"], -1e9, 1e9)
     check_choice(f"{field}.update_rule", a["update_rule"], ACT_UPDATES)
@@ -556,11 +562,49 @@ class LoraSpec:
     if not targets:
       raise ConfigError(f"{field}.rank={lora['rank']} with empty {field}.targets; valid targets: "
                         f"{', '.join(LORA_TARGETS)} (comma-separated)")
+    ranks = lora_full_ranks(m)
+    if set(targets) != set(LORA_TARGETS):  # the default names all: each one the block has
+      missing = [t for t in targets if t not in ranks]
+      if missing:
+        raise ConfigError(f"{field}.targets={lora['targets']!r} names {', '.join(missing)}, which "
+                          f"this model does not have (model.activation={m['activation']!r}); "
+                          f"valid: {', '.join(ranks)}")
+    most = min(ranks[t] for t in targets if t in ranks)
+    if lora["rank"] > most:
+      raise ConfigError(f"{field}.rank={lora['rank']} exceeds the full rank of the adapted "
+                        f"matrices ({most}: the smallest of {field}.targets); valid: 1..{most}")
     if m["tie_encoder_decoder"]:
       raise ConfigError(f"{field}.rank={lora['rank']} with model.tie_encoder_decoder=True: the "
                         "adapters are stacked along one stack's applied depth, and tied groups "
                         "serve two stacks; valid: rank 0, or tie_encoder_decoder=False")
     return cls(lora["rank"], targets, bool(lora["bias"]))
+
+
+def lora_full_ranks(m: Mapping) -> dict[str, int]:
+  """The full rank min(fan_in, fan_out) of each projection a block of model config ``m`` has
+  (``wi_up`` only with SwiGLU): a LoRA rank above it adds parameters and nothing else."""
+  d, heads = m["d_model"], m["num_heads"]
+  head_dim = d // heads
+  kv = (m["num_kv_heads"] or heads) * head_dim
+  ranks = {"query": min(d, heads * head_dim), "key": min(d, kv), "value": min(d, kv),
+           "out": min(heads * head_dim, d), "wi": min(d, m["d_ff"])}
+  if m["activation"] == "swiglu":
+    ranks["wi_up"] = min(d, m["d_ff"])
+  ranks["wo"] = min(m["d_ff"], d)
+  return ranks
+
+
+def check_devices(spec: ModelSpec) -> None:
+  """What this machine must have for ``spec`` to run here (``launch.train`` asks before any
+  work; planning a config elsewhere does not): cuDNN attention needs an NVIDIA GPU."""
+  if spec.attention_impl != "cudnn":
+    return
+  import jax
+  device = jax.devices()[0]
+  if device.platform != "gpu" or not device.device_kind.startswith("NVIDIA"):
+    raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU (cuDNN flash "
+                      f"attention); this machine runs on {device.platform} "
+                      f"({device.device_kind}); valid here: auto, xla, einsum")
 
 
 @dataclasses.dataclass(frozen=True)
