@@ -210,7 +210,10 @@ def test_model_differences_name_each_field_and_skip_what_may_change():
   assert checkpoint_lib.model_differences(saved_dict, same) == []
   assert set(checkpoint_lib.RESUMABLE_MODEL_KEYS) == {
       "dropout_rate", "attention_dropout_rate", "attention_impl", "init_std", "dtype",
-      "scan_layers", "remat_policy", "remat_group_size"}
+      "scan_layers", "remat_policy", "remat_group_size", "loop.train_iterations",
+      "loop.mean_iterations", "loop.backprop_iterations", "loop.eval_iterations",
+      "loop.exit_threshold", "act.ponder_weight", "routing.aux_weight",
+      "routing.balance_weight", "routing.z_weight"}
 
 
 def test_model_differences_compare_kv_sharing_by_its_table():
@@ -230,6 +233,69 @@ def test_model_differences_compare_kv_sharing_by_its_table():
   del old["kv_sharing"]
   assert checkpoint_lib.model_differences(old, per_layer) == []
   assert checkpoint_lib.model_differences(old, cla2()) != []
+
+
+LOOP_CHANGES = {"loop.train_iterations": "uniform", "loop.mean_iterations": 2,
+                "loop.backprop_iterations": 1, "loop.eval_iterations": 2,
+                "loop.exit_threshold": 0.1}
+ROUTING_CHANGES = {"routing.aux_weight": 0.5, "routing.balance_weight": 0.5,
+                   "routing.z_weight": 0.5}
+
+
+def looped_model(routing: bool = False, **changes):
+  """A looped decoder (3 core iterations) with per-layer LoRA, or with expert-choice routers,
+  and dotted ``changes``."""
+  model = configure(config_lib.model_config(), num_layers=5, d_model=16, num_heads=2, d_ff=32,
+                    max_len=16, vocab_size=32)
+  extra = {"routing.kind": "expert_choice"} if routing else {"lora.rank": 2,
+                                                               "loop.mean_iterations": 3}
+  for key, value in {"loop.prelude": 1, "loop.core": 1, "loop.coda": 1, **extra,
+                     **changes}.items():
+    section, leaf = key.split(".")
+    model[section][leaf] = value
+  return model
+
+
+def test_resumable_loop_keys_change_no_parameter_shape():
+  """issue 23 item 8: a looped run with another iteration schedule, early exit or auxiliary
+  loss weight resumes (was refused), and its log names the change; every such key leaves
+  the parameter tree (and so the optimizer state) exactly as it was."""
+  def shapes(model):
+    spec = config_lib.ModelSpec.from_config(model)
+    return jax.tree.map(lambda x: x.shape, nn.unbox(jax.eval_shape(
+        lambda: models.init_params(spec))))
+  for routing, changes in ((False, LOOP_CHANGES), (True, ROUTING_CHANGES)):
+    base = looped_model(routing)
+    saved = checkpoint_lib._as_dict(base)
+    for key, value in changes.items():
+      assert checkpoint_lib.resumable(key), key
+      changed = looped_model(routing, **{key: value})
+      assert checkpoint_lib.model_differences(saved, changed) == [], key
+      assert shapes(changed) == shapes(base), key
+  saved = checkpoint_lib._as_dict(looped_model())
+  changed = looped_model(**{"loop.mean_iterations": 2, "loop.train_iterations": "uniform"})
+  assert checkpoint_lib.resumable_changes(saved, changed) == [
+      "model.loop.train_iterations: checkpoint 'fixed', config 'uniform'",
+      "model.loop.mean_iterations: checkpoint 3, config 2"]
+  assert checkpoint_lib.resumable_changes(None, changed) == []
+  assert checkpoint_lib.model_differences(saved, looped_model(**{"loop.core": 2})) != []
+
+
+def test_looped_run_resumes_with_other_mean_iterations(tmp_path, data_dir, caplog):
+  config = small(data_dir, 2)
+  for key, value in {"num_layers": 4, "loop.prelude": 1, "loop.core": 1, "loop.coda": 1,
+                     "loop.mean_iterations": 2}.items():
+    *section, leaf = key.split(".")
+    (config.model[section[0]] if section else config.model)[leaf] = value
+  train.train_and_evaluate(config, tmp_path / "wd")
+  config.model.loop.update(mean_iterations=1, train_iterations="uniform")
+  config.train.num_steps = 4
+  with caplog.at_level(logging.WARNING):
+    result = train.train_and_evaluate(config, tmp_path / "wd")
+  assert result["step"] == 4
+  assert ("resuming with model settings that change no parameter or optimizer state: "
+          "model.loop.train_iterations: checkpoint 'fixed', config 'uniform'; "
+          "model.loop.mean_iterations: checkpoint 2, config 1") in caplog.text
 
 
 def small(data_dir, steps, **model):

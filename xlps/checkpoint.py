@@ -64,10 +64,15 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
 ITEMS = ("state", "data", "metadata")  # the composite's items (subdirectories of a step)
 # Model keys that may change when a run continues: regularisation, the init of parameters
 # that already exist, the compute dtype, the attention kernel and how depth is traced or
-# rematerialised change neither the parameters nor what they mean. Every other model key
-# must match.
+# rematerialised change neither the parameters nor what they mean; nor do a looped model's
+# iteration counts (its parameters and LoRA / routers are sized by num_layers), its early
+# exit or the weights of auxiliary losses. Every other model key must match.
 RESUMABLE_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "attention_impl", "init_std",
-                        "dtype", "scan_layers", "remat_policy", "remat_group_size")
+                        "dtype", "scan_layers", "remat_policy", "remat_group_size",
+                        "loop.train_iterations", "loop.mean_iterations",
+                        "loop.backprop_iterations", "loop.eval_iterations",
+                        "loop.exit_threshold", "act.ponder_weight", "routing.aux_weight",
+                        "routing.balance_weight", "routing.z_weight")
 # Orbax lists only directories named like a step (``^(0|[1-9]\d*)$``, no temporary suffix),
 # so these names are out of its way: ``8.damaged-20260101T120000Z``,
 # ``checkpoints.mismatch-20260101T120000Z``.
@@ -503,7 +508,7 @@ def model_differences(saved: Mapping, current: Any) -> list[str]:
   resolved = old_spec is not None and new_spec is not None
   differences = []
   for key, value in new.items():
-    if key.split(".")[0] in RESUMABLE_MODEL_KEYS or old.get(key) == value:
+    if resumable(key) or old.get(key) == value:
       continue
     section = key.split(".")[0]
     if resolved and key.startswith(("sharing.", "kv_sharing.")):
@@ -516,6 +521,24 @@ def model_differences(saved: Mapping, current: Any) -> list[str]:
       continue
     differences.append(f"model.{key}: checkpoint {old.get(key)!r}, config {value!r}")
   return differences
+
+
+def resumable(key: str) -> bool:
+  """Whether model key ``key`` (dotted, without ``model.``) may change on resume."""
+  return key in RESUMABLE_MODEL_KEYS or key.split(".")[0] in RESUMABLE_MODEL_KEYS
+
+
+def resumable_changes(saved: Mapping, current: Any) -> list[str]:
+  """``model.KEY: checkpoint A, config B`` for each RESUMABLE_MODEL_KEYS key in which the
+  stored model config ``saved`` (None: not stored) and ``current`` differ: what a resumed
+  run changes."""
+  if not isinstance(saved, Mapping):
+    return []
+  defaults = _flatten(_as_dict(config_lib.model_config()))
+  old = {**defaults, **_flatten(saved)}
+  new = {**defaults, **_flatten(_as_dict(current))}
+  return [f"model.{key}: checkpoint {old.get(key)!r}, config {value!r}"
+          for key, value in new.items() if resumable(key) and old.get(key) != value]
 
 
 def _as_dict(model: Any) -> dict:

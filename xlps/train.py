@@ -556,6 +556,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     if data_state:  # an empty state (e.g. a converted checkpoint) starts the data afresh
       train_iter.set_state(data_state)
     logging.info("Resumed from %s at step %d", ckpt.directory, start)
+    changed = checkpoint_lib.resumable_changes(
+        ((saved or {}).get("config") or {}).get("model"), config.model)
+    if changed and is_main:
+      logging.warning("resuming with model settings that change no parameter or optimizer "
+                      "state: %s", "; ".join(changed))
   step = int(state.step)
   if step > t.num_steps:
     train_iter.close()
