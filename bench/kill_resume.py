@@ -1,14 +1,17 @@
 """Kill anywhere: SIGKILL a training run at random moments, re-run it, compare bitwise.
 
-Each trial starts the same small ``launch.train`` command (async checkpoints every 4 steps,
-evaluation every 8, dropout on), SIGKILLs it, then runs the same command again to the end.
-Kill moments cycle through three kinds: a uniformly random time (start-up, compile,
-training, saving, evaluating), while an asynchronous checkpoint is being written (a
-``*.orbax-checkpoint-tmp*`` directory exists), and during an evaluation (after the
-"evaluating at step" log line). A trial passes when the re-run exits 0, resumed from the
-newest committed checkpoint (or from scratch when there was none), its final parameters
-are bitwise equal to an uninterrupted run's, and metrics.jsonl holds every step of the
-uninterrupted run exactly once with the same losses.
+Each trial starts the same small ``launch.train`` command (a metrics row every 3 steps,
+async checkpoints every 4, evaluation every 8, dropout on), SIGKILLs it, then runs the same
+command again to the end. Checkpoints fall inside logging windows (4, 8, 16, 20 are not
+multiples of 3), so most resumes start mid-window. Kill moments cycle through four kinds: a
+uniformly random time (start-up, compile, training, saving, evaluating), at a logging
+boundary (right after a row reached metrics.jsonl), while an asynchronous checkpoint is
+being written (a ``*.orbax-checkpoint-tmp*`` directory exists), and during an evaluation
+(after the "evaluating at step" log line). A trial passes when the re-run exits 0, resumed
+from the newest committed checkpoint (or from scratch when there was none), its final
+parameters are bitwise equal to an uninterrupted run's, and every row of metrics.jsonl
+equals the uninterrupted run's row of that step in every key that does not depend on wall
+time (``ROW_KEYS``), each step once.
 
     python -m bench.kill_resume --trials=50 --out=bench/kill_resume.md
 """
@@ -38,14 +41,16 @@ _OUT = flags.DEFINE_string("out", "", "Markdown report to write (besides stdout)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
-KINDS = ("random", "save", "eval")
-LOSS_KEYS = ("train_loss", "eval_loss")
+KINDS = ("random", "log", "save", "eval")
+# Every key of a row but the wall-time rates (steps/s, tokens/s, useful tokens/s, MFU).
+ROW_KEYS = ("train_loss", "train_accuracy", "grad_norm", "learning_rate", "padding_fraction",
+            "eval_loss", "eval_accuracy", "eval_perplexity")
 
 
 def command(workdir: pathlib.Path) -> list[str]:
   overrides = {"data.data_dir": _DATA_DIR.value, "data.seq_len": 32, "model.max_len": 32,
                "data.eval_batches": 2, "train.num_steps": STEPS, "train.decay_steps": STEPS,
-               "train.batch_size": 8, "train.log_every_steps": 2,
+               "train.batch_size": 8, "train.log_every_steps": 3,
                "train.eval_every_steps": 8, "train.checkpoint_every_steps": 4,
                "train.async_checkpoints": True, "train.keep_checkpoints": 2,
                "model.dropout_rate": 0.1}
@@ -73,7 +78,12 @@ def final_params(workdir: pathlib.Path):
 
 def rows(workdir: pathlib.Path) -> list[tuple]:
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
-  return [tuple([r["step"]] + [r.get(k) for k in LOSS_KEYS]) for r in map(json.loads, lines)]
+  return [tuple([r["step"]] + [r.get(k) for k in ROW_KEYS]) for r in map(json.loads, lines)]
+
+
+def logged(workdir: pathlib.Path) -> int:
+  path = workdir / "metrics.jsonl"
+  return path.read_text().count("\n") if path.exists() else 0
 
 
 def kill_when(proc: subprocess.Popen, workdir: pathlib.Path, log: pathlib.Path, kind: str,
@@ -85,6 +95,8 @@ def kill_when(proc: subprocess.Popen, workdir: pathlib.Path, log: pathlib.Path, 
   delay = rng.uniform(0.0, 0.8 * duration) if kind == "random" else None
   while proc.poll() is None and time.time() < deadline:
     if kind == "random" and time.time() - start >= delay:
+      break
+    if kind == "log" and logged(workdir) > target:
       break
     if kind == "save" and saving(workdir):
       seen += 1
@@ -105,6 +117,8 @@ def kill_when(proc: subprocess.Popen, workdir: pathlib.Path, log: pathlib.Path, 
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   last = text.strip().splitlines()[-1] if text.strip() else ""
+  if kind == "log" and not was_saving and "evaluating at step" not in last:
+    return "at a logging boundary"
   if "evaluating at step" in last:
     return "during evaluation" + (" and an async save" if was_saving else "")
   if was_saving:
@@ -140,25 +154,31 @@ def main(argv):
     ok_params = ok_exit and all(
         np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final_params(workdir)),
                                              jax.tree.leaves(ref_params)))
-    ok_metrics = ok_exit and rows(workdir) == ref_rows
+    got_rows = rows(workdir) if ok_exit else []
+    ok_metrics = got_rows == ref_rows
+    equal_rows = sum(a == b for a, b in zip(got_rows, ref_rows))
     results.append(dict(trial=trial, kind=kind, moment=moment, committed=before[-1:] or [None],
                         resumed_at=resumed_at, exit=again.returncode, resume=ok_resume,
-                        params=ok_params, metrics=ok_metrics))
+                        params=ok_params, metrics=ok_metrics, rows=len(ref_rows),
+                        equal_rows=equal_rows, mid_window=resumed_at % 3 != 0,
+                        mismatches=[(a, b) for a, b in zip(ref_rows, got_rows) if a != b]
+                        + [(a, None) for a in ref_rows[len(got_rows):]]
+                        + [(None, b) for b in got_rows[len(ref_rows):]]))
     r = results[-1]
     print(f"trial {trial:2d} {kind:6s} killed {moment:24s} newest committed "
           f"{r['committed'][0]!s:4s} resumed at {resumed_at:2d} exit {again.returncode} "
           f"resume {'ok' if ok_resume else 'WRONG'} params "
-          f"{'bitwise' if ok_params else 'DIFFER'} metrics {'once' if ok_metrics else 'WRONG'}",
+          f"{'bitwise' if ok_params else 'DIFFER'} rows {equal_rows}/{len(ref_rows)} equal",
           flush=True)
     if not (ok_exit and ok_resume and ok_params and ok_metrics):
       print(again.stderr[-2000:])
     else:
       shutil.rmtree(workdir)
-  report(results, time.time() - t0)
+  report(results, time.time() - t0, ref_rows)
   shutil.rmtree(root, ignore_errors=True)
 
 
-def report(results: list[dict], seconds: float) -> None:
+def report(results: list[dict], seconds: float, ref_rows: list[tuple]) -> None:
   n = len(results)
   landed = [r for r in results if r["moment"] != "finished before the kill"]
   count = lambda key: sum(r[key] for r in results)  # noqa: E731
@@ -169,7 +189,9 @@ def report(results: list[dict], seconds: float) -> None:
       "# Kill anywhere: SIGKILL, re-run, compare", "",
       "    python -m bench.kill_resume --trials=" + str(n) + " --out=bench/kill_resume.md", "",
       f"{n} trials in {seconds / 60:.1f} min on {os.cpu_count()} CPU cores; each run "
-      f"trains {STEPS} steps (async checkpoints every 4, evaluation every 8, dropout 0.1).", "",
+      f"trains {STEPS} steps (a metrics row every 3, async checkpoints every 4, evaluation "
+      f"every 8, dropout 0.1); each run writes {len(ref_rows)} rows, compared in "
+      f"{', '.join(ROW_KEYS)}.", "",
       "| kill moment | trials |", "|---|---|",
       *(f"| {k} | {v} |" for k, v in sorted(moments.items())), "",
       "| check | passed |", "|---|---|",
@@ -177,7 +199,19 @@ def report(results: list[dict], seconds: float) -> None:
       f"| re-run exited 0 | {sum(r['exit'] == 0 for r in results)} / {n} |",
       f"| resumed from the newest committed checkpoint | {count('resume')} / {n} |",
       f"| final params bitwise equal to the uninterrupted run | {count('params')} / {n} |",
-      f"| metrics.jsonl: every step once, same losses | {count('metrics')} / {n} |",
+      f"| resumed inside a logging window (step not a multiple of 3) | "
+      f"{sum(r['mid_window'] and r['resumed_at'] > 0 for r in results)} / {n} |",
+      f"| metrics.jsonl: every row equal to the uninterrupted run's | {count('metrics')} / {n} |",
+      f"| rows equal / compared, all trials | {count('equal_rows')} / {count('rows')} |",
+      "", "| trial | kill | moment | newest committed | resumed at | exit | params | rows equal |",
+      "|---|---|---|---|---|---|---|---|",
+      *(f"| {r['trial']} | {r['kind']} | {r['moment']} | {r['committed'][0]} | "
+        f"{r['resumed_at']} | {r['exit']} | {'bitwise' if r['params'] else 'DIFFER'} | "
+        f"{r['equal_rows']} / {r['rows']} |" for r in results),
+      "", "Rows that differ from the uninterrupted run's (step, " + ", ".join(ROW_KEYS) + "):",
+      *(f"- trial {r['trial']}: uninterrupted {a}, resumed {b}" for r in results
+        for a, b in r["mismatches"]),
+      *(["- none"] if not any(r["mismatches"] for r in results) else []),
   ]
   text = "\n".join(lines) + "\n"
   print(text)

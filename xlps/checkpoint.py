@@ -528,7 +528,7 @@ def resumable(key: str) -> bool:
   return key in RESUMABLE_MODEL_KEYS or key.split(".")[0] in RESUMABLE_MODEL_KEYS
 
 
-def resumable_changes(saved: Mapping, current: Any) -> list[str]:
+def resumable_changes(saved: Mapping | None, current: Any) -> list[str]:
   """``model.KEY: checkpoint A, config B`` for each RESUMABLE_MODEL_KEYS key in which the
   stored model config ``saved`` (None: not stored) and ``current`` differ: what a resumed
   run changes."""

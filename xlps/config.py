@@ -840,7 +840,7 @@ def train_config() -> ml_collections.ConfigDict:
                                    # on its schedule: past its end at the final rate)
   t.batch_size = 32                # global batch size (examples)
   t.learning_rate = 1e-3           # peak learning rate
-  t.warmup_steps = 100             # linear warmup steps
+  t.warmup_steps = 100             # linear warmup steps (< num_steps unless decay_steps is set)
   t.end_lr_factor = 0.1            # cosine decays to learning_rate * end_lr_factor
   t.decay_steps = 0                # length of warmup + cosine; 0 = num_steps of the run's first
                                    # start (a resumed run keeps the schedule it started with)
