@@ -281,6 +281,7 @@ def test_resumable_loop_keys_change_no_parameter_shape():
   assert checkpoint_lib.model_differences(saved, looped_model(**{"loop.core": 2})) != []
 
 
+@pytest.mark.slow
 def test_looped_run_resumes_with_other_mean_iterations(tmp_path, data_dir, caplog):
   config = small(data_dir, 2)
   for key, value in {"num_layers": 4, "loop.prelude": 1, "loop.core": 1, "loop.coda": 1,
@@ -319,6 +320,7 @@ def converted(config, workdir):
   interop.write_checkpoint(config, jax.tree.map(np.asarray, params), workdir)
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_step_before_a_damaged_one(tmp_path, data_dir, caplog):
   converted(small(data_dir, 4), tmp_path)
   result = train.train_and_evaluate(small(data_dir, 4), tmp_path)  # resumes the converted 0
@@ -335,6 +337,7 @@ def test_training_resumes_from_the_step_before_a_damaged_one(tmp_path, data_dir,
   assert len(list((tmp_path / "checkpoints").glob("4.damaged-*"))) == 1
 
 
+@pytest.mark.slow
 def test_another_model_is_refused_then_restarted_on_request(tmp_path, data_dir, caplog):
   converted(small(data_dir, 2), tmp_path)
   other = small(data_dir, 2, num_layers=3, d_ff=64, dropout_rate=0.1)

@@ -89,6 +89,7 @@ def test_workdir_config_needs_an_existing_workdir(tmp_path):
   assert not missing.exists()  # reading creates nothing
 
 
+@pytest.mark.slow
 def test_converted_workdir_trains_with_the_printed_command(tmp_path, data_dir):
   torch.manual_seed(0)
   hf_model = transformers.AlbertForMaskedLM(transformers.AlbertConfig(
@@ -126,6 +127,7 @@ def test_converted_workdir_trains_with_the_printed_command(tmp_path, data_dir):
   assert [hf_config[f"{k}_token_id"] for k in ("pad", "bos", "eos")] == [0, 2, 3]
 
 
+@pytest.mark.slow
 def test_convert_and_recursify_bad_paths_are_one_line(tmp_path):
   """issue 23 item 7: a missing --hf, a non-empty --workdir and a missing --from were
   tracebacks (transformers' 'Repo id must be ...' OSError, write_checkpoint's ValueError)."""

@@ -71,6 +71,7 @@ LOOPED = families.Family(
                       families.StackSpec("coda", 1, families.BLOCK)))
 
 
+@pytest.mark.slow
 def test_a_new_family_is_one_entry_plus_its_module(monkeypatch, data_dir):
   monkeypatch.setitem(families.FAMILIES, "looped_lm", LOOPED)
   config = full_config(tiny(family="looped_lm", num_layers=5, vocab_size=260), data_dir)

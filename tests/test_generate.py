@@ -329,6 +329,7 @@ def test_bad_generation_requests():
 # ------------------------------------------------------------------- launch.generate
 
 
+@pytest.mark.slow
 def test_launch_generate_prompts_eval_split_and_errors(tmp_path, data_dir):
   """The CLI on a step-0 checkpoint: its greedy continuation is the library's, the eval
   split is scored, a workdir without checkpoints is one error line."""
@@ -366,6 +367,7 @@ def test_launch_generate_prompts_eval_split_and_errors(tmp_path, data_dir):
   assert out.returncode == 2 and out.stderr.startswith("error: --workdir="), out.stderr
 
 
+@pytest.mark.slow
 def test_launch_generate_bad_requests_are_one_line(tmp_path, data_dir):
   """issue 23 item 7: each of these was a traceback (or, for a missing workdir, created
   WORKDIR/checkpoints); the default --max_new_tokens fits a model with max_len 32."""

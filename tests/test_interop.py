@@ -174,6 +174,7 @@ def test_load_rejects_what_xlps_cannot_express(make, message):
     huggingface.load_hf(make())
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_fine_tunes(tmp_path, data_dir):
   albert_model(num_hidden_groups=2).save_pretrained(tmp_path / "hf")
   workdir = tmp_path / "wd"

@@ -204,6 +204,7 @@ def test_adaptive_depth_accounting():
   assert models.summarize(models.spec_of(tiny("decoder_lm", 4)))["adaptive_depth"] is None
 
 
+@pytest.mark.slow
 def test_launch_generate_runs_a_looped_model_beyond_its_trained_depth(tmp_path):
   """--iterations past the trained maximum deepens the scan (the parameters do not depend
   on the maximum) and the greedy continuation is the library's at that depth."""
@@ -290,14 +291,13 @@ def test_truncation_detaches_exactly_the_first_r_minus_k_iterations(inject):
                             jax.random.split(jax.random.PRNGKey(3), len(jax.tree.leaves(params))))))
   batch = models.example_batch(spec, 2, 8)
   model = lambda p, r: models.build(spec).apply({"params": p}, batch, iterations=r)  # noqa: E731
-  grad = jax.jit(jax.grad(lambda p, r: model(p, r).std()))
-  ref = jax.jit(jax.grad(lambda p, r: _reference_looped_logits(p, batch["inputs"], r, 2,
-                                                                  inject).std()),
-                static_argnums=1)
+  reference = lambda p, r: _reference_looped_logits(p, batch["inputs"], r, 2, inject)  # noqa: E731
+  both = lambda f: jax.value_and_grad(lambda p, r: f(p, r).std())  # noqa: E731
+  grad = jax.jit(lambda p, r: (model(p, r), both(model)(p, r)))
+  ref = jax.jit(lambda p, r: (reference(p, r), both(reference)(p, r)), static_argnums=1)
   for r in (1, 2, 3):
-    np.testing.assert_allclose(model(params, r), _reference_looped_logits(
-        params, batch["inputs"], r, 2, inject), atol=1e-5)
-    got, want = grad(params, r), ref(params, r)
+    (got_logits, (_, got)), (want_logits, (_, want)) = grad(params, r), ref(params, r)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-5)
     for path, a in jax.tree_util.tree_leaves_with_path(got):
       b = functools.reduce(lambda t, key: t[key.key], path, want)
       np.testing.assert_allclose(a, b, atol=1e-6, err_msg=f"r={r} {jax.tree_util.keystr(path)}")

@@ -12,6 +12,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # processes of their own: the slow tier
+
 from xlps import checkpoint as checkpoint_lib
 
 from helpers import ROOT, logged_losses, records, run_command, short_run

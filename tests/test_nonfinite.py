@@ -64,6 +64,7 @@ def test_window_checks():
     train._check_window({**record, "nonfinite_steps": 3.0}, 3, 7, "skip", ckpt)
 
 
+@pytest.mark.slow
 def test_diverging_learning_rate_stops_and_keeps_the_last_finite_checkpoint(tmp_path, data_dir):
   """A run resumed with a learning rate that diverges exits 1 with the step and the last
   checkpoint named; with keep_checkpoints=1 that checkpoint is still there and finite."""

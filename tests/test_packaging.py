@@ -14,8 +14,16 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Never copied into the wheel build: local state, not sources (see .gitignore).
-_NOT_SOURCES = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-                "workdir*")
+_NOT_SOURCES = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache")
+
+
+def _not_sources(directory: str, names: list[str]) -> set[str]:
+  """``_NOT_SOURCES`` anywhere, and run workdirs (``/workdir*/``) at the top only: a module
+  named ``workdir_*.py`` inside ``xlps/`` is a source."""
+  ignored = shutil.ignore_patterns(*_NOT_SOURCES)(directory, names)
+  if pathlib.Path(directory) == ROOT:
+    ignored |= {n for n in names if n.startswith("workdir")}
+  return ignored
 
 
 def _imported_modules(path: pathlib.Path) -> list[str]:
@@ -41,7 +49,7 @@ def test_wheel_contains_only_xlps(tmp_path):
   pytest.importorskip("setuptools", reason="--no-build-isolation builds with the installed "
                                            "setuptools")
   source = tmp_path / "src"  # a copy: an in-tree build/ would leak stale files into the wheel
-  shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCES))
+  shutil.copytree(ROOT, source, ignore=_not_sources)
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                   "--no-index", "-q", "-w", str(tmp_path / "dist"), str(source)],
                  check=True, capture_output=True, text=True, timeout=300)

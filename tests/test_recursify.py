@@ -205,6 +205,7 @@ def test_hf_bert_directory_equals_hf_with_the_reconstructed_weights(tmp_path):
   np.testing.assert_allclose(np.asarray(got), expect.numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_cli_recursifies_a_workdir_that_launch_train_continues(tmp_path, data_dir):
   config, params = source(num_layers=4, vocab_size=260)
   config.data.data_dir = str(data_dir)

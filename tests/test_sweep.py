@@ -120,6 +120,7 @@ def test_grid_helpers():
                            "model.embed_dim": 0}) == "sharing.num_unique=4,mlp.num_unique=1,embed_dim=0"
 
 
+@pytest.mark.slow
 def test_dry_run_commands_are_the_sweep(uninterrupted, tmp_path):
   """Running the printed commands by hand gives the sweep's workdirs and numbers."""
   experiment, swept = uninterrupted
@@ -140,6 +141,7 @@ def test_dry_run_commands_are_the_sweep(uninterrupted, tmp_path):
              for r in records(swept / name)])
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_and_completes_every_point_once(uninterrupted, tmp_path):
   experiment, swept = uninterrupted
   proc = subprocess.Popen(sweep_command(experiment, tmp_path / "run", "--parallel=1"), cwd=ROOT,
@@ -319,6 +321,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc (Linux)")
+@pytest.mark.slow
 def test_a_killed_sweep_takes_its_training_children_along(tmp_path, data_dir):
   """SIGKILL of the sweep process (no handler can run): its training child gets SIGTERM,
   saves a checkpoint and exits, instead of training on unwatched."""

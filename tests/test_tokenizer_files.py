@@ -216,6 +216,7 @@ def test_bad_tokenizer_files_name_the_field(overrides, match, tmp_path, data_dir
   assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_generate_uses_the_runs_kept_tokenizer(tmp_path, data_dir):
   """A decoder LM trained on a tokenizer file generates through the workdir's copy, with the
   tokenizer's BOS (here [CLS] = 2), after the original file is gone."""

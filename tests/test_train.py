@@ -102,6 +102,7 @@ def wait_for_checkpoint(workdir, proc, min_step, timeout=240):
   raise AssertionError("no checkpoint appeared")
 
 
+@pytest.mark.slow
 def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
   steps = 40
   ref = run_command(short_run(tmp_path / "ref", data_dir, steps))
@@ -170,6 +171,7 @@ def test_readme_main_job_summary(tmp_path, data_dir):
   assert list((tmp_path / "wd" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_resume_onto_a_different_mesh(tmp_path, data_dir):
   config = shrink(default.get_config("tied"), data_dir, steps=8)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 8, 1, 1
@@ -260,6 +262,7 @@ def test_useful_tokens_are_the_non_pad_positions(make, tmp_path, data_dir):
                           if "padding_fraction" in h]) < 0.9
 
 
+@pytest.mark.slow
 def test_progress_line_and_summary_show_processed_and_useful_tokens(tmp_path, data_dir):
   """launch.train on a padded seq2seq task: the progress lines, metrics.jsonl and the final
   summary carry processed and useful tokens/s; encoder_decoder counts source and target."""
@@ -308,6 +311,7 @@ def test_seq_len_beyond_max_len_never_trains(tmp_path, data_dir):
   assert not (tmp_path / "wd" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_ut_algorithmic_config_learns_to_copy():
   """configs/ut_algorithmic.py learns copy (length 8, fresh digits every step) in 1200 Adam
   steps. Without ``scale_embeddings`` its N(0, 0.02) token embeddings drown in the
@@ -443,6 +447,7 @@ DETERMINISTIC = ("train_loss", "train_accuracy", "grad_norm", "learning_rate",
                  "padding_fraction", "eval_loss", "eval_accuracy", "eval_perplexity")
 
 
+@pytest.mark.slow
 def test_resume_inside_a_logging_window_logs_the_uninterrupted_rows(tmp_path, data_dir):
   """Killed after the step-4 checkpoint (log every 3): the resumed run's step-6 row averages
   steps 4..6 as the uninterrupted run's does, not only 5..6 (issue 23 item 6)."""

@@ -104,6 +104,7 @@ def test_unsupported_scheme_is_refused_before_any_work(tmp_path, data_dir):
     train.train_and_evaluate(config, "hdfs://x/run")
 
 
+@pytest.mark.slow
 def test_gs_workdir_without_the_gcs_extra_is_one_line_naming_the_extra(tmp_path):
   """Every launch entry point that takes a workdir (or a workdir's config) stops on gs://
   without gcsfs with one line naming the ``gcs`` extra and its install command, no trace."""
