@@ -93,17 +93,6 @@ def format_table(summary: dict, spec) -> str:
   return "\n".join(lines)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, except that a config file that raises (e.g. configs/workdir.py on an
-  unreadable workdir) or a bad ``--config.KEY`` is one line and exit status 2."""
-  try:
-    rest = flags.FLAGS(argv)
-    _CONFIG.value.get("seed")  # config_flags defers a file's load error to the first access
-    return rest
-  except Exception as e:  # flags.Error, or whatever the config file raised
-    print(f"error: {config_lib.config_flag_error(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-
 
 def main(argv):
   if len(argv) > 1:
@@ -123,4 +112,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: config_lib.parse_config_flags(argv, _CONFIG))

@@ -117,17 +117,6 @@ def report(result: dict) -> str:
   return "\n".join(lines)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, except that bad config input (a missing config file, a get_config
-  that raises, an unknown or mistyped ``--config.KEY``) is one line and exit status 2."""
-  try:
-    rest = flags.FLAGS(argv)
-    _CONFIG.value.get("seed")  # config_flags defers a file's load error to the first access
-    return rest
-  except Exception as e:  # flags.Error, or whatever the config file raised
-    print(f"error: {config_lib.config_flag_error(argv, e)}", file=sys.stderr)
-    sys.exit(2)
-
 
 _DISK_FULL = re.compile(r"No space left on device|File too large|Disk quota exceeded|"
                         r"os_error_code='(28|27|122)'")
@@ -199,4 +188,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=lambda argv: config_lib.parse_config_flags(argv, _CONFIG))

@@ -265,13 +265,7 @@ class Checkpointer:
     self._report_uncommitted()
     damaged: list[tuple[int, str]] = []
     for step in sorted(self.all_steps(), reverse=True):
-      problem = "; ".join(self.verify(step))
-      metadata = None
-      if not problem:
-        try:
-          metadata = self.metadata(step)
-        except Exception as e:  # noqa: BLE001 - verify found nothing, reading still failed
-          problem = f"{self.step_path(step) / 'metadata'} cannot be read ({_one_line(e)})"
+      metadata, problem = self._verified_metadata(step)
       if self._is_damaged(step, problem, damaged):
         continue
       if model is not None and self._check_model(step, metadata, model, on_mismatch):
@@ -324,12 +318,7 @@ class Checkpointer:
     checkpoints; ``CheckpointError`` when none is intact."""
     damaged: list[tuple[int, str]] = []
     for step in sorted(self.all_steps(), reverse=True):
-      problem = "; ".join(self.verify(step))
-      if not problem:
-        try:
-          metadata = self.metadata(step)
-        except Exception as e:  # noqa: BLE001 - verify found nothing, reading still failed
-          problem = f"{self.step_path(step) / 'metadata'} cannot be read ({_one_line(e)})"
+      metadata, problem = self._verified_metadata(step)
       if self._is_damaged(step, problem, damaged):
         continue
       for bad, why in damaged:
@@ -354,6 +343,16 @@ class Checkpointer:
       return None, (f"{self.step_path(step)} restored with NaN/Inf in {', '.join(bad[:5])}"
                     f"{more} (training never saves non-finite values: its files are corrupt)")
     return restored, ""
+
+  def _verified_metadata(self, step: int) -> tuple[dict | None, str]:
+    """``(metadata, problem)`` of ``step``: its files verified, then its metadata read."""
+    problem = "; ".join(self.verify(step))
+    if problem:
+      return None, problem
+    try:
+      return self.metadata(step), ""
+    except Exception as e:  # noqa: BLE001 - verify found nothing, reading still failed
+      return None, f"{self.step_path(step) / 'metadata'} cannot be read ({_one_line(e)})"
 
   def _is_damaged(self, step: int, problem: str, damaged: list[tuple[int, str]]) -> bool:
     """Whether any process found ``problem`` with ``step`` (then logged and collected)."""

@@ -18,6 +18,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import traceback
 from collections.abc import Mapping
 
@@ -1154,6 +1155,21 @@ def _raised_in(path: str, error: BaseException) -> tuple[BaseException, int] | N
 def _first_line(error: BaseException) -> str:
   lines = str(error).strip().splitlines()
   return lines[0] if lines else ""
+
+
+def parse_config_flags(argv: list[str], config_flag) -> list[str]:
+  """absl's flag parsing for a ``launch`` script with ``config_flag`` (its
+  ``DEFINE_config_file``), except that bad config input (a missing config file, a
+  ``get_config`` that raises, an unknown or mistyped ``--config.KEY``) is one line on stderr
+  and exit status 2."""
+  from absl import flags
+  try:
+    rest = flags.FLAGS(argv)
+    config_flag.value.get("seed")  # config_flags defers a file's load error to the first access
+    return rest
+  except Exception as e:  # flags.Error, or whatever the config file raised
+    print(f"error: {config_flag_error(argv, e)}", file=sys.stderr)
+    sys.exit(2)
 
 
 def config_flag_error(argv, error: BaseException) -> str:
