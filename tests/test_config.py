@@ -1,5 +1,6 @@
 """The config schema: light to import, one error type, caught by the launchers."""
 
+import ast
 import sys
 
 import pytest
@@ -8,17 +9,48 @@ from xlps import config as config_lib
 
 from helpers import ROOT, launch_train, run_command
 
-HEAVY = ("orbax", "grain", "tensorflow_datasets", "xlps.train", "xlps.data")
+# Packages (and their submodules) that the schema and config files never import.
+HEAVY = ("jax", "flax", "optax", "orbax", "grain", "tensorflow", "tensorflow_datasets",
+         "xlps.train", "xlps.data", "xlps.models")
 CONFIG_FILES = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
 
 
-@pytest.mark.parametrize("name", CONFIG_FILES)
-def test_config_files_import_light(name):
-  code = (f"import sys, configs.{name}; "
-          f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r} or m in {HEAVY!r}))")
+@pytest.mark.parametrize("module", ["xlps.config"] + [f"configs.{name}" for name in CONFIG_FILES])
+def test_config_files_import_light(module):
+  """In a fresh process, ``import xlps.config`` (and each config file) loads none of HEAVY."""
+  code = (f"import sys, {module}; heavy = {HEAVY!r}; "
+          "print(sorted(m for m in sys.modules "
+          "if any(m == h or m.startswith(h + '.') for h in heavy)))")
   out = run_command([sys.executable, "-c", code], timeout=120)
   assert out.returncode == 0, out.stderr
   assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_config_package_imports_in_one_direction():
+  """The section modules of ``xlps/config/`` import each other without a cycle, none imports
+  the package itself (only ``__init__`` re-exports), and none imports ``xlps.data``."""
+  package = ROOT / "xlps" / "config"
+  imports = {}
+  for path in sorted(package.glob("*.py")):
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+      if isinstance(node, ast.ImportFrom):  # relative imports are inside xlps.config
+        module = ".".join(filter(None, ["xlps.config" if node.level else "", node.module]))
+        names.add(module)
+        if module in ("xlps", "xlps.config"):  # from xlps import data / from . import checks
+          names.update(f"{module}.{alias.name}" for alias in node.names)
+      elif isinstance(node, ast.Import):
+        names.update(alias.name for alias in node.names)
+    imports[path.stem] = {n.split(".")[2] for n in names if n.startswith("xlps.config.")}
+    assert not any(n == "xlps.data" or n.startswith("xlps.data.") for n in names), path.name
+    if path.stem != "__init__":
+      assert "xlps.config" not in names, f"{path.name} imports the package (a cycle via __init__)"
+  del imports["__init__"]
+  done: list[str] = []
+  while len(done) < len(imports):  # peel modules whose imports are all peeled
+    ready = sorted(m for m, deps in imports.items() if m not in done and deps <= set(done))
+    assert ready, f"import cycle among {sorted(set(imports) - set(done))}: {imports}"
+    done += ready
 
 
 def test_every_section_has_one_schema():

@@ -39,11 +39,11 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from xlps.config import ConfigError
+from xlps.config import BYTE_VOCAB_SIZE, NUM_SPECIAL, ConfigError
 
+# The NUM_SPECIAL special ids; the byte tokenizer's 256 byte values follow them (the config
+# schema defines NUM_SPECIAL and BYTE_VOCAB_SIZE, so that xlps.config imports nothing of here).
 PAD, BOS, EOS, MASK = 0, 1, 2, 3
-NUM_SPECIAL = 4
-BYTE_VOCAB_SIZE = NUM_SPECIAL + 256
 # SentencePiece: pieces that are never produced by encoding ordinary text (specials, <unk>).
 _SP_NUM_RESERVED = NUM_SPECIAL + 1
 # What ``load`` accepts, for error messages.
