@@ -17,8 +17,9 @@ import tempfile
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
+from bench import harness
 from xlps.interop import read_checkpoint
 
 _OLD = flags.DEFINE_string("old", "HEAD~1", "git revision that writes the checkpoints")
@@ -26,7 +27,7 @@ _ONLY = flags.DEFINE_list("only", [], "Configs to run (default: all of CONFIGS).
 CONFIGS = {"decoder_lm": "configs/default.py:cycle,runlocal",
            "encoder_mlm": "configs/albert.py:base,runlocal",
            "encoder_decoder_tied": "configs/transformer.py:tied,runlocal"}
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(harness.ROOT)
 
 
 def train(cwd: pathlib.Path, config: str, workdir: pathlib.Path, steps: int) -> None:
@@ -71,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main)

@@ -5,17 +5,17 @@ Compares, for a decoder LM, the scanned depth engine (fully tied, and M=3 with o
 engine should be roughly flat in N; the unrolled loop grows with N.
 
 Every measurement runs in a fresh Python process (this script re-invoked with
-``--single``) with JAX's persistent compilation cache disabled, so no in-memory or on-disk
-cache can serve a later measurement. Each point is repeated ``--repeats`` times and the
-median is reported.
+``--child``, ``bench.harness.child``) with JAX's persistent compilation cache disabled, so
+no in-memory or on-disk cache can serve a later measurement. Each point is repeated
+``--repeats`` times and the median is reported.
 
 Usage (from the repository root):
 
-  .venv/bin/python bench/compile_time.py                       # defaults
-  .venv/bin/python bench/compile_time.py --depths 6,24 --repeats 1 --out bench/compile_time.md
-  .venv/bin/python bench/compile_time.py --remat_policy full --execute   # also run each step once
-  .venv/bin/python bench/compile_time.py --only adaptive --out bench/compile_time_adaptive.md
-  .venv/bin/python bench/compile_time.py --only relaxed --out bench/compile_time_relaxed.md
+    .venv/bin/python -m bench.compile_time --out=bench/compile_time.md   # defaults
+    .venv/bin/python -m bench.compile_time --depths=6,24 --repeats=1     # quick
+    .venv/bin/python -m bench.compile_time --remat_policy=full --execute  # also run each step once
+    .venv/bin/python -m bench.compile_time --only=adaptive --out=bench/compile_time_adaptive.md
+    .venv/bin/python -m bench.compile_time --only=relaxed --out=bench/compile_time_relaxed.md
 
 The program is a train-mode step (dropout key given): a looped model samples its
 iterations inside it, an ACT model adds its ponder cost and a routed one its router loss
@@ -24,15 +24,33 @@ iterations inside it, an ACT model adds its ponder cost and a routed one its rou
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
+
+from absl import flags
+
+from bench import harness
+
+_DEPTHS = flags.DEFINE_list("depths", ["6", "24", "96"], "Applied depths N.")
+_UNROLLED_MAX_DEPTH = flags.DEFINE_integer(
+    "unrolled_max_depth", 24, "Largest N for which the unrolled variant is measured.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Fresh-process repeats per point.")
+_D_MODEL = flags.DEFINE_integer("d_model", 256, "Model width.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
+_D_FF = flags.DEFINE_integer("d_ff", 1024, "FFN width.")
+_VOCAB_SIZE = flags.DEFINE_integer("vocab_size", 256, "Vocabulary size.")
+_MAX_LEN = flags.DEFINE_integer("max_len", 128, "model.max_len.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Sequence length of the batch.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Batch size.")
+_REMAT_POLICY = flags.DEFINE_string(
+    "remat_policy", "none", "model.remat_policy (none | full | a jax.checkpoint_policies name).")
+_EXECUTE = flags.DEFINE_bool(
+    "execute", False, "Also run each compiled step once (untimed sanity check: finite loss).")
+_OUT = flags.DEFINE_string("out", None, "Also write the markdown report here.")
+_ONLY = flags.DEFINE_string("only", "", "Measure only variants whose label contains this.")
 
 # (label, scan_layers, num_unique, order, extra model overrides)
 VARIANTS = (
@@ -53,39 +71,12 @@ VARIANTS = (
 )
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--depths", default="6,24,96", help="comma-separated applied depths N")
-  p.add_argument("--unrolled_max_depth", type=int, default=24,
-                 help="largest N for which the unrolled variant is measured")
-  p.add_argument("--repeats", type=int, default=3, help="fresh-process repeats per point")
-  p.add_argument("--d_model", type=int, default=256)
-  p.add_argument("--num_heads", type=int, default=4)
-  p.add_argument("--d_ff", type=int, default=1024)
-  p.add_argument("--vocab_size", type=int, default=256)
-  p.add_argument("--max_len", type=int, default=128)
-  p.add_argument("--seq_len", type=int, default=128)
-  p.add_argument("--batch_size", type=int, default=8)
-  p.add_argument("--remat_policy", default="none",
-                 help="model.remat_policy (none | full | a jax.checkpoint_policies name)")
-  p.add_argument("--execute", action="store_true",
-                 help="also run each compiled step once (untimed sanity check: finite loss)")
-  p.add_argument("--out", default=None, help="also write the markdown report here")
-  p.add_argument("--only", default="", help="measure only variants whose label contains this")
-  # Internal: measure one point in this process and print one JSON line.
-  p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--num_layers", type=int, default=6, help=argparse.SUPPRESS)
-  p.add_argument("--num_unique", type=int, default=1, help=argparse.SUPPRESS)
-  p.add_argument("--order", default="cycle", help=argparse.SUPPRESS)
-  p.add_argument("--scan_layers", type=int, default=1, help=argparse.SUPPRESS)
-  p.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
-  return p.parse_args(argv)
-
-
 # --------------------------------------------------------------------------- child side
 
 
-def measure_single(args) -> dict:
+def measure_single(num_layers: int, num_unique: int, order: str, scan_layers: bool, extra: dict,
+                   d_model: int, num_heads: int, d_ff: int, vocab_size: int, max_len: int,
+                   seq_len: int, batch_size: int, remat_policy: str, execute: bool) -> dict:
   """One uncached trace+lower and compile of value_and_grad(loss) in this fresh process."""
   import jax
   jax.config.update("jax_enable_compilation_cache", False)  # no persistent (disk) cache
@@ -97,17 +88,17 @@ def measure_single(args) -> dict:
 
   m = C.model_config()
   m.family = "decoder_lm"
-  m.d_model = args.d_model
-  m.num_heads = args.num_heads
-  m.d_ff = args.d_ff
-  m.vocab_size = args.vocab_size
-  m.max_len = args.max_len
-  m.num_layers = args.num_layers
-  m.sharing.num_unique = args.num_unique
-  m.sharing.order = args.order
-  m.scan_layers = bool(args.scan_layers)
-  m.remat_policy = args.remat_policy
-  for key, value in json.loads(args.extra).items():
+  m.d_model = d_model
+  m.num_heads = num_heads
+  m.d_ff = d_ff
+  m.vocab_size = vocab_size
+  m.max_len = max_len
+  m.num_layers = num_layers
+  m.sharing.num_unique = num_unique
+  m.sharing.order = order
+  m.scan_layers = scan_layers
+  m.remat_policy = remat_policy
+  for key, value in extra.items():
     section, name = key.split(".")
     m[section][name] = value
   spec = models.spec_of(m)
@@ -117,10 +108,10 @@ def measure_single(args) -> dict:
   # result of init_params (jax.eval_shape: no init compile, no memory); real parameters are
   # made only for --execute. The batch is concrete (example_batch).
   init = lambda: nn.unbox(models.init_params(spec))  # noqa: E731
-  params = jax.jit(init)() if args.execute else jax.eval_shape(init)
+  params = jax.jit(init)() if execute else jax.eval_shape(init)
   leaf_count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
-  unique = models.summarize(spec, seq_len=args.seq_len)["unique_params"]
-  batch = models.example_batch(spec, args.batch_size, args.seq_len, seed=1)
+  unique = models.summarize(spec, seq_len=seq_len)["unique_params"]
+  batch = models.example_batch(spec, batch_size, seq_len, seed=1)
   jax.block_until_ready((params, batch))
   # Warm up the backend with an unrelated small program so the timed compile does not
   # include XLA's one-time start-up cost in this fresh process.
@@ -153,11 +144,12 @@ def measure_single(args) -> dict:
     temp_bytes = getattr(mem, "temp_size_in_bytes", None)
 
   loss = None
-  if args.execute:  # sanity: run the compiled step once (not timed)
+  if execute:  # sanity: run the compiled step once (not timed)
     loss, grads = compiled(params, batch)
     loss = float(loss)
     if not loss == loss:  # NaN
-      raise RuntimeError(f"loss is NaN for {vars(args)}")
+      raise RuntimeError(f"loss is NaN for N={num_layers}, M={num_unique}, scan={scan_layers}, "
+                         f"{extra}")
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
 
   return {
@@ -175,46 +167,27 @@ def measure_single(args) -> dict:
 # -------------------------------------------------------------------------- parent side
 
 
-def run_child(args, num_layers: int, scan_layers: bool, num_unique: int, order: str,
+def run_child(num_layers: int, scan_layers: bool, num_unique: int, order: str,
               extra: dict) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--single",
-         "--num_layers", str(num_layers), "--num_unique", str(num_unique), "--order", order,
-         "--scan_layers", str(int(scan_layers)), "--extra", json.dumps(extra),
-         "--d_model", str(args.d_model), "--num_heads", str(args.num_heads),
-         "--d_ff", str(args.d_ff), "--vocab_size", str(args.vocab_size),
-         "--max_len", str(args.max_len), "--seq_len", str(args.seq_len),
-         "--batch_size", str(args.batch_size), "--remat_policy", args.remat_policy]
-  if args.execute:
-    cmd.append("--execute")
-  env = dict(os.environ)
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo_root)
-  if proc.returncode != 0:
-    raise RuntimeError(f"child failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return harness.child("measure_single", dict(
+      num_layers=num_layers, num_unique=num_unique, order=order, scan_layers=scan_layers,
+      extra=extra, d_model=_D_MODEL.value, num_heads=_NUM_HEADS.value, d_ff=_D_FF.value,
+      vocab_size=_VOCAB_SIZE.value, max_len=_MAX_LEN.value, seq_len=_SEQ_LEN.value,
+      batch_size=_BATCH_SIZE.value, remat_policy=_REMAT_POLICY.value, execute=_EXECUTE.value))
 
 
-def _fmt_s(values: list[float]) -> str:
-  med = statistics.median(values)
-  if len(values) == 1:
-    return f"{med:.2f}"
-  return f"{med:.2f} ({min(values):.2f}-{max(values):.2f})"
+_fmt_s = harness.median_range
 
 
 def _fmt_bytes(b) -> str:
   return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  if args.single:
-    print(json.dumps(measure_single(args)))
-    return 0
-  if args.seq_len > args.max_len:
-    raise SystemExit(f"--seq_len={args.seq_len} exceeds --max_len={args.max_len}")
-  depths = [int(x) for x in args.depths.split(",") if x.strip()]
+def main(argv):
+  del argv
+  if _SEQ_LEN.value > _MAX_LEN.value:
+    raise SystemExit(f"--seq_len={_SEQ_LEN.value} exceeds --max_len={_MAX_LEN.value}")
+  depths = [int(x) for x in _DEPTHS.value if x.strip()]
   start = time.perf_counter()
   load_start = os.getloadavg()
 
@@ -222,19 +195,17 @@ def main(argv=None) -> int:
   header = [
       "# Compile time of jitted forward+backward vs. applied depth",
       "",
-      "Command: `" + " ".join(shlex.quote(a) for a in
-                              [os.path.relpath(sys.executable), os.path.relpath(__file__)]
-                              + sys.argv[1:]) + "`",
+      f"Command: `{harness.command()}`",
       "",
       f"jax {jax.__version__}, backend {jax.default_backend()}, "
       f"{os.cpu_count()} CPU cores visible.",
       "",
-      f"Model: decoder_lm, d_model={args.d_model}, num_heads={args.num_heads}, "
-      f"d_ff={args.d_ff}, vocab={args.vocab_size}, max_len={args.max_len}; "
-      f"batch {args.batch_size} x seq {args.seq_len}; remat_policy={args.remat_policy}. "
+      f"Model: decoder_lm, d_model={_D_MODEL.value}, num_heads={_NUM_HEADS.value}, "
+      f"d_ff={_D_FF.value}, vocab={_VOCAB_SIZE.value}, max_len={_MAX_LEN.value}; "
+      f"batch {_BATCH_SIZE.value} x seq {_SEQ_LEN.value}; remat_policy={_REMAT_POLICY.value}. "
       f"Program: `jax.jit(jax.value_and_grad(mean next-token cross-entropy))` w.r.t. params.",
       "",
-      f"Each point: {args.repeats} fresh process(es), persistent compilation cache off; "
+      f"Each point: {_REPEATS.value} fresh process(es), persistent compilation cache off; "
       "times are median (min-max) in seconds. `lower` = `jitted.lower(params, batch)` "
       "(trace + lowering to StableHLO), `compile` = `lowered.compile()` (XLA). "
       "HLO lines = `lowered.as_text()` lines; temp = `compiled.memory_analysis()."
@@ -246,16 +217,16 @@ def main(argv=None) -> int:
   rows = []
   for n in depths:
     for label, scan, m_unique, order, extra in VARIANTS:
-      if args.only not in label:
+      if _ONLY.value not in label:
         continue
       m_eff = min(m_unique, n)
-      if not scan and n > args.unrolled_max_depth:
-        rows.append([label, str(n), str(m_eff), "", f"skipped (N > {args.unrolled_max_depth})",
+      if not scan and n > _UNROLLED_MAX_DEPTH.value:
+        rows.append([label, str(n), str(m_eff), "", f"skipped (N > {_UNROLLED_MAX_DEPTH.value})",
                      "skipped", "skipped", "", ""])
         print(f"[{time.perf_counter() - start:6.1f}s] {label} N={n}: skipped "
-              f"(> --unrolled_max_depth={args.unrolled_max_depth})", file=sys.stderr)
+              f"(> --unrolled_max_depth={_UNROLLED_MAX_DEPTH.value})", file=sys.stderr)
         continue
-      results = [run_child(args, n, scan, m_eff, order, extra) for _ in range(args.repeats)]
+      results = [run_child(n, scan, m_eff, order, extra) for _ in range(_REPEATS.value)]
       lower = [r["lower_s"] for r in results]
       comp = [r["compile_s"] for r in results]
       total = [r["lower_s"] + r["compile_s"] for r in results]
@@ -275,13 +246,8 @@ def main(argv=None) -> int:
   footer = ["", f"Total benchmark wall time: {elapsed:.1f} s. 1-min load average at start "
             f"{load_start[0]:.2f}, at end {load_end[0]:.2f} (on {os.cpu_count()} cores; "
             "other processes on the machine inflate and spread the times).", ""]
-  report = "\n".join(header + table + footer)
-  print(report)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(report)
-  return 0
+  harness.report("\n".join(header + table + footer), _OUT.value)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  harness.run(main)

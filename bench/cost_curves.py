@@ -11,19 +11,23 @@ and parameter + optimizer bytes (``memory_analysis`` arguments) and temp bytes.
 Expected of weight-tied depth: step time linear in N (tokens/s ~ 1/N), compile time and
 parameter bytes flat in N.
 
-  .venv/bin/python bench/cost_curves.py --out bench/cost_curves.md   # also writes the .png
+    .venv/bin/python -m bench.cost_curves --out=bench/cost_curves.md   # also writes the .png
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+
+from bench import harness
+
+_STEPS = flags.DEFINE_integer("steps", 3, "Steady-state steps per point (after the first).")
+_OUT = flags.DEFINE_string("out", "", "Also write the markdown report here and the plot "
+                           "next to it (.png).")
 
 SWEEPS = {
     "batch": dict(values=(1, 2, 4, 8, 16, 32), fixed=dict(seq=128, depth=6)),
@@ -55,13 +59,8 @@ def point(batch: int, seq: int, depth: int, steps: int) -> dict:
     compiled = setup.train_fn.lower(state, data).compile()
   compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
-  times = []
   with partitioning.activate(mesh, rules):
-    for _ in range(steps + 1):
-      start = time.perf_counter()
-      state, metrics = compiled(state, data)
-      jax.block_until_ready((state, metrics))
-      times.append(time.perf_counter() - start)
+    state, _, times = harness.timed_steps(compiled, state, data, steps + 1)
   step = statistics.median(times[1:])
   summary = models.summarize(spec, seq)
   return {"compile_s": compile_s, "first_step_s": times[0], "step_s": step,
@@ -71,11 +70,8 @@ def point(batch: int, seq: int, depth: int, steps: int) -> dict:
           "unique_params": summary["unique_params"], "applied_params": summary["applied_params"]}
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--out", default="")
-  args = p.parse_args(argv)
+def main(argv):
+  del argv
   import jax
   jax.config.update("jax_enable_compilation_cache", False)
   from xlps import metrics as metrics_lib
@@ -85,17 +81,16 @@ def main(argv=None) -> int:
   for name, sweep in SWEEPS.items():
     for value in sweep["values"]:
       shape = {**sweep["fixed"], name: value}
-      results[name, value] = r = point(shape["batch"], shape["seq"], shape["depth"], args.steps)
+      results[name, value] = r = point(shape["batch"], shape["seq"], shape["depth"],
+                                       _STEPS.value)
       print(f"[{time.time() - start:5.0f}s] {name}={value}: {r['tokens_per_s']:.0f} tok/s, "
             f"compile {r['compile_s']:.2f}s", file=sys.stderr)
   lines = ["# Cost curves of the training step", "",
-           "Command: `" + " ".join(shlex.quote(a) for a in [".venv/bin/python",
-                                                           "bench/cost_curves.py"]
-                                   + (argv if argv is not None else sys.argv[1:])) + "`", "",
+           f"Command: `{harness.command()}`", "",
            f"Decoder LM of configs/default.py (d_model 256, 4 heads, FFN 1024, one unique layer), "
            f"float32, AdamW; {os.cpu_count()} CPU cores, jax {jax.__version__}. float32 matmul "
            f"ceiling measured at the start: {ceiling / 1e9:.0f} GFLOP/s. Steady state = median "
-           f"of {args.steps} steps after the first; compile = cold trace + lower + compile.", ""]
+           f"of {_STEPS.value} steps after the first; compile = cold trace + lower + compile.", ""]
   for name, sweep in SWEEPS.items():
     fixed = ", ".join(f"{k} {v}" for k, v in sweep["fixed"].items())
     lines += [f"## Against {name} ({fixed})", "",
@@ -118,13 +113,9 @@ def main(argv=None) -> int:
             f"bytes {results['depth', depth[0]]['arg_mib']:.1f}-"
             f"{results['depth', depth[-1]]['arg_mib']:.1f} MiB.", "",
             f"Wall time {time.time() - start:.0f} s.", ""]
-  report = "\n".join(lines)
-  print(report)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(report)
-    plot(results, os.path.splitext(args.out)[0] + ".png")
-  return 0
+  harness.report("\n".join(lines), _OUT.value)
+  if _OUT.value:
+    plot(results, os.path.splitext(_OUT.value)[0] + ".png")
 
 
 def plot(results: dict, path: str) -> None:
@@ -154,4 +145,4 @@ def plot(results: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  harness.run(main)

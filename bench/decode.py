@@ -21,26 +21,41 @@ random prompts (tokens in [4, 260)):
   the buffers ``transformer.init_cache`` allocates (k, v and valid nbytes / (B x T)).
 
 Every measurement runs in a fresh Python process (this script re-invoked with
-``--single``) with JAX's persistent compilation cache disabled; each Table A point is
-repeated ``--repeats`` times (median, min-max).
+``--child``, ``bench.harness.child``) with JAX's persistent compilation cache disabled;
+each Table A point is repeated ``--repeats`` times (median, min-max).
 
 The committed ``bench/decode.md`` was produced by (from the repository root):
 
-  .venv/bin/python bench/decode.py --out bench/decode.md
+    .venv/bin/python -m bench.decode --out=bench/decode.md
 
-Quick run: ``.venv/bin/python bench/decode.py --depths 6,24 --repeats 1``.
+Quick run:
+
+    .venv/bin/python -m bench.decode --depths=6,24 --repeats=1
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
+
+from absl import flags
+
+from bench import harness
+
+_DEPTHS = flags.DEFINE_list("depths", ["6", "24", "96"], "Applied depths N of Table A.")
+_UNROLLED_MAX_DEPTH = flags.DEFINE_integer(
+    "unrolled_max_depth", 24, "Largest N for which the unrolled variant is measured.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Fresh-process repeats per Table A point.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per batch (Table A).")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "Generated tokens.")
+_LOOP_RUNS = flags.DEFINE_integer(
+    "loop_runs", 3, "Timed decode-loop / prefill runs per Table A process (after a warm-up).")
+_SPEED_RUNS = flags.DEFINE_integer("speed_runs", 5, "Timed runs per Table B row.")
+_CACHE_DEPTHS = flags.DEFINE_list("cache_depths", ["6", "24"], "Applied depths N of Table C.")
+_OUT = flags.DEFINE_string("out", None, "Also write the markdown report here.")
 
 # (label, scan_layers)
 VARIANTS = (("scan", True), ("unrolled", False))
@@ -53,29 +68,6 @@ CACHE_POLICIES = (
     ("recursive, M=1", "recursive", 0, 1, "cycle"),
     ("recursive, M=3 cycle", "recursive", 0, 3, "cycle"),
 )
-
-
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--depths", default="6,24,96", help="comma-separated applied depths N")
-  p.add_argument("--unrolled_max_depth", type=int, default=24,
-                 help="largest N for which the unrolled variant is measured")
-  p.add_argument("--repeats", type=int, default=3, help="fresh-process repeats per Table A point")
-  p.add_argument("--batch_size", type=int, default=8, help="prompts per batch (Table A)")
-  p.add_argument("--prompt_len", type=int, default=32)
-  p.add_argument("--new_tokens", type=int, default=64)
-  p.add_argument("--loop_runs", type=int, default=3,
-                 help="timed decode-loop / prefill runs per Table A process (after a warm-up)")
-  p.add_argument("--speed_runs", type=int, default=5, help="timed runs per Table B row")
-  p.add_argument("--cache_depths", default="6,24", help="applied depths N of Table C")
-  p.add_argument("--out", default=None, help="also write the markdown report here")
-  # Internal: measure one part in this process and print one JSON line.
-  p.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--part", default="compile", choices=("compile", "speed", "cache"),
-                 help=argparse.SUPPRESS)
-  p.add_argument("--num_layers", type=int, default=6, help=argparse.SUPPRESS)
-  p.add_argument("--scan_layers", type=int, default=1, help=argparse.SUPPRESS)
-  return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------- child side
@@ -134,16 +126,17 @@ def _timed(fn, runs: int) -> list[float]:
   return times
 
 
-def measure_compile(args) -> dict:
+def measure_compile(num_layers: int, scan_layers: bool, batch_size: int, prompt_len: int,
+                    new_tokens: int, loop_runs: int) -> dict:
   """Table A point: lower/compile prefill, one decode step and the decode loop; run them."""
   import jax
   import jax.numpy as jnp
 
   from xlps.models import transformer
 
-  spec = _spec(args.num_layers, bool(args.scan_layers))
+  spec = _spec(num_layers, scan_layers)
   module = transformer.DecoderLM(spec)
-  params, gen, batch, cache = _setup(spec, args.batch_size, args.prompt_len, args.new_tokens)
+  params, gen, batch, cache = _setup(spec, batch_size, prompt_len, new_tokens)
   _warm_backend()
 
   def decode_step(p, token, cache, pos):
@@ -182,13 +175,13 @@ def measure_compile(args) -> dict:
   result["finite"] = bool(jnp.isfinite(step_logits).all())
 
   result["prefill_s"] = statistics.median(_timed(lambda: prefill(params, batch, cache),
-                                                 args.loop_runs))
+                                                 loop_runs))
   result["loop_s"] = statistics.median(
-      _timed(lambda: loop(params, logits, filled, batch["lengths"]), args.loop_runs))
+      _timed(lambda: loop(params, logits, filled, batch["lengths"]), loop_runs))
   return result
 
 
-def measure_speed(args) -> dict:
+def measure_speed(prompt_len: int, new_tokens: int, speed_runs: int) -> dict:
   """Table B: prefill / decode tokens/s of the default model at batch 1 and 8; matmul GFLOP/s."""
   import jax
   import jax.numpy as jnp
@@ -196,11 +189,10 @@ def measure_speed(args) -> dict:
   spec = _spec(6)
   rows = []
   for batch_size in (1, 8):
-    params, gen, batch, cache = _setup(spec, batch_size, args.prompt_len, args.new_tokens)
+    params, gen, batch, cache = _setup(spec, batch_size, prompt_len, new_tokens)
     logits, filled = gen.prefill(params, batch, cache)
-    prefill = _timed(lambda: gen.prefill(params, batch, cache), args.speed_runs)
-    decode = _timed(lambda: gen.decode(params, logits, filled, batch["lengths"]),
-                    args.speed_runs)
+    prefill = _timed(lambda: gen.prefill(params, batch, cache), speed_runs)
+    decode = _timed(lambda: gen.decode(params, logits, filled, batch["lengths"]), speed_runs)
     out = gen.decode(params, logits, filled, batch["lengths"])
     rows.append({"batch": batch_size, "prefill_s": prefill, "decode_s": decode,
                  "generated": int(out.lengths.min())})
@@ -213,14 +205,15 @@ def measure_speed(args) -> dict:
           "backend": jax.default_backend()}
 
 
-def measure_cache(args) -> dict:
+def measure_cache(batch_size: int, prompt_len: int, new_tokens: int,
+                  cache_depths: list[int]) -> dict:
   """Table C: bytes per cached token, formula vs. allocated buffers."""
   from xlps import models
   from xlps.models import transformer
 
-  b, t = args.batch_size, args.prompt_len + args.new_tokens
+  b, t = batch_size, prompt_len + new_tokens
   rows = []
-  for n in [int(x) for x in args.cache_depths.split(",") if x.strip()]:
+  for n in cache_depths:
     for kv_heads in (4, 1):
       for label, policy, group, m_unique, order in CACHE_POLICIES:
         spec = _spec(n, num_kv_heads=kv_heads, kv_policy=policy, group_size=group,
@@ -239,27 +232,22 @@ def measure_cache(args) -> dict:
 # -------------------------------------------------------------------------- parent side
 
 
-def run_child(args, part: str, num_layers: int = 6, scan_layers: bool = True) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--single", "--part", part,
-         "--num_layers", str(num_layers), "--scan_layers", str(int(scan_layers)),
-         "--batch_size", str(args.batch_size), "--prompt_len", str(args.prompt_len),
-         "--new_tokens", str(args.new_tokens), "--loop_runs", str(args.loop_runs),
-         "--speed_runs", str(args.speed_runs), "--cache_depths", args.cache_depths]
-  env = dict(os.environ)
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = repo_root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=repo_root)
-  if proc.returncode != 0:
-    raise RuntimeError(f"child failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_child(part: str, num_layers: int = 6, scan_layers: bool = True) -> dict:
+  """Table ``part`` ("compile", "speed" or "cache") measured in a fresh process."""
+  b, p, g = _BATCH_SIZE.value, _PROMPT_LEN.value, _NEW_TOKENS.value
+  if part == "compile":
+    return harness.child("measure_compile", dict(
+        num_layers=num_layers, scan_layers=scan_layers, batch_size=b, prompt_len=p,
+        new_tokens=g, loop_runs=_LOOP_RUNS.value))
+  if part == "speed":
+    return harness.child("measure_speed", dict(prompt_len=p, new_tokens=g,
+                                               speed_runs=_SPEED_RUNS.value))
+  return harness.child("measure_cache", dict(
+      batch_size=b, prompt_len=p, new_tokens=g,
+      cache_depths=[int(x) for x in _CACHE_DEPTHS.value if x.strip()]))
 
 
-def _fmt_s(values: list[float], digits: int = 2) -> str:
-  med = statistics.median(values)
-  if len(values) == 1:
-    return f"{med:.{digits}f}"
-  return f"{med:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+_fmt_s = harness.median_range
 
 
 def _table(cols: list[str], rows: list[list[str]]) -> list[str]:
@@ -271,16 +259,12 @@ def _log(start: float, msg: str) -> None:
   print(f"[{time.perf_counter() - start:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  if args.single:
-    fn = {"compile": measure_compile, "speed": measure_speed, "cache": measure_cache}[args.part]
-    print(json.dumps(fn(args)))
-    return 0
-  depths = [int(x) for x in args.depths.split(",") if x.strip()]
+def main(argv):
+  del argv
+  depths = [int(x) for x in _DEPTHS.value if x.strip()]
   start = time.perf_counter()
   load_start = os.getloadavg()
-  b, p, g = args.batch_size, args.prompt_len, args.new_tokens
+  b, p, g = _BATCH_SIZE.value, _PROMPT_LEN.value, _NEW_TOKENS.value
 
   import flax
   import jax  # only for the version strings in the report
@@ -289,12 +273,12 @@ def main(argv=None) -> int:
   points = {}  # (label, N) -> list of child results
   for n in depths:
     for label, scan in VARIANTS:
-      if not scan and n > args.unrolled_max_depth:
-        _log(start, f"{label} N={n}: skipped (> --unrolled_max_depth={args.unrolled_max_depth})")
+      if not scan and n > _UNROLLED_MAX_DEPTH.value:
+        _log(start, f"{label} N={n}: skipped (> --unrolled_max_depth={_UNROLLED_MAX_DEPTH.value})")
         continue
       results = []
-      for _ in range(args.repeats):
-        r = run_child(args, "compile", n, scan)
+      for _ in range(_REPEATS.value):
+        r = run_child("compile", n, scan)
         if not (r["step_matches_loop"] and r["finite"] and r["generated"] == g):
           raise RuntimeError(f"{label} N={n}: sanity check failed: {r}")
         results.append(r)
@@ -310,7 +294,7 @@ def main(argv=None) -> int:
     for label, scan in VARIANTS:
       results = points.get((label, n))
       if results is None:
-        compile_rows.append([label, str(n)] + [f"skipped (N > {args.unrolled_max_depth})"]
+        compile_rows.append([label, str(n)] + [f"skipped (N > {_UNROLLED_MAX_DEPTH.value})"]
                             + [""] * 8)
         continue
       col = lambda k: [x[k] for x in results]  # noqa: E731
@@ -326,7 +310,7 @@ def main(argv=None) -> int:
           _fmt_s(step_ms, 2), _fmt_s([b / (ms / 1e3) for ms in step_ms], 0)])
 
   # ---- Table B
-  speed = run_child(args, "speed")
+  speed = run_child("speed")
   _log(start, f"speed: {speed}")
   b_rows = []
   for row in speed["rows"]:
@@ -337,7 +321,7 @@ def main(argv=None) -> int:
                    _fmt_s(pf, 0), _fmt_s(ms, 2), _fmt_s(dec, 0)])
 
   # ---- Table C
-  cache = run_child(args, "cache")
+  cache = run_child("cache")
   _log(start, "cache: done")
   c_rows, agree = [], True
   for r in cache["rows"]:
@@ -353,14 +337,17 @@ def main(argv=None) -> int:
     return statistics.median(x[f"{k}_lower_s"] + x[f"{k}_compile_s"]
                              for x in points[(label, n)])
 
+  def growth(label, lo, hi):
+    return [f"{name} {total(label, lo, k):.2f} -> {total(label, hi, k):.2f} s "
+            f"({total(label, hi, k) / total(label, lo, k):.2f}x)"
+            for k, name in (("prefill", "prefill"), ("step", "decode step"),
+                            ("loop", "decode loop"))]
+
   verdict = []
   scan_ns = [n for n in depths if ("scan", n) in points]
   if len(scan_ns) >= 2:
     lo, hi = scan_ns[0], scan_ns[-1]
-    parts = []
-    for k, name in (("prefill", "prefill"), ("step", "decode step"), ("loop", "decode loop")):
-      parts.append(f"{name} {total('scan', lo, k):.2f} -> {total('scan', hi, k):.2f} s "
-                   f"({total('scan', hi, k) / total('scan', lo, k):.2f}x)")
+    parts = growth("scan", lo, hi)
     step_hlo = {n: points[("scan", n)][0]["step_hlo_lines"] for n in scan_ns}
     flat = all(total("scan", hi, k) / total("scan", lo, k) < 1.5
                for k in ("prefill", "step", "loop"))
@@ -373,10 +360,7 @@ def main(argv=None) -> int:
   unrolled_ns = [n for n in depths if ("unrolled", n) in points]
   if len(unrolled_ns) >= 2:
     lo, hi = unrolled_ns[0], unrolled_ns[-1]
-    parts = []
-    for k, name in (("prefill", "prefill"), ("step", "decode step"), ("loop", "decode loop")):
-      parts.append(f"{name} {total('unrolled', lo, k):.2f} -> {total('unrolled', hi, k):.2f} s "
-                   f"({total('unrolled', hi, k) / total('unrolled', lo, k):.2f}x)")
+    parts = growth("unrolled", lo, hi)
     hlo = {n: points[("unrolled", n)][0]["step_hlo_lines"] for n in unrolled_ns}
     text = (f"**Unrolled: compile time grows with N.** From N={lo} to N={hi} ({hi // lo}x), "
             + "; ".join(parts) + "; decode-step HLO "
@@ -402,13 +386,11 @@ def main(argv=None) -> int:
 
   elapsed = time.perf_counter() - start
   load_end = os.getloadavg()
-  cmd = " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable),
-                                          os.path.relpath(__file__)] + sys.argv[1:])
   mm = speed["matmul_gflops"]
   report = [
       "# Decode: compile time vs. applied depth, tokens/s, cache bytes per token",
       "",
-      f"Command: `{cmd}`",
+      f"Command: `{harness.command()}`",
       "",
       f"jax {jax.__version__}, flax {flax.__version__}, backend {jax.default_backend()}, "
       f"{os.cpu_count()} CPU cores visible. Total benchmark wall time: {elapsed:.1f} s. "
@@ -427,7 +409,7 @@ def main(argv=None) -> int:
       "## A. Compile time vs. applied depth N",
       "",
       f"Batch {b} prompts x {p} tokens, {g} new tokens (cache length {p + g}). Each row: "
-      f"{args.repeats} fresh process(es), persistent compilation cache off; seconds, median "
+      f"{_REPEATS.value} fresh process(es), persistent compilation cache off; seconds, median "
       "(min-max). `lower` = `jitted.lower(...)` (trace + lowering to StableHLO), `compile` = "
       "`lowered.compile()` (XLA). Programs, compiled in this order in each process: "
       "prefill = `LMGenerator.prefill` (the prompt chunk against the empty cache); step = "
@@ -441,7 +423,7 @@ def main(argv=None) -> int:
               "step compile s", "step lower+compile s", "step HLO lines", "loop lower s",
               "loop compile s", "loop HLO lines"], compile_rows) + [
       "",
-      f"Run time of the same compiled programs, per process the median of {args.loop_runs} "
+      f"Run time of the same compiled programs, per process the median of {_LOOP_RUNS.value} "
       "runs after a warm-up, then the median (min-max) over processes. Prefill tokens/s = "
       f"{b} x {p} / prefill time; ms/step = decode loop time / {g} (the whole batch of {b} "
       f"rows per step); decode tokens/s = {b} / step time.",
@@ -452,7 +434,7 @@ def main(argv=None) -> int:
       "## B. Default model (N=6) speed",
       "",
       f"One process; prompt {p} tokens, {g} new tokens; median (min-max) of "
-      f"{args.speed_runs} timed runs after a warm-up (compile excluded). Prefill tokens/s "
+      f"{_SPEED_RUNS.value} timed runs after a warm-up (compile excluded). Prefill tokens/s "
       f"= batch x {p} / prefill time; decode tokens/s = batch x {g} / decode-loop time. "
       f"Float32 matmul ceiling in the same process: {mm:.1f} GFLOP/s "
       f"({speed['matmul_gflops_range'][0]:.1f}-{speed['matmul_gflops_range'][1]:.1f}; "
@@ -473,13 +455,8 @@ def main(argv=None) -> int:
       "",
   ] + _table(["N", "K/V heads", "policy", "entries C", "formula bytes/token",
               "allocated bytes/token", "agree", "total MiB", "k shape"], c_rows) + [""]
-  text = "\n".join(report)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
-  return 0
+  harness.report("\n".join(report), _OUT.value)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  harness.run(main)

@@ -11,31 +11,34 @@ the peak resident set size of running one step (``VmHWM`` after resetting it thr
 group saving only its input. The goal (issue 12): temp at N = 96 <= 1.5 x temp at N = 6.
 ``M=3`` rows use three slots (order cycle): without the slot-gather fix each applied layer
 saved its own copy of its slot's weights; ``--before TREE`` measures those rows in an
-older source tree as well.
+older source tree as well (this script, with that tree's ``xlps`` and ``configs``).
 
-  .venv/bin/python bench/depth_memory.py --out bench/depth_memory.md
-  .venv/bin/python bench/depth_memory.py --before /tmp/xlps_before --out bench/depth_memory.md
+    .venv/bin/python -m bench.depth_memory --out=bench/depth_memory.md
+    .venv/bin/python -m bench.depth_memory --before=/tmp/xlps_before --out=bench/depth_memory.md
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from absl import flags
+
+from bench import harness
+
+ROOT = harness.ROOT
 POLICIES = ("none", "full", "nothing_saveable", "everything_saveable", "dots_saveable",
             "dots_with_no_batch_dims_saveable")
 DEPTHS = (6, 24, 96)
 
+_BEFORE = flags.DEFINE_string("before", "", "An older xlps source tree: its M=3 rows too.")
+_POLICIES = flags.DEFINE_list("policies", list(POLICIES), "Remat policies of the M=1 rows.")
+_OUT = flags.DEFINE_string("out", "", "Also write the markdown report here.")
+
 
 def measure(num_layers: int, policy: str, group: int, num_unique: int) -> dict:
   """Compiles and runs one train step in this process; temp bytes and peak RSS."""
-  import jax
   import numpy as np
   from bench.sharded_run import lm_batch, sharded_steps
   from configs import default
@@ -60,11 +63,8 @@ def measure(num_layers: int, policy: str, group: int, num_unique: int) -> dict:
   mem = compiled.memory_analysis()
   with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
     f.write("5")
-  start = time.perf_counter()
   with partitioning.activate(mesh, rules):
-    state, metrics = compiled(setup.state, batch)
-    jax.block_until_ready((state, metrics))
-  step_s = time.perf_counter() - start
+    _, metrics, (step_s,) = harness.timed_steps(compiled, setup.state, batch, 1)
   status = open("/proc/self/status").read()
   hwm = int(status.split("VmHWM:")[1].split()[0]) * 1024
   return {"temp": mem.temp_size_in_bytes, "args": mem.argument_size_in_bytes,
@@ -73,35 +73,19 @@ def measure(num_layers: int, policy: str, group: int, num_unique: int) -> dict:
 
 
 def child(tree: str, n: int, policy: str, group: int, num_unique: int) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([n, policy, group,
-                                                                          num_unique])]
-  env = dict(os.environ, PYTHONPATH=tree)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
-  if proc.returncode:
-    raise RuntimeError(proc.stderr[-3000:])
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return harness.child("measure", dict(num_layers=n, policy=policy, group=group,
+                                       num_unique=num_unique), tree=tree, drop_xla_flags=True)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--before", default="")
-  p.add_argument("--policies", default=",".join(POLICIES))
-  p.add_argument("--out", default="")
-  p.add_argument("--child", default="", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  if args.child:
-    print(json.dumps(measure(*json.loads(args.child))))
-    return 0
+def main(argv):
+  del argv
   start = time.time()
-  rows = [(policy, group, 1, ROOT) for policy in args.policies.split(",") for group in (0, -1)]
+  rows = [(policy, group, 1, ROOT) for policy in _POLICIES.value for group in (0, -1)]
   rows += [(policy, group, 3, ROOT) for policy in ("none", "full") for group in (0, -1)]
-  if args.before:
-    rows += [(policy, 0, 3, os.path.abspath(args.before)) for policy in ("none", "full")]
+  if _BEFORE.value:
+    rows += [(policy, 0, 3, os.path.abspath(_BEFORE.value)) for policy in ("none", "full")]
   lines = ["# Training-step memory vs applied depth", "",
-           "Command: `" + " ".join(shlex.quote(a) for a in [".venv/bin/python",
-                                                           "bench/depth_memory.py"]
-                                   + (argv if argv is not None else sys.argv[1:])) + "`", "",
+           f"Command: `{harness.command()}`", "",
            "Decoder LM d_model 256, 4 heads, FFN 1024, vocab 260, batch 8 x 128, AdamW, float32; "
            "one fresh process per cell. temp = XLA temp MiB (activations and residuals); "
            "RSS = peak resident MiB while running one step (compile excluded); ratio = "
@@ -122,13 +106,8 @@ def main(argv=None) -> int:
                  + f" | {res[-1]['step_s']:.2f} |")
     print(f"[{time.time() - start:5.0f}s] {lines[-1]}", file=sys.stderr)
   lines += ["", f"Wall time {time.time() - start:.0f} s.", ""]
-  report = "\n".join(lines)
-  print(report)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(report)
-  return 0
+  harness.report("\n".join(lines), _OUT.value)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  harness.run(main)

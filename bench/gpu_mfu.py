@@ -21,9 +21,9 @@ no causal discount), MFU against ``xlps.metrics.peak_flops`` (H200: 989e12 bf16 
 ``compiled.memory_analysis()`` and whether the compiled step calls cuDNN attention.
 From the repository root, with xlps installed (``pip install -e .``) and a CUDA jax:
 
-    python bench/gpu_mfu.py --out bench/gpu_mfu.md          # on a GPU machine
-    python bench/gpu_mfu.py --dry_run --out bench/gpu_mfu.md  # CPU check of the same path
-    python bench/gpu_mfu.py --batch_size 8 --remat_policy full --steps 10
+    python -m bench.gpu_mfu --out=bench/gpu_mfu.md            # on a GPU machine
+    python -m bench.gpu_mfu --dry_run --out=bench/gpu_mfu.md  # CPU check of the same path
+    python -m bench.gpu_mfu --batch_size=8 --remat_policy=full --steps=10
 
 ``--dry_run`` shrinks the model (d_model 64, 4 layers, vocabulary 512, sequence 64,
 batch 2) and runs exactly the same code on any backend in well under a minute.
@@ -32,48 +32,47 @@ batch 2) and runs exactly the same code on any backend in well under a minute.
 from __future__ import annotations
 
 import os
+import statistics
+import sys
+import time
+import types
 
-# JAX preallocates 75% of GPU memory by default; the step may need more.
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+import jax
+import numpy as np
+from absl import flags
 
-import argparse  # noqa: E402
-import shlex  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from xlps import config as config_lib  # noqa: E402
-from xlps import metrics, models, partitioning, train  # noqa: E402
+from bench import harness
+from xlps import config as config_lib
+from xlps import metrics, models, partitioning, train
 
 FULL = dict(d_model=2048, num_heads=16, d_ff=8192, num_layers=20, vocab_size=32000,
             seq_len=2048, batch_size=16)
 DRY = dict(d_model=64, num_heads=4, d_ff=256, num_layers=4, vocab_size=512, seq_len=64,
            batch_size=2)
 
-
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--dry_run", action="store_true", help="shrunken model, same code path")
-  for key in FULL:
-    p.add_argument(f"--{key}", type=int, default=None, help=f"default {FULL[key]} "
-                   f"({DRY[key]} with --dry_run)")
-  p.add_argument("--remat_policy", default="dots_with_no_batch_dims_saveable",
-                 choices=config_lib.REMAT_POLICIES)
-  p.add_argument("--attention_impl", default="auto", choices=config_lib.ATTENTION_IMPLS)
-  p.add_argument("--warmup", type=int, default=3, help="untimed steps after the first")
-  p.add_argument("--steps", type=int, default=20, help="timed steady-state steps")
-  p.add_argument("--out", default="", help="also write the markdown report here")
-  args = p.parse_args(argv)
-  for key, value in (DRY if args.dry_run else FULL).items():
-    if getattr(args, key) is None:
-      setattr(args, key, value)
-  return args
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Shrunken model, same code path.")
+_SIZES = {key: flags.DEFINE_integer(key, None, f"Default {FULL[key]} ({DRY[key]} with --dry_run).")
+          for key in FULL}
+_REMAT_POLICY = flags.DEFINE_enum("remat_policy", "dots_with_no_batch_dims_saveable",
+                                  config_lib.REMAT_POLICIES, "model.remat_policy.")
+_ATTENTION_IMPL = flags.DEFINE_enum("attention_impl", "auto", config_lib.ATTENTION_IMPLS,
+                                    "model.attention_impl.")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after the first.")
+_STEPS = flags.DEFINE_integer("steps", 20, "Timed steady-state steps.")
+_OUT = flags.DEFINE_string("out", "", "Also write the markdown report here.")
 
 
-def experiment_config(args: argparse.Namespace, batch_size: int):
+def settings() -> types.SimpleNamespace:
+  """The flags, sizes resolved against ``FULL`` or (``--dry_run``) ``DRY``."""
+  sizes = DRY if _DRY_RUN.value else FULL
+  return types.SimpleNamespace(
+      dry_run=_DRY_RUN.value, remat_policy=_REMAT_POLICY.value,
+      attention_impl=_ATTENTION_IMPL.value, warmup=_WARMUP.value, steps=_STEPS.value,
+      out=_OUT.value, **{key: sizes[key] if flag.value is None else flag.value
+                         for key, flag in _SIZES.items()})
+
+
+def experiment_config(args: types.SimpleNamespace, batch_size: int):
   """The full xlps config of the benchmarked model and optimizer."""
   config = config_lib.base_config()
   m = config.model
@@ -96,7 +95,7 @@ def out_of_memory(error: Exception) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
-def measure(args: argparse.Namespace, batch_size: int) -> dict:
+def measure(args: types.SimpleNamespace, batch_size: int) -> dict:
   """Compile, first step and steady-state steps of one batch size."""
   config = experiment_config(args, batch_size)
   mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
@@ -117,12 +116,7 @@ def measure(args: argparse.Namespace, batch_size: int) -> dict:
   for _ in range(args.warmup):
     state, out = steps.train(state, batch)
   jax.block_until_ready(out)
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, out = steps.train(state, batch)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - start)
+  state, out, times = harness.timed_steps(steps.train, state, batch, args.steps)
   loss = float(out["loss_sum"] / out["tokens"])
   if not np.isfinite(loss):
     raise RuntimeError(f"the loss is {loss} after {1 + args.warmup + args.steps} steps")
@@ -138,7 +132,7 @@ def _bytes(n: int | None) -> str:
   return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
-def report(args: argparse.Namespace, argv: list[str], r: dict, tried: list[int]) -> str:
+def report(args: types.SimpleNamespace, r: dict, tried: list[int]) -> str:
   spec = models.spec_of(r["config"])
   summary = models.summarize(spec, seq_len=args.seq_len)
   flops_per_token = summary["flops_per_token"]
@@ -152,14 +146,14 @@ def report(args: argparse.Namespace, argv: list[str], r: dict, tried: list[int])
   if device.platform != "gpu":
     lines += [f"**No GPU was available to this run** (backend {device.platform}): the GPU "
               "numbers are missing. The script is ready to run on a GPU machine: "
-              "`python bench/gpu_mfu.py --out bench/gpu_mfu.md`.", ""]
+              "`python -m bench.gpu_mfu --out=bench/gpu_mfu.md`.", ""]
   if args.dry_run:
     lines += ["Dry run (`--dry_run`): a shrunken model through exactly the code path of the "
               "full run; its times and MFU say nothing about GPU performance.", ""]
   lines += [
       "# bf16 MFU of a weight-tied decoder LM on one device",
       "",
-      f"Command: `{shlex.join(['python', 'bench/gpu_mfu.py', *argv])}`",
+      f"Command: `{harness.command()}`",
       "",
       f"jax {jax.__version__}, device {device.device_kind} ({device.platform}), peak "
       f"{peak / 1e12:.1f} TFLOP/s ({peak_source}).",
@@ -195,9 +189,9 @@ def report(args: argparse.Namespace, argv: list[str], r: dict, tried: list[int])
   return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  args = parse_args(argv)
+def main(argv):
+  del argv
+  args = settings()
   batch_size, tried = args.batch_size, []
   while True:
     tried.append(batch_size)
@@ -209,13 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
       print(f"batch {batch_size} does not fit; trying {batch_size // 2}", file=sys.stderr)
       batch_size //= 2
-  text = report(args, argv, result, tried)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text)
-  return 0
+  harness.report(report(args, result, tried), args.out)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  # JAX preallocates 75% of GPU memory by default; the step may need more.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  harness.run(main)

@@ -30,8 +30,9 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from bench import harness
 from xlps import checkpoint as checkpoint_lib
 
 _TRIALS = flags.DEFINE_integer("trials", 50, "Kill-and-resume trials.")
@@ -39,7 +40,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the kill moments.")
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/xlps_kill_resume_tfds", "TFDS data dir.")
 _OUT = flags.DEFINE_string("out", "", "Markdown report to write (besides stdout).")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(harness.ROOT)
 STEPS = 24
 KINDS = ("random", "log", "save", "eval")
 # Every key of a row but the wall-time rates (steps/s, tokens/s, useful tokens/s, MFU).
@@ -187,7 +188,7 @@ def report(results: list[dict], seconds: float, ref_rows: list[tuple]) -> None:
     moments[r["moment"]] = moments.get(r["moment"], 0) + 1
   lines = [
       "# Kill anywhere: SIGKILL, re-run, compare", "",
-      "    python -m bench.kill_resume --trials=" + str(n) + " --out=bench/kill_resume.md", "",
+      "    " + harness.command(), "",
       f"{n} trials in {seconds / 60:.1f} min on {os.cpu_count()} CPU cores; each run "
       f"trains {STEPS} steps (a metrics row every 3, async checkpoints every 4, evaluation "
       f"every 8, dropout 0.1); each run writes {len(ref_rows)} rows, compared in "
@@ -213,11 +214,8 @@ def report(results: list[dict], seconds: float, ref_rows: list[tuple]) -> None:
         for a, b in r["mismatches"]),
       *(["- none"] if not any(r["mismatches"] for r in results) else []),
   ]
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if _OUT.value:
-    pathlib.Path(_OUT.value).write_text(text)
+  harness.report("\n".join(lines), _OUT.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main)

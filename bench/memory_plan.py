@@ -1,6 +1,6 @@
 """Per-device memory of the real train step on 8-device meshes: compiled, never run.
 
-    PYTHONPATH=. .venv/bin/python bench/memory_plan.py --out bench/memory_plan.md
+    .venv/bin/python -m bench.memory_plan --out=bench/memory_plan.md
 
 For ALBERT-xxlarge (``configs/albert.py:xxlarge``) and a ~1B applied-parameter weight-tied
 decoder LM (d_model 2048, FFN 8192, 16 heads, one layer applied 20 times, vocab 32000,
@@ -18,28 +18,25 @@ per-layer term: the slope of XLA's temp bytes between N and N/2 applied layers.
 
 from __future__ import annotations
 
-import os
+import functools
+import math
+import subprocess
+import time
+from typing import Any
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import flags
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import math  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+from bench import harness
+from bench.sharded_run import mesh_config
+from configs import albert
+from xlps import config as config_lib
+from xlps import families, models, partitioning, train
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-
-from bench.sharded_run import mesh_config  # noqa: E402
-from configs import albert  # noqa: E402
-from xlps import config as config_lib  # noqa: E402
-from xlps import families, models, partitioning, train  # noqa: E402
+_OUT = flags.DEFINE_string("out", "", "Also write the markdown report here.")
 
 MIB = 2 ** 20
 MESHES = (("data=8", {"data": 8}), ("fsdp=8", {"fsdp": 8}),
@@ -184,10 +181,8 @@ def gap(measured: float, predicted: float) -> str:
   return f"{100 * (predicted - measured) / measured:+.1f}%"
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--out", default="")
-  args = parser.parse_args()
+def main(argv):
+  del argv
   grid = ["| model | mesh | remat | params | AdamW state | argument: XLA / formula | "
           "output (aliased) | temp: XLA / formula (gap) | argument + temp | compile s |",
           "|" + "---|" * 10]
@@ -232,10 +227,10 @@ def main() -> None:
                     f"{mib(half['temp'])} | {slope / MIB:,.2f} / {formula / MIB:,.2f} |")
       print(slopes[-1], flush=True)
   commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                          text=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
+                          text=True, cwd=harness.ROOT)
   text = "\n".join([
       "# Memory plan: per-device bytes of the train step on 8 devices (compiled, not run)",
-      "", "    PYTHONPATH=. .venv/bin/python bench/memory_plan.py --out bench/memory_plan.md",
+      "", f"    {harness.command()}",
       "", f"jax {jax.__version__}, 8 fake CPU devices (`--xla_force_host_platform_device_count"
       f"=8`), source {commit.stdout.strip() or 'unknown'}. MiB per device. float32 params, "
       "AdamW moments and compute; ALBERT-xxlarge batch 8 x 512, tied LM 1B batch 8 x 2048 "
@@ -250,11 +245,8 @@ def main() -> None:
       "Per-layer check on data=8: slope of XLA temp between N and N/2 applied layers against "
       "the formula's per-layer bytes (no remat: `layer_bytes`; full remat: one layer input).",
       "", *slopes])
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  harness.report(text, _OUT.value)
 
 
 if __name__ == "__main__":
-  main()
+  harness.run(main, cpu_devices=8)

@@ -1,6 +1,6 @@
 """Where a training step's time goes: a ``jax.profiler`` trace mapped onto the compiled HLO.
 
-Compiles the same step as ``bench/step_vs_torch.py`` (``--workload albert|decoder``), runs
+Compiles the same step as ``bench.step_vs_torch`` (``--workload=albert|decoder``), runs
 ``--steps`` steps under ``jax.profiler.trace`` (perfetto JSON), and sums the duration of
 every XLA:CPU thunk by its HLO instruction (``args.hlo_op``). Each instruction is put in
 one category from the optimized HLO (its opcode, the ops of its fused computation, and
@@ -23,12 +23,13 @@ fresh pages for XLA's temp buffer.
 ``compiled.cost_analysis()`` FLOPs are printed for comparison: XLA counts a while loop's
 body once, so they undercount the scanned depth N-fold.
 
-  .venv/bin/python bench/profile_step.py --workload albert --out bench/profile_albert.md
+    .venv/bin/python -m bench.profile_step --workload=albert --out=bench/profile_albert.md
+    .venv/bin/python -m bench.profile_step --workload=albert --set=remat_policy=dots_saveable \
+        --out=bench/profile_albert_dots.md
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -36,11 +37,18 @@ import json
 import os
 import re
 import resource
-import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+
+from bench import harness, workloads
+
+_WORKLOAD = flags.DEFINE_enum("workload", "albert", list(workloads.SHAPES),
+                              "Workload of bench.step_vs_torch.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Traced steps (and as many untraced ones).")
+_SET = flags.DEFINE_multi_string("set", [], "Model key=value overrides (e.g. "
+                                 "remat_policy=full); repeat for several.")
+_OUT = flags.DEFINE_string("out", "", "Also write the markdown report here.")
 
 INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?\s([a-z][\w\-]*)\((.*)$")
 COMP = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
@@ -95,33 +103,18 @@ def category(name: str, instrs: dict, comps: dict) -> str | None:
   return "elementwise"
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workload", default="albert", choices=("albert", "decoder"))
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--set", action="append", default=[],
-                 help="model key=value overrides (e.g. remat_policy=full)")
-  p.add_argument("--out", default="")
-  args = p.parse_args(argv)
-
+def main(argv):
+  del argv
   import jax
-  from bench import step_vs_torch as bench
-  from xlps import config as config_lib
   from xlps import models, partitioning
-  from xlps import train as train_lib
 
-  config = bench.xlps_config(args.workload)
-  for item in args.set:
+  workload, steps = _WORKLOAD.value, _STEPS.value
+  config = workloads.xlps_config(workload)
+  for item in _SET.value:
     key, _, value = item.partition("=")
     old = config.model[key]
     config.model[key] = type(old)(value) if not isinstance(old, bool) else value == "True"
-  spec = config_lib.validate(config)
-  mesh, rules = partitioning.make_mesh(config.mesh), partitioning.rules_of(config.mesh)
-  setup = train_lib.make_steps(spec, train_lib.make_optimizer(config.train), 0, mesh, rules)
-  arrays = bench.batch_arrays(args.workload)
-  if args.workload == "albert":
-    arrays["input_mask"] = (arrays["inputs"] != 0).astype("int32")
-  batch = setup.global_batch(arrays)
+  spec, setup, batch, mesh, rules = workloads.xlps_setup(workload, config)
   state = setup.state
   with partitioning.activate(mesh, rules):
     compiled = setup.train_fn.lower(state, batch).compile()
@@ -130,19 +123,13 @@ def main(argv=None) -> int:
     jax.block_until_ready(state)
     trace_dir = tempfile.mkdtemp(prefix="xlps_profile_")
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(args.steps):  # untraced: page faults and system time per step
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
+    # untraced: page faults and system time per step
+    state, metrics, _ = harness.timed_steps(compiled, state, batch, steps)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    faults = (after.ru_minflt - usage.ru_minflt) / args.steps
-    sys_s = (after.ru_stime - usage.ru_stime) / args.steps
-    walls = []
+    faults = (after.ru_minflt - usage.ru_minflt) / steps
+    sys_s = (after.ru_stime - usage.ru_stime) / steps
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        walls.append(time.perf_counter() - start)
+      state, metrics, walls = harness.timed_steps(compiled, state, batch, steps)
   instrs, comps = parse_hlo(compiled.as_text())
   path = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)[0]
   events = json.load(gzip.open(path))
@@ -165,15 +152,14 @@ def main(argv=None) -> int:
     if t > end:
       busy += t - max(s, end)
       end = t
-  steps, wall = args.steps, sum(walls)
+  wall = sum(walls)
   leaf = sum(per_cat.values())
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  summary = models.summarize(spec, bench.SEQ)
-  lines = [f"# Step profile: {args.workload} ({module})", "",
-           f"Command: `.venv/bin/python bench/profile_step.py --workload {args.workload}"
-           + "".join(f" --set {s}" for s in args.set) + (f" --out {args.out}" if args.out else "")
-           + "`", "",
+  summary = models.summarize(spec, workloads.SEQ)
+  step_flops = summary["flops_per_token"] * workloads.BATCH * workloads.SEQ
+  lines = [f"# Step profile: {workload} ({module})", "",
+           f"Command: `{harness.command()}`", "",
            f"{steps} traced steps, wall {wall / steps:.3f} s/step; thunks busy "
            f"{busy / 1e6 / steps:.3f} s/step (union of intervals); host overhead "
            f"{(wall - busy / 1e6) / steps:.3f} s/step; summed leaf-thunk time "
@@ -181,7 +167,7 @@ def main(argv=None) -> int:
            f"Untraced steps: {faults:,.0f} minor page faults and {sys_s:.2f} s of system CPU "
            f"time per step; XLA temp {compiled.memory_analysis().temp_size_in_bytes / 2**20:,.0f}"
            " MiB (the temp buffer is mapped afresh each step: its pages fault in again).", "",
-           f"Model FLOPs/step {summary['flops_per_token'] * bench.BATCH * bench.SEQ / 1e9:.0f} G; "
+           f"Model FLOPs/step {step_flops / 1e9:.0f} G; "
            f"`cost_analysis()` flops {cost.get('flops', 0) / 1e9:.0f} G (counts the scanned "
            "body once), bytes accessed "
            f"{cost.get('bytes accessed', 0) / 1e9:.1f} GB.", "",
@@ -193,13 +179,8 @@ def main(argv=None) -> int:
   for name, secs in per_op.most_common(15):
     opcode, _, op_name = instrs.get(name, ("?", None, ""))
     lines.append(f"| {name} | {opcode} | {secs / steps:.3f} | `{op_name[-90:]}` |")
-  report = "\n".join(lines) + "\n"
-  print(report)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(report)
-  return 0
+  harness.report("\n".join(lines), _OUT.value)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  harness.run(main)

@@ -11,10 +11,11 @@ import os
 import tempfile
 
 import fsspec
-from absl import app, flags
+from absl import flags
 from etils import epath
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
+from bench import harness
 from xlps import metrics
 
 _RECORDS = flags.DEFINE_list("records", ["100", "1000", "3000"], "Run lengths in records.")
@@ -66,4 +67,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.run(main)

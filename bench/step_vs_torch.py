@@ -17,73 +17,42 @@ FLOPs (``xlps.models.summarize``: 6 x applied params + attention, per token) per
 over that ceiling. xlps reports trace/lower, cold compile, compile from the persistent
 cache, and first step separately from the steady-state median.
 
-  .venv/bin/python bench/step_vs_torch.py --out bench/step_vs_torch.md
-  # before/after a change, in one run: xlps from another source tree as a second column
-  git worktree add /tmp/xlps_before <commit>
-  .venv/bin/python bench/step_vs_torch.py --before /tmp/xlps_before --out bench/step_vs_torch.md
+    .venv/bin/python -m bench.step_vs_torch --out=bench/step_vs_torch.md
+    # before/after a change, in one run: xlps from another source tree as a second column
+    git worktree add /tmp/xlps_before <commit>
+    .venv/bin/python -m bench.step_vs_torch --before=/tmp/xlps_before --out=bench/step_vs_torch.md
+    # quick check: one round, one timed step, one workload
+    .venv/bin/python -m bench.step_vs_torch --workloads=decoder --rounds=1 --steps=1
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH, SEQ = 8, 128
-LR, WEIGHT_DECAY, CLIP = 1e-4, 0.01, 1.0
-SHAPES = {
-    "albert": dict(vocab=30000, embed=128, hidden=768, heads=12, ffn=3072, layers=12),
-    "decoder": dict(vocab=32000, embed=768, hidden=768, heads=12, ffn=3072, layers=12),
-}
+from absl import flags
 
+from bench import harness
+from bench.workloads import (BATCH, CLIP, LR, SEQ, SHAPES, WEIGHT_DECAY, batch_arrays,
+                             xlps_config, xlps_setup)
 
-def batch_arrays(workload: str, seed: int = 0) -> dict:
-  """The numpy batch both implementations train on (same tokens, same scored positions)."""
-  import numpy as np
-  rng = np.random.default_rng(seed)
-  vocab = SHAPES[workload]["vocab"]
-  tokens = rng.integers(5, vocab, (BATCH, SEQ), dtype=np.int32)
-  if workload == "albert":
-    scored = rng.random((BATCH, SEQ)) < 0.15
-    inputs = np.where(scored, 4, tokens).astype(np.int32)  # 4 = [MASK]
-    return dict(inputs=inputs, targets=tokens, weights=scored.astype(np.float32))
-  targets = np.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-  weights = np.ones((BATCH, SEQ), np.float32)
-  weights[:, -1] = 0.0  # as HF's internal shift: the last position has no next token
-  return dict(inputs=tokens, targets=targets, weights=weights)
+_WORKLOADS = flags.DEFINE_list("workloads", ["albert", "decoder"], "Workloads to measure.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per process (after one).")
+_BEFORE = flags.DEFINE_string("before", "", "Another xlps source tree, measured alongside.")
+_VARIANTS = flags.DEFINE_string(
+    "variants", "", "Semicolon-separated model overrides measured as extra xlps rows, e.g. "
+    "'remat_policy=dots_saveable'.")
+_OUT = flags.DEFINE_string("out", "", "Also write the markdown report here.")
+
+ROOT = harness.ROOT
 
 
 # ------------------------------------------------------------------------------ children
-
-
-def xlps_config(workload: str):
-  """The full xlps experiment config of ``workload`` (keys that every revision knows)."""
-  from configs import albert
-  from xlps import config as config_lib
-  shape = SHAPES[workload]
-  if workload == "albert":
-    config = albert.get_config("base")
-    config.model.activation = "gelu"
-  else:
-    config = config_lib.base_config()
-    m = config.model
-    m.family, m.vocab_size, m.d_model, m.num_heads = "decoder_lm", shape["vocab"], shape["hidden"], shape["heads"]
-    m.d_ff, m.num_layers, m.max_len, m.activation = shape["ffn"], shape["layers"], 512, "gelu"
-    m.norm_eps = 1e-5
-    m.sharing.num_unique = 1
-  config.model.dropout_rate = config.model.attention_dropout_rate = 0.0
-  t = config.train
-  t.learning_rate, t.weight_decay, t.grad_clip_norm = LR, WEIGHT_DECAY, CLIP
-  t.warmup_steps, t.num_steps, t.batch_size = 0, 1000, BATCH
-  config.data.seq_len = SEQ
-  return config
 
 
 def run_xlps(workload: str, steps: int, overrides: str = "") -> dict:
@@ -92,22 +61,13 @@ def run_xlps(workload: str, steps: int, overrides: str = "") -> dict:
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  from xlps import config as config_lib
   from xlps import models, partitioning
-  from xlps import train as train_lib
 
   config = xlps_config(workload)
   for item in filter(None, overrides.split(",")):  # model key=value (str keys only)
     key, _, value = item.partition("=")
     config.model[key] = value
-  spec = config_lib.validate(config)
-  mesh = partitioning.make_mesh(config.mesh)
-  rules = partitioning.rules_of(config.mesh)
-  setup = train_lib.make_steps(spec, train_lib.make_optimizer(config.train), 0, mesh, rules)
-  arrays = batch_arrays(workload)
-  if workload == "albert":
-    arrays["input_mask"] = (arrays["inputs"] != 0).astype("int32")
-  batch = setup.global_batch(arrays)
+  spec, setup, batch, mesh, rules = xlps_setup(workload, config)
   state = setup.state
   jax.block_until_ready(state)
   fn = setup.train_fn
@@ -123,13 +83,8 @@ def run_xlps(workload: str, steps: int, overrides: str = "") -> dict:
     compiled = fn.lower(state, batch).compile()  # served from the persistent cache
     t4 = time.perf_counter()
   mem = compiled.memory_analysis()
-  times = []
   with partitioning.activate(mesh, rules):
-    for _ in range(steps + 1):
-      start = time.perf_counter()
-      state, metrics = compiled(state, batch)
-      jax.block_until_ready((state, metrics))
-      times.append(time.perf_counter() - start)
+    state, metrics, times = harness.timed_steps(compiled, state, batch, steps + 1)
   return {"lower_s": t1 - t0, "compile_s": t2 - t1, "cached_lower_compile_s": t4 - t3,
           "first_step_s": times[0], "steps_s": times[1:], "loss": float(metrics["loss_sum"] /
                                                                          metrics["tokens"]),
@@ -216,15 +171,9 @@ def run_ceiling() -> dict:
 # -------------------------------------------------------------------------------- parent
 
 
-def child(kind: str, workload: str, steps: int, tree: str = ROOT, overrides: str = "") -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--workload", workload,
-         "--steps", str(steps), "--overrides", overrides]
-  env = dict(os.environ, PYTHONPATH=tree)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
-  if proc.returncode:
-    raise RuntimeError(f"{kind} child failed:\n{proc.stderr[-4000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+def child(fn: str, tree: str = ROOT, **kwargs) -> dict:
+  """``fn(**kwargs)`` in a fresh process, with xlps from ``tree``, without ``XLA_FLAGS``."""
+  return harness.child(fn, kwargs, tree=tree, drop_xla_flags=True)
 
 
 def git_rev(tree: str) -> str:
@@ -235,46 +184,29 @@ def git_rev(tree: str) -> str:
   return out + ("+changes" if dirty else "")
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workloads", default="albert,decoder")
-  p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--steps", type=int, default=5, help="timed steps per process (after one)")
-  p.add_argument("--before", default="", help="another xlps source tree, measured alongside")
-  p.add_argument("--variants", default="",
-                 help="semicolon-separated model overrides measured as extra xlps rows, e.g. "
-                      "'remat_policy=dots_saveable'")
-  p.add_argument("--overrides", default="", help=argparse.SUPPRESS)
-  p.add_argument("--out", default="")
-  p.add_argument("--child", default="", help=argparse.SUPPRESS)
-  p.add_argument("--workload", default="albert", help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
-  if args.child:
-    if args.child == "xlps":
-      print(json.dumps(run_xlps(args.workload, args.steps, args.overrides)))
-    else:
-      fn = {"torch": run_torch, "ceiling": lambda w, s: run_ceiling()}[args.child]
-      print(json.dumps(fn(args.workload, args.steps)))
-    return 0
-
+def main(argv):
+  del argv
   # name -> (source tree, model overrides)
   runs = {"xlps": (ROOT, "")}
-  for variant in filter(None, args.variants.split(";")):
+  for variant in filter(None, _VARIANTS.value.split(";")):
     runs[f"xlps {variant}"] = (ROOT, variant)
-  if args.before:
-    runs["xlps before"] = (os.path.abspath(args.before), "")
+  if _BEFORE.value:
+    runs["xlps before"] = (os.path.abspath(_BEFORE.value), "")
   trees = [(name, tree) for name, (tree, _) in runs.items() if name in ("xlps", "xlps before")]
   names = ["torch", *runs]
   start, load0 = time.time(), os.getloadavg()[0]
-  results = {w: {n: [] for n in names} for w in args.workloads.split(",")}
+  results = {w: {n: [] for n in names} for w in _WORKLOADS.value}
   ceilings = []
-  for r in range(args.rounds):
-    ceilings.append(child("ceiling", "albert", 0)["flops"])
+  for r in range(_ROUNDS.value):
+    ceilings.append(child("run_ceiling")["flops"])
     for workload in results:
       order = names if r % 2 == 0 else names[::-1]
       for name in order:
         tree, overrides = runs.get(name, (ROOT, ""))
-        res = child("torch" if name == "torch" else "xlps", workload, args.steps, tree, overrides)
+        if name == "torch":
+          res = child("run_torch", workload=workload, steps=_STEPS.value)
+        else:
+          res = child("run_xlps", tree, workload=workload, steps=_STEPS.value, overrides=overrides)
         results[workload][name].append(res)
         print(f"[{time.time() - start:6.0f}s] round {r} {workload} {name}: median "
               f"{statistics.median(res['steps_s']):.3f}s loss {res['loss']:.4f}", file=sys.stderr)
@@ -284,16 +216,14 @@ def main(argv=None) -> int:
   lines = [
       "# xlps vs HuggingFace PyTorch eager: training step, side by side",
       "",
-      "Command: `" + " ".join(shlex.quote(a) for a in
-                              [os.path.relpath(sys.executable, ROOT), "bench/step_vs_torch.py"]
-                              + (argv if argv is not None else sys.argv[1:])) + "`",
+      f"Command: `{harness.command()}`",
       "",
       f"{os.cpu_count()} CPU cores; torch {torch_info['torch']} ({torch_info['threads']} threads, "
       f"attention `{torch_info['attn_implementation']}`), transformers "
       f"{torch_info['transformers']}; xlps trees: "
       + ", ".join(f"{n} = {git_rev(t)}" for n, t in trees) + ". "
       f"Batch {BATCH} x {SEQ}, float32, AdamW (lr {LR}, decay {WEIGHT_DECAY}), clip {CLIP}. "
-      f"{args.rounds} alternating rounds x {args.steps} timed steps per process.",
+      f"{_ROUNDS.value} alternating rounds x {_STEPS.value} timed steps per process.",
       "",
       f"float32 matmul ceiling (JAX, 2048^3, per round): "
       + ", ".join(f"{c / 1e9:.0f}" for c in ceilings) + f" GFLOP/s; median {ceiling / 1e9:.0f}.",
@@ -330,13 +260,8 @@ def main(argv=None) -> int:
             "",
             f"Wall time {time.time() - start:.0f} s; 1-min load average {load0:.2f} at start, "
             f"{os.getloadavg()[0]:.2f} at end.", ""]
-  report = "\n".join(lines)
-  print(report)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(report)
-  return 0
+  harness.report("\n".join(lines), _OUT.value)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  harness.run(main)
