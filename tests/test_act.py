@@ -8,7 +8,7 @@ halts, so its weights sum to 1; the output is Graves' sum_t w_t x_t
 (``model.act.update_rule='accumulate'``, the default: what tensor2tensor's UT computes
 under its final LayerNorm, checked below) or Scenic's interpolation
 ``out = x_t w_t + out (1 - w_t)`` (``'interpolate'``), and the ponder cost N + R (N = steps
-taken). ``engine.act_step`` and the models are checked against it: weights
+taken). ``act.act_step`` and the models are checked against it: weights
 and output, ponder, halted positions frozen, the never-halting limit equal to fixed depth,
 gradients (finite differences), dropout / both encoder_decoder stacks / the train step, and
 cached decoding.
@@ -25,7 +25,7 @@ import pytest
 
 from tests.helpers import tiny
 from xlps import generate, models, train
-from xlps.models import engine
+from xlps.models.controllers import act
 
 THRESHOLD = 0.99
 
@@ -74,13 +74,13 @@ def act_reference(ps, xs, threshold=THRESHOLD, update="interpolate"):
 
 
 def run_act_steps(ps, xs, threshold=THRESHOLD, update="interpolate"):
-  """``engine.act_step`` over N steps (float32): the state after each step."""
-  state = engine.act_start(jnp.zeros(xs.shape[1:], jnp.float32))
+  """``act.act_step`` over N steps (float32): the state after each step."""
+  state = act.act_start(jnp.zeros(xs.shape[1:], jnp.float32))
   states = []
   for t in range(ps.shape[0]):
-    state = engine.act_step(jnp.asarray(ps[t]), state, jnp.asarray(xs[t]),
+    state = act.act_step(jnp.asarray(ps[t]), state, jnp.asarray(xs[t]),
                             t == ps.shape[0] - 1, threshold, update == "accumulate")
-    states.append(jax.tree.map(np.asarray, state))
+    states.append({k: np.asarray(v) for k, v in vars(state).items() if v is not None})
   return states
 
 
@@ -362,16 +362,16 @@ def toy_reference(s0, c, params, update="interpolate"):
 
 
 def toy_jax_loss(params, s0, c, update="interpolate"):
-  """The same loss with ``engine.act_step`` in float32, one Python step at a time."""
+  """The same loss with ``act.act_step`` in float32, one Python step at a time."""
   s = s0
-  state = engine.act_start(s0)
+  state = act.act_start(s0)
   for t in range(TOY["steps"]):
     p = jax.nn.sigmoid(s @ params["w_h"] + params["b_h"])
     s = jnp.tanh(s @ params["w"])
-    state = engine.act_step(p, state, s, t == TOY["steps"] - 1, THRESHOLD,
-                            update == "accumulate")
-  ponder = state["n_updates"] + state["remainders"]
-  return (state["output"] * c).sum() + TOY["tau"] * ponder.mean()
+    state = act.act_step(p, state, s, t == TOY["steps"] - 1, THRESHOLD,
+                         update == "accumulate")
+  ponder = state.n_updates + state.remainders
+  return (state.output * c).sum() + TOY["tau"] * ponder.mean()
 
 
 @pytest.mark.parametrize("update", UPDATES)

@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import tiny
 from xlps import config as config_lib
 from xlps import models
-from xlps.models import engine
+from xlps.models.controllers import loop as loop_controller
 
 # prelude 2, core 2 x up to 3 iterations, coda 1: N = 2 + 2 * 3 + 1 = 9 applied layers.
 LOOP = dict(prelude=2, core=2, coda=1)
@@ -126,11 +126,11 @@ def test_any_depth_at_evaluation_with_the_same_parameters(inject, init):
 
 def test_sample_iterations_distributions():
   lp = looped(train_iterations="poisson_lognormal", mean_iterations=2, num_layers=2 + 2 * 3 + 1).loop
-  draws = np.asarray(jax.vmap(lambda k: engine.sample_iterations(k, lp))(
+  draws = np.asarray(jax.vmap(lambda k: loop_controller.sample_iterations(k, lp))(
       jax.random.split(jax.random.PRNGKey(0), 4000)))
   assert draws.min() >= 1 and draws.max() <= 3 and len(set(draws.tolist())) == 3
   lp = looped(train_iterations="uniform", mean_iterations=2).loop
-  draws = np.asarray(jax.vmap(lambda k: engine.sample_iterations(k, lp))(
+  draws = np.asarray(jax.vmap(lambda k: loop_controller.sample_iterations(k, lp))(
       jax.random.split(jax.random.PRNGKey(1), 3000)))
   np.testing.assert_allclose(np.bincount(draws, minlength=4)[1:] / 3000, [1 / 3] * 3, atol=0.04)
 

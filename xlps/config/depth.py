@@ -173,7 +173,7 @@ ACT_UPDATES = ("accumulate", "interpolate")
 
 def act_config(enabled: bool = False) -> ml_collections.ConfigDict:
   """Adaptive Computation Time over each stack's applied depth (Graves 2016; the Universal
-  Transformer's per-position halting, Dehghani et al. 2018): xlps.models.engine.act_step."""
+  Transformer's per-position halting, Dehghani et al. 2018): xlps.models.controllers.act."""
   a = ml_collections.ConfigDict()
   a.enabled = enabled          # halt each position adaptively; the stack's N is the max steps
   a.threshold = 0.99           # halt once the summed halting probability exceeds 1 - eps
@@ -286,7 +286,7 @@ ROUTING_GATINGS = ("residual", "interpolate")
 
 def routing_config() -> ml_collections.ConfigDict:
   """Token-level recursion routing over a looped core (Mixture-of-Recursions, Bae et al. 2025):
-  a router picks which positions run each core iteration (xlps.models.engine.route)."""
+  a router picks which positions run each core iteration (xlps.models.controllers.routing)."""
   r = ml_collections.ConfigDict()
   r.kind = "none"              # none | expert_choice (top-k positions per iteration) |
                                # token_choice (a depth per position at the first iteration)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from xlps import families, sharing
 from xlps.config import ModelSpec
-from xlps.models import engine
+from xlps.models.controllers import loop as loop_controller
 
 __all__ = ["build", "spec_of", "example_batch", "init_params", "param_shapes", "summarize",
            "kv_cache_bytes", "train_flops_per_token"]
@@ -149,7 +149,7 @@ def adaptive_depth(spec: ModelSpec, flops_per_token: int, seq_len: int) -> dict 
                         spec.loop.max_iterations - mean) * spec.loop.core * per_layer[stack.name])
   elif spec.loop is not None:
     lp, layer = spec.loop, per_layer[stack.name]
-    draws = jax.vmap(lambda k: engine.sample_iterations(k, lp))(
+    draws = jax.vmap(lambda k: loop_controller.sample_iterations(k, lp))(
         jax.random.split(jax.random.PRNGKey(0), 20000))
     mean = float(draws.mean())
     cut = lp.backprop_iterations > 0  # k = 0: every iteration trains

@@ -1,0 +1,103 @@
+"""Depth controllers: each depth method is one module that steers the scan over applied depth.
+
+``engine.Block`` applies one layer; a controller decides what happens around it. A stack
+runs the controllers its spec enables (``active``), in ``CONTROLLERS`` order, inside the
+one ``nn.scan``:
+
+==========================================  ==============================================
+``start(x, ctx) -> state``                  before the scan; ``state`` is a
+                                            ``flax.struct`` dataclass the scan carries
+``enter(x, step, states) -> (x, state)``    before each applied layer, in order; may
+                                            create parameters (they live in the block)
+``leave(x, x_before, step, states)``        after the layer, in reverse order;
+``-> (x, state)``                           ``x_before`` is the state entering the block
+``finish(x, state, ctx)``                   after the scan: the stack's output, the losses
+``-> (x, losses, intermediates)``           and intermediates it sows
+==========================================  ==============================================
+
+``states`` maps each running controller's ``name`` to its state; a controller changes only
+its own and may read others' (routing and early exit read the loop's depth). ``step`` holds
+the scan inputs of the layer (``engine.slot_inputs``: ``index``, ``iteration``, ``starts``,
+``ends``, ...). Adding a depth method: a module here with a ``Controller`` subclass, one line
+in ``CONTROLLERS``, and its section in ``xlps.config.depth``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xlps.config import ModelSpec
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """What a stack call tells its controllers: the mode, a key source (``rng()`` draws the
+  stack's next dropout key; training only), the core iterations asked for, the non-pad
+  positions and the token positions."""
+
+  deterministic: bool
+  rng: Callable[[], Array]
+  iterations: Array | int | None
+  valid: Array | None
+  positions: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Controller:
+  """A depth method (see the module docstring). Instances are static (hashable): the spec
+  plus whatever the call fixes (e.g. routing's top-k rule); traced values live in state."""
+
+  name: ClassVar[str]
+  spec: ModelSpec
+
+  @classmethod
+  def make(cls, spec: ModelSpec, deterministic: bool, decoding: bool) -> "Controller | None":
+    """The controller a stack call runs, or None where ``spec`` (and the mode) leave it off."""
+    raise NotImplementedError
+
+  def start(self, x: Array, ctx: Context) -> Any:
+    raise NotImplementedError
+
+  def enter(self, x: Array, step: Mapping[str, Array],
+            states: Mapping[str, Any]) -> tuple[Array, Any]:
+    return x, states[self.name]
+
+  def leave(self, x: Array, x_before: Array, step: Mapping[str, Array],
+            states: Mapping[str, Any]) -> tuple[Array, Any]:
+    return x, states[self.name]
+
+  def finish(self, x: Array, state: Any,
+             ctx: Context) -> tuple[Array, dict[str, Array], dict[str, Array]]:
+    return x, {}, {}
+
+
+def when(pred: Array, module: nn.Module, call: Callable[[nn.Module], Array],
+         otherwise: Callable[[], Array]) -> Array:
+  """``call(module)`` where the traced scalar ``pred`` holds, else ``otherwise()``, as a
+  ``lax.cond``: layers where it does not hold skip the module's matmuls (forward and
+  backward). Initialisation calls the module unconditionally, so its parameters exist."""
+  if module.is_initializing():
+    return jnp.where(pred, call(module), otherwise())
+  variables, pure = module.variables, module.clone(parent=None)
+  return jax.lax.cond(pred, lambda v: call(pure.bind(v)), lambda v: otherwise(), variables)
+
+
+def active(spec: ModelSpec, deterministic: bool, decoding: bool) -> tuple[Controller, ...]:
+  """The controllers a stack call of ``spec`` runs, in application order."""
+  made = (cls.make(spec, deterministic, decoding) for cls in CONTROLLERS)
+  return tuple(c for c in made if c is not None)
+
+
+from xlps.models.controllers import act, early_exit, loop, routing  # noqa: E402
+
+# Application order: enter runs first to last, leave last to first.
+CONTROLLERS: tuple[type[Controller], ...] = (loop.Loop, routing.Routing, early_exit.EarlyExit,
+                                             act.ACT)
