@@ -16,17 +16,13 @@ experiments/results/looped_depth/README.md.
 
     python -m launch.sweep --experiment=experiments/looped_depth.py \
         --workdir=/tmp/looped_depth --parallel=2
-    python experiments/looped_depth.py --plot /tmp/looped_depth
 
-The second command reads every point's eval_loss_iter{r} from its metrics.jsonl (the sweep's
-results.csv does not carry them) and writes eval_depth.csv (one row per point and depth),
-eval_depth.md (mean +- std over seeds) and loss_vs_eval_depth.png into that folder.
+At the end (and with ``--collect_only``) ``report`` writes eval_depth.csv (one row per point
+and depth, from the final eval_loss_iter{r} in results.csv), eval_depth.md (mean +- std
+over seeds) and loss_vs_eval_depth.png into the sweep's workdir.
 """
 
-import csv
-import pathlib
 import statistics
-import sys
 
 from xlps import sweep
 
@@ -56,34 +52,18 @@ def get_grid() -> list[dict]:
   return sweep.product(modes, sweep.seeds(0, 1))
 
 
-def read_eval_depth(root: pathlib.Path) -> list[dict]:
-  """One row per finished point and evaluation depth: the final eval_loss_iter{r}."""
-  from xlps import metrics  # JAX: only when results are read
-  rows = []
-  for point in get_grid():
-    workdir = root / sweep.point_name(point)
-    if not (workdir / sweep.DONE).exists():
-      continue
-    evals = [r for r in metrics.read_records(workdir) if "eval_loss" in r]
-    for r in EVAL_ITERATIONS:
-      mode = (point["model.loop.train_iterations"], point["model.loop.mean_iterations"])
-      rows.append({"train_iterations": mode[0], "mean_iterations": mode[1],
-                   "seed": point["seed"],
-                   "eval_iterations": r, "step": evals[-1]["step"],
-                   "eval_loss": evals[-1][f"eval_loss_iter{r}"]})
-  return rows
-
-
-def plot_eval_depth(root: pathlib.Path) -> None:
-  """eval_depth.csv, eval_depth.md and loss_vs_eval_depth.png from a finished sweep."""
+def report(root, rows: list[dict]) -> None:
+  """eval_depth.csv (one row per finished point and evaluation depth: its final
+  eval_loss_iter{r}), eval_depth.md (mean +- std over seeds) and loss_vs_eval_depth.png."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = read_eval_depth(root)
-  with (root / "eval_depth.csv").open("w", newline="") as f:
-    writer = csv.DictWriter(f, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+  rows = [{"train_iterations": row["model.loop.train_iterations"],
+           "mean_iterations": row["model.loop.mean_iterations"], "seed": row["seed"],
+           "eval_iterations": r, "step": row["steps"],
+           "eval_loss": row[f"final_eval_loss_iter{r}"]}
+          for row in rows for r in EVAL_ITERATIONS]
+  sweep.write_csv(root / "eval_depth.csv", rows)
   stats = {}
   for mode in MODES:
     for r in EVAL_ITERATIONS:
@@ -115,12 +95,4 @@ def plot_eval_depth(root: pathlib.Path) -> None:
          ylabel="final eval loss, nats/byte (mean +- std over seeds)",
          title="looped LM: eval loss vs evaluation depth")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(root / "loss_vs_eval_depth.png", dpi=100)
-  plt.close(fig)
-
-
-if __name__ == "__main__":
-  if len(sys.argv) != 3 or sys.argv[1] != "--plot":
-    sys.exit("usage: python experiments/looped_depth.py --plot SWEEP_WORKDIR")
-  plot_eval_depth(pathlib.Path(sys.argv[2]))
+  sweep.save_figure(fig, root / "loss_vs_eval_depth.png")

@@ -9,43 +9,31 @@ offsets); each continues for CONT_STEPS steps (learning rate 1e-3). Baselines: t
 source itself continued the same way (recursify with M = N, order sequence: the identity),
 and each (M, rank) trained from scratch (LoRA B = 0 at init) for CONT_STEPS (the same
 uptraining budget) and for SOURCE_STEPS + CONT_STEPS (the same total budget), learning rate
-3e-3 as the source. Each job is pinned to one core (``taskset``), so a re-run repeats it.
+3e-3 as the source. Results: experiments/results/recursify/README.md.
 
-    python experiments/recursify_study.py --root=/tmp/recursify_study --parallel=2
-    python experiments/recursify_study.py --root=/tmp/recursify_study --report \
-        --out=experiments/results/recursify
+    python -m launch.sweep --experiment=experiments/recursify_study.py \
+        --workdir=/tmp/recursify_study --parallel=2
 
-The first command skips finished jobs (their workdir has ``done.json``) and restarts
-interrupted ones; the second writes
-results.csv, results.md and loss_vs_unique_params.png into --out.
+A recursified point runs ``launch.recursify`` from its seed's source point as a pre-step
+(once the source is done), then ``launch.train`` from the converted step-0 checkpoint
+(``--dry_run`` prints both). With --parallel equal to the cores, each point runs on one
+core, so a re-run repeats it. ``report`` writes results.md (one row per kind, M, rank and
+init: mean +- std over seeds) and loss_vs_unique_params.png from the finished points,
+also with ``--collect_only``.
 """
 
-from __future__ import annotations
+from xlps import sweep
 
-import argparse
-import csv
-import json
-import os
-import pathlib
-import shutil
-import statistics
-import subprocess
-import sys
-import threading
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 6
 SOURCE_STEPS, CONT_STEPS = 600, 300
 NUM_UNIQUE = (3, 2)
 RANKS = (0, 4, 16)
 INITS = ("average", "stepwise", "lower")
 SEEDS = (0, 1)
+BASE = "configs/default.py:runlocal"   # the from-scratch points' shape
+SOURCE = "configs/default.py:unshared,runlocal"
 COMMON = {"train.batch_size": 16, "data.seq_len": 64, "model.max_len": 64,
           "train.warmup_steps": 30, "train.log_every_steps": 50, "data.eval_batches": 16}
-
-
-def flags(overrides: dict) -> list[str]:
-  return [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def schedule(steps: int, lr: float) -> dict:
@@ -53,169 +41,76 @@ def schedule(steps: int, lr: float) -> dict:
           "train.eval_every_steps": steps, "train.checkpoint_every_steps": steps}
 
 
-def jobs(root: pathlib.Path) -> list[dict]:
-  """Every job: name, kind, seed, M, rank, init, the commands, and the job it waits for."""
-  py = sys.executable
-  out = []
+def get_grid() -> list[dict]:
+  """Per seed: the source, the original (continued), every recursified model, scratch."""
+  grid = []
   for seed in SEEDS:
-    base = root / f"seed={seed}"
-    source = base / "source"
-    out.append({"name": f"seed={seed}/source", "kind": "source", "seed": seed, "M": N,
-                "rank": 0, "init": "", "after": None, "commands": [
-                    [py, "-m", "launch.train", "--config=configs/default.py:unshared,runlocal",
-                     f"--workdir={source}", f"--config.seed={seed}",
-                     *flags({**COMMON, **schedule(SOURCE_STEPS, 3e-3)})]]})
-    recursified = [("original", N, 0, "lower", "sequence")] + [
-        ("recursified", m, r, init, "cycle")
-        for m in NUM_UNIQUE for r in RANKS for init in INITS]
-    for kind, m, r, init, order in recursified:
-      name = f"seed={seed}/{kind},M={m},rank={r},init={init}"
-      workdir = root / name
-      out.append({"name": name, "kind": kind, "seed": seed, "M": m, "rank": r, "init": init,
-                  "after": f"seed={seed}/source", "commands": [
-                      [py, "-m", "launch.recursify", f"--from={source}", f"--workdir={workdir}",
-                       f"--num_unique={m}", f"--order={order}", f"--init={init}",
-                       f"--lora_rank={r}", "--lora_init=svd"],
-                      [py, "-m", "launch.train", f"--config=configs/workdir.py:{workdir}",
-                       f"--workdir={workdir}", *flags({**COMMON, **schedule(CONT_STEPS, 1e-3)})]]})
-    for m in NUM_UNIQUE:
-      for r in RANKS:
-        for steps, kind in ((CONT_STEPS, "scratch"), (SOURCE_STEPS + CONT_STEPS, "scratch_total")):
-          name = f"seed={seed}/{kind},M={m},rank={r}"
-          model = {"model.num_layers": N, "model.sharing.num_unique": m,
-                   "model.sharing.order": "cycle", "model.lora.rank": r,
-                   "model.lora.bias": r > 0}
-          out.append({"name": name, "kind": kind, "seed": seed, "M": m, "rank": r, "init": "",
-                      "after": None, "commands": [
-                          [py, "-m", "launch.train", "--config=configs/default.py:runlocal",
-                           f"--workdir={root / name}", f"--config.seed={seed}",
-                           *flags({**COMMON, **model, **schedule(steps, 3e-3)})]]})
-  return out
+    grid.append({"kind": "source", "M": N, "rank": 0, "seed": seed})
+    grid.append({"kind": "original", "M": N, "rank": 0, "init": "lower", "seed": seed})
+    grid += [{"kind": "recursified", "M": m, "rank": r, "init": init, "seed": seed}
+             for m in NUM_UNIQUE for r in RANKS for init in INITS]
+    grid += [{"kind": kind, "M": m, "rank": r, "seed": seed}
+             for m in NUM_UNIQUE for r in RANKS for kind in ("scratch", "scratch_total")]
+  return grid
 
 
-def run_all(root: pathlib.Path, parallel: int) -> None:
-  """Runs the unfinished jobs, ``parallel`` at a time, each pinned to its own core."""
-  todo = [j for j in jobs(root) if not (root / j["name"] / "done.json").exists()]
-  done = {j["name"] for j in jobs(root)} - {j["name"] for j in todo}
-  lock = threading.Condition()
-  failed = []
-
-  def worker(core: int):
-    while True:
-      with lock:
-        ready = [j for j in todo if j["after"] is None or j["after"] in done]
-        while not ready and todo:
-          lock.wait()
-          ready = [j for j in todo if j["after"] is None or j["after"] in done]
-        if not todo:
-          return
-        job = ready[0]
-        todo.remove(job)
-      workdir = root / job["name"]
-      if workdir.exists():  # an interrupted job: start it afresh
-        shutil.rmtree(workdir)
-      workdir.parent.mkdir(parents=True, exist_ok=True)
-      ok = True
-      for cmd in job["commands"]:
-        print(f"[core {core}] {job['name']}: {' '.join(cmd[1:4])} ...", flush=True)
-        result = subprocess.run(["taskset", "-c", str(core), *cmd], cwd=ROOT,
-                                capture_output=True, text=True)
-        if result.returncode:
-          print(f"FAILED {job['name']}:\n{result.stderr[-3000:]}", flush=True)
-          ok = False
-          break
-      with lock:
-        if ok:
-          (workdir / "done.json").write_text(json.dumps({"commands": job["commands"]}))
-          done.add(job["name"])
-        else:
-          failed.append(job["name"])
-          todo[:] = [j for j in todo if j["after"] != job["name"]]
-        lock.notify_all()
-
-  threads = [threading.Thread(target=worker, args=(c % os.cpu_count(),)) for c in range(parallel)]
-  for t in threads:
-    t.start()
-  for t in threads:
-    t.join()
-  if failed:
-    sys.exit(f"failed jobs: {failed}")
+def steps(point: dict, workdir, root) -> sweep.Steps:
+  kind, seed, m, rank = point["kind"], point["seed"], point["M"], point["rank"]
+  if kind == "source":
+    return sweep.Steps(SOURCE, {"seed": seed, **schedule(SOURCE_STEPS, 3e-3)})
+  if kind in ("scratch", "scratch_total"):
+    model = {"model.num_layers": N, "model.sharing.num_unique": m,
+             "model.sharing.order": "cycle", "model.lora.rank": rank,
+             "model.lora.bias": rank > 0}
+    budget = CONT_STEPS if kind == "scratch" else SOURCE_STEPS + CONT_STEPS
+    return sweep.Steps(BASE, {"seed": seed, **model, **schedule(budget, 3e-3)})
+  source = {"kind": "source", "M": N, "rank": 0, "seed": seed}
+  order = "sequence" if kind == "original" else "cycle"
+  recursify = ["launch.recursify", f"--from={root / sweep.point_name(source)}",
+               f"--workdir={workdir}", f"--num_unique={m}", f"--order={order}",
+               f"--init={point['init']}", f"--lora_rank={rank}", "--lora_init=svd"]
+  # The seed is the source's, kept in the converted config.
+  return sweep.Steps(f"configs/workdir.py:{workdir}", schedule(CONT_STEPS, 1e-3),
+                     pre=[recursify], after=[source])
 
 
-def collect(root: pathlib.Path) -> list[dict]:
-  """One row per finished job: its settings, unique params and final eval loss."""
-  sys.path.insert(0, str(ROOT))
-  from configs import workdir as workdir_config
-  from xlps import metrics, models
-  rows = []
-  for job in jobs(root):
-    workdir = root / job["name"]
-    if not (workdir / "done.json").exists():
-      continue
-    evals = [r for r in metrics.read_records(workdir) if "eval_loss" in r]
-    summary = models.summarize(models.spec_of(workdir_config.get_config(str(workdir))), 64)
-    rows.append({"kind": job["kind"], "M": job["M"], "rank": job["rank"], "init": job["init"],
-                 "seed": job["seed"], "unique_params": summary["unique_params"],
-                 "step": evals[-1]["step"], "eval_loss": evals[-1]["eval_loss"]})
-  return rows
+def _cell(group: dict) -> tuple:
+  return group["kind"], group["M"], group["rank"], group.get("init") or ""
 
 
-def report(root: pathlib.Path, out: pathlib.Path) -> None:
+def report(root, rows: list[dict]) -> None:
+  """results.md and loss_vs_unique_params.png (replacing the generic ones): final eval loss
+  per kind, M, rank and init, mean +- std over seeds."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = collect(root)
-  out.mkdir(parents=True, exist_ok=True)
-  with (out / "results.csv").open("w", newline="") as f:
-    writer = csv.DictWriter(f, list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  groups: dict[tuple, list[dict]] = {}
-  for row in rows:
-    groups.setdefault((row["kind"], row["M"], row["rank"], row["init"]), []).append(row)
-  lines = ["| kind | M | LoRA rank | init | unique params | steps | eval loss (mean +- std) | seeds |",
-           "|---|---|---|---|---|---|---|---|"]
-  stats = {}
-  for key, group in groups.items():
-    losses = [r["eval_loss"] for r in group]
-    mean = statistics.fmean(losses)
-    std = statistics.stdev(losses) if len(losses) > 1 else 0.0
-    stats[key] = (group[0]["unique_params"], mean, std)
-    lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3] or '-'} | {group[0]['unique_params']:,} "
-                 f"| {group[0]['step']} | {mean:.4f} +- {std:.4f} | {len(losses)} |")
-  (out / "results.md").write_text("\n".join(lines) + "\n")
+  groups = sweep.aggregate(rows)
+  lines = ["| kind | M | LoRA rank | init | unique params | steps | eval loss (mean +- std) "
+           "| seeds |", "|---|---|---|---|---|---|---|---|"]
+  for g in groups:
+    lines.append(f"| {g['kind']} | {g['M']} | {g['rank']} | {g.get('init') or '-'} "
+                 f"| {g['unique_params']:,} | {g['steps']:.0f} | {g['final_eval_loss']:.4f} +- "
+                 f"{g['final_eval_loss_std']:.4f} | {g['seeds']} |")
+  (root / "results.md").write_text("\n".join(lines) + "\n")
   print("\n".join(lines))
 
   fig, ax = plt.subplots(figsize=(9, 5))
-  styles = {"source": ("k", "x"), "original": ("k", "*"), "recursified": (None, "o"), "scratch": ("grey", "s"),
-            "scratch_total": ("grey", "D")}
+  styles = {"source": ("k", "x"), "original": ("k", "*"), "recursified": (None, "o"),
+            "scratch": ("grey", "s"), "scratch_total": ("grey", "D")}
   colors = {"average": "C0", "stepwise": "C1", "lower": "C2"}
-  for (kind, m, rank, init), (params, mean, std) in sorted(stats.items()):
+  for g in sorted(groups, key=_cell):
+    kind, m, rank, init = _cell(g)
     color, marker = styles[kind]
-    label = f"{kind}" + (f", init {init}" if init and kind == "recursified" else "")
-    ax.errorbar(params, mean, yerr=std, color=color or colors[init], marker=marker, capsize=3,
-                ls="none", label=label)
+    label = kind + (f", init {init}" if kind == "recursified" else "")
+    ax.errorbar(g["unique_params"], g["final_eval_loss"], yerr=g["final_eval_loss_std"],
+                color=color or colors[init], marker=marker, capsize=3, ls="none", label=label)
     if init in ("", "stepwise"):  # one label per point group (the inits sit together)
-      ax.annotate(f"M={m},r={rank}", (params, mean), fontsize=6, xytext=(4, 2),
-                  textcoords="offset points")
+      ax.annotate(f"M={m},r={rank}", (g["unique_params"], g["final_eval_loss"]), fontsize=6,
+                  xytext=(4, 2), textcoords="offset points")
   handles, labels = ax.get_legend_handles_labels()
   unique = dict(zip(labels, handles))
-  ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+  ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left",
+            bbox_to_anchor=(1.01, 1))
   ax.set(xscale="log", xlabel="unique parameters", ylabel="final eval loss, nats/byte",
          title=f"recursified (+{CONT_STEPS} steps) vs from scratch, N = {N}")
-  fig.tight_layout()
-  fig.savefig(out / "loss_vs_unique_params.png", dpi=100)
-  plt.close(fig)
-
-
-if __name__ == "__main__":
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--root", required=True, type=pathlib.Path)
-  parser.add_argument("--parallel", type=int, default=2)
-  parser.add_argument("--report", action="store_true")
-  parser.add_argument("--out", type=pathlib.Path, default=ROOT / "experiments/results/recursify")
-  args = parser.parse_args()
-  if args.report:
-    report(args.root, args.out)
-  else:
-    run_all(args.root, args.parallel)
+  sweep.save_figure(fig, root / "loss_vs_unique_params.png")

@@ -4,25 +4,36 @@ An experiment file (``experiments/<name>.py``) is plain Python with
 
 * ``BASE``: the config every point starts from, as ``launch.train`` takes it
   (``"configs/default.py:runlocal"``);
-* ``get_grid() -> list[dict]``: one dict of ``--config.KEY=VALUE`` overrides per point
-  (dotted keys; ``seed`` is a key too), usually built with :func:`product`, :func:`zipped`
-  and :func:`seeds`;
-* optionally ``COMMON``: overrides every point gets first (not part of the point names).
+* ``get_grid() -> list[dict]``: one dict per point, usually built with :func:`product`,
+  :func:`zipped` and :func:`seeds`. Without ``steps`` (below) a point's dict is its
+  ``--config.KEY=VALUE`` overrides (dotted keys; ``seed`` is a key too);
+* optionally ``COMMON``: overrides every point gets first (not part of the point names);
+* optionally ``steps(point, workdir, root) -> Steps``: how a point runs when it is more
+  than overrides of ``BASE``: its own ``--config`` (``configs/workdir.py:{workdir}`` for a
+  model a pre-step wrote there), its overrides, the commands run before ``launch.train``
+  (pre-steps, e.g. ``launch.recursify`` converting another point's checkpoint) and the
+  points it waits for (they must come earlier in the grid). The point's dict then only
+  names it: its keys are the result table's columns, not config keys;
+* optionally ``report(root, rows)``: the experiment's own tables and plots from the rows of
+  ``results.csv`` (one per finished point), written into ``root`` after the generic ones.
 
-Each point trains in its own workdir, named from its overrides, by the plain
-``python -m launch.train`` command :func:`command` returns, so a sweep run by
-``launch.sweep`` and the same commands run by a cluster scheduler produce the same
-workdirs. ``run`` trains the points on this machine, K at a time; ``collect`` reads the
-finished workdirs into rows; ``aggregate`` groups the rows of one group (the same overrides
-but ``seed``) into mean and std.
+Each point trains in its own workdir, named from its dict, by the plain commands
+:meth:`Job.commands` returns (``python -m`` each), so a sweep run by ``launch.sweep`` and
+the same commands run by a cluster scheduler produce the same workdirs. ``run`` trains the
+points, K at a time, on this machine or through a submitit executor (SLURM); ``collect``
+reads the finished workdirs into rows; ``aggregate`` groups the rows of one group (the same
+dict but ``seed``) into mean and std.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import csv
 import ctypes
 import dataclasses
 import difflib
 import importlib.util
+import io
 import itertools
 import json
 import math
@@ -47,7 +58,8 @@ from xlps.config import ConfigError, validate
 
 Point = dict[str, Any]
 DONE = "sweep_done.json"  # written into a point's workdir when its run reached num_steps
-PARENT_ENV = "XLPS_SWEEP_PARENT"  # the sweep's pid, in the environment of its points' runs
+PRE_DONE = "sweep_pre_steps.json"  # written into a point's workdir when its pre-steps ran
+PARENT_ENV = "XLPS_SWEEP_PARENT"  # the pid of the process running a point, in its commands' env
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 METRICS = ("eval_loss", "eval_accuracy", "eval_sequence_accuracy",
            "eval_test_long_accuracy", "eval_test_long_sequence_accuracy")
@@ -137,17 +149,23 @@ def _same_type(current, value) -> bool:
   return isinstance(value, type(current))
 
 
+def call(experiment, hook: str, *args):
+  """``experiment.hook(*args)``; whatever it raises is a one-line ConfigError naming the
+  file and the line."""
+  try:
+    return getattr(experiment, hook)(*args)
+  except Exception as e:  # noqa: BLE001 - whatever the hook raised, in one line
+    raised = _raised(pathlib.Path(experiment.__file__), e)
+    raise ConfigError(f"experiment file {experiment.__file__!r}: {hook}() at {raised}") from None
+
+
 def points(experiment) -> list[Point]:
   """The experiment's grid, checked: non-empty, dicts of dotted keys, no duplicates."""
   where = f"experiment file {experiment.__file__!r}"
   if not callable(getattr(experiment, "get_grid", None)):
     raise ConfigError(f"{where} defines no get_grid(); valid: a file with BASE and get_grid() "
                       "returning a list of override dicts, e.g. experiments/sharing_orders.py")
-  try:
-    grid = experiment.get_grid()
-  except Exception as e:  # noqa: BLE001 - whatever get_grid raised, in one line
-    raised = _raised(pathlib.Path(experiment.__file__), e)
-    raise ConfigError(f"{where}: get_grid() at {raised}") from None
+  grid = call(experiment, "get_grid")
   if not isinstance(grid, list) or not grid:
     raise ConfigError(f"{experiment.__file__}: get_grid() returned {grid!r}; it must return "
                       "a non-empty list of override dicts")
@@ -200,27 +218,94 @@ def shell_line(cmd: Sequence[str]) -> str:
   return " ".join(shlex.quote(c) for c in ["python", *cmd[1:]])
 
 
-def plan(experiment_path: str, root: pathlib.Path) -> tuple[str, list[tuple]]:
-  """``(base, [(point, overrides, config, workdir), ...])``, every point validated before any
-  runs; ``overrides`` are ``COMMON``'s then the point's."""
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """How one point runs (what an experiment's ``steps(point, workdir, root)`` returns):
+  ``launch.train --config=config`` with ``overrides`` (after ``COMMON``'s), once the points
+  ``after`` are done and the commands ``pre`` ran, each ``[module, *flags]`` run as
+  ``python -m``, in order, in the repository root."""
+
+  config: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  pre: Sequence[Sequence[str]] = ()
+  after: Sequence[Point] = ()
+
+
+@dataclasses.dataclass
+class Job:
+  """One point of a sweep, planned: its commands, its workdir and its config.
+
+  ``config`` is validated by ``plan``, except where ``--config`` reads the point's own
+  workdir (``configs/workdir.py:WORKDIR``), which its pre-steps write: then it is None until
+  ``load_config`` reads it (``launch.train`` validates it first).
+  """
+
+  point: Point
+  workdir: Any  # pathlib.Path, or an epath.Path (gs://) for dry runs and collecting
+  config_arg: str
+  overrides: dict[str, Any]
+  pre_steps: list[list[str]] = dataclasses.field(default_factory=list)
+  after: list[str] = dataclasses.field(default_factory=list)  # names of points run first
+  config: ml_collections.ConfigDict | None = None
+
+  @property
+  def name(self) -> str:
+    return self.workdir.name
+
+  @property
+  def log(self):
+    """Where the output of the point's commands goes: ``ROOT/logs/NAME.log`` (not in its
+    workdir, which a pre-step may need empty)."""
+    return self.workdir.parent / "logs" / f"{self.name}.log"
+
+  def commands(self) -> list[list[str]]:
+    """Its pre-steps, then its ``launch.train`` command."""
+    return [*self.pre_steps, command(self.config_arg, self.workdir, self.overrides)]
+
+  def load_config(self) -> ml_collections.ConfigDict:
+    if self.config is None:
+      self.config = apply(load_config(self.config_arg), self.overrides, self.name)
+    return self.config
+
+
+def plan(experiment_path: str, root) -> tuple[Any, list[Job]]:
+  """``(experiment module, jobs)``: one Job per point, in grid order, every config that
+  does not read the point's own workdir validated before anything runs."""
   experiment = load_module(experiment_path, "experiment file")
   base = getattr(experiment, "BASE", None)
   if not isinstance(base, str) or not base:
     raise ConfigError(f"{experiment_path}: BASE must name a config, e.g. "
                       "'configs/default.py:runlocal'")
-  base_config = load_config(base)
   common = getattr(experiment, "COMMON", {})
-  out = []
-  for i, point in enumerate(points(experiment)):
-    name = point_name(point)
-    overrides = {**common, **point}
-    config = apply(base_config, overrides, f"{experiment_path} point {i} ({name})")
-    try:
-      validate(config)
-    except ConfigError as e:
-      raise ConfigError(f"{experiment_path} point {i} ({name}): {e}") from None
-    out.append((point, overrides, config, root / name))
-  return base, out
+  grid = points(experiment)
+  names = [point_name(point) for point in grid]
+  loaded: dict[str, ml_collections.ConfigDict] = {}
+  jobs = []
+  for i, (point, name) in enumerate(zip(grid, names)):
+    where = f"{experiment_path} point {i} ({name})"
+    workdir = root / name
+    steps = Steps(base, point)
+    if hasattr(experiment, "steps"):
+      steps = call(experiment, "steps", point, workdir, root)
+      if not isinstance(steps, Steps):
+        raise ConfigError(f"{where}: steps() returned {steps!r}, not a sweep.Steps")
+    after = [point_name(p) for p in steps.after]
+    for other in after:
+      if other not in names[:i]:
+        raise ConfigError(f"{where} waits for point {other}, which "
+                          f"{'comes later in' if other in names else 'is not in'} the grid")
+    job = Job(point, workdir, steps.config, {**common, **steps.overrides},
+              [[sys.executable, "-m", *map(str, step)] for step in steps.pre], after)
+    if not (job.pre_steps and os.fspath(workdir) in job.config_arg):
+      if job.config_arg not in loaded:
+        loaded[job.config_arg] = load_config(job.config_arg)
+      job.config = apply(loaded[job.config_arg], job.overrides, where)
+      try:
+        validate(job.config)
+      except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    jobs.append(job)
+  return experiment, jobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +375,7 @@ def slots(parallel: int, platform: str, count: int, environ: Mapping[str, str]) 
   return [Slot(frozenset(cores[j::k]) if pinnable else None, env) for j, env in enumerate(envs)]
 
 
-def reached_step(workdir: pathlib.Path) -> int:
+def reached_step(workdir) -> int:
   """The newest committed checkpoint step of a point's run (0 without one)."""
   checkpoints = workdir / "checkpoints"
   if not checkpoints.is_dir():
@@ -298,18 +383,21 @@ def reached_step(workdir: pathlib.Path) -> int:
   return max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=0)
 
 
-def is_done(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> bool:
-  """Whether a point is done: marked (``DONE``) and its checkpoints reached its num_steps
-  (a mark alone, from a sweep before this check or a smaller num_steps, is not enough)."""
-  return (workdir / DONE).exists() and reached_step(workdir) >= config.train.num_steps
+def is_done(job: Job) -> bool:
+  """Whether a point's checkpoints reached its num_steps, however it ran (this sweep, a
+  SLURM job, its dry-run lines by hand): a run saves its last checkpoint after its last
+  evaluation, so its metrics are complete. ``DONE`` only records the wall time."""
+  step = reached_step(job.workdir)
+  return step > 0 and step >= job.load_config().train.num_steps
 
 
 def exit_with_parent() -> None:
-  """In a point's training process (``PARENT_ENV`` set by ``run``): SIGTERM to itself when
-  the sweep process dies, however it dies (SIGKILL included), so no point trains on
-  unwatched; the run saves a checkpoint at its step and stops, and the next sweep continues
-  it. Linux: ``prctl(PR_SET_PDEATHSIG)``, which the kernel acts on at once; elsewhere a
-  daemon thread that polls the parent pid every second."""
+  """In a point's training process (``PARENT_ENV`` set by ``execute``): SIGTERM to itself
+  when the process running the point (the sweep, or its SLURM job) dies, however it dies
+  (SIGKILL included), so no point trains on unwatched; the run saves a checkpoint at its
+  step and stops, and the next sweep continues it. Linux: ``prctl(PR_SET_PDEATHSIG)``,
+  which the kernel acts on at once; elsewhere a daemon thread that polls the parent pid
+  every second."""
   parent = int(os.environ.get(PARENT_ENV) or 0)
   if not parent:
     return
@@ -328,93 +416,157 @@ def exit_with_parent() -> None:
   threading.Thread(target=watch, name="xlps-sweep-parent", daemon=True).start()
 
 
-def run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
-  """Trains the points not yet done (``is_done``); returns the log paths of those that
-  failed or stopped before their num_steps.
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """What running a point (``execute``) came to."""
 
-  The sweep's workdir (the parent of every point's) is locked for the sweep
-  (``xlps.workdir_lock``), so a second sweep there stops at once; each point's run, which
-  locks its own workdir, gets SIGTERM when this process dies (``exit_with_parent``).
+  returncode: int  # of the first command that failed, else 0
+  step: int  # its newest checkpoint step afterwards
+  num_steps: int  # what it trains to (0 when a command failed)
+  wall_time_s: float
+
+
+def execute(job: Job, slot: Slot) -> Outcome:
+  """Runs one point where it is called: in a thread of ``launch.sweep`` or in a SLURM job.
+
+  The pre-steps run unless an earlier run finished them (``PRE_DONE``; the leftovers of
+  unfinished ones are moved aside to ``NAME.incomplete-<UTC time>``, never deleted), then
+  ``launch.train``, each command in a child process on ``slot`` (``PARENT_ENV`` makes it
+  stop with this process), its output appended to ``job.log``. ``DONE`` (with the wall
+  time) is written once the checkpoints reached num_steps.
   """
-  root = jobs[0][3].parent
+  start = time.time()
+  job.log.parent.mkdir(parents=True, exist_ok=True)
+  with open(job.log, "a") as log:
+    code = 0
+    if job.pre_steps and not (job.workdir / PRE_DONE).exists():
+      if job.workdir.exists():
+        utc = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = job.workdir.with_name(f"{job.name}.incomplete-{utc}")
+        job.workdir.rename(aside)
+        log.write(f"\nmoved {job.workdir} (its pre-steps did not finish) aside to {aside}\n")
+      for cmd in job.pre_steps:
+        code = code or _call(cmd, log, slot)
+      if not code:
+        job.workdir.mkdir(parents=True, exist_ok=True)
+        (job.workdir / PRE_DONE).write_text(json.dumps(job.pre_steps))
+    code = code or _call(job.commands()[-1], log, slot)
+  step = reached_step(job.workdir)
+  num_steps = job.load_config().train.num_steps if code == 0 else 0
+  outcome = Outcome(code, step, num_steps, time.time() - start)
+  if code == 0 and step >= num_steps:
+    (job.workdir / (DONE + ".tmp")).write_text(json.dumps(
+        {"wall_time_s": outcome.wall_time_s, "finished": time.time(), "step": step}))
+    os.replace(job.workdir / (DONE + ".tmp"), job.workdir / DONE)
+  return outcome
+
+
+def _call(cmd: list[str], log, slot: Slot) -> int:
+  """Runs ``cmd`` on ``slot``, its output appended to ``log``; its exit status."""
+  log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {slot.describe()}\n"
+            f"{shell_line(cmd)}\n")
+  log.flush()
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                          env={**os.environ, **slot.env, PARENT_ENV: str(os.getpid())})
+  if slot.cores is not None:
+    # Pinned right after the start, before JAX creates its thread pools (a preexec_fn
+    # would fork this process, whose JAX threads make forking unsafe).
+    os.sched_setaffinity(proc.pid, slot.cores)
+  return proc.wait()
+
+
+def run(jobs: list[Job], parallel: int, executor=None) -> list[str]:
+  """Runs the points not yet done (``is_done``), each once the points it waits for are
+  done; returns one line for each point that failed, stopped before its num_steps, or
+  could not start because a point it waits for did not finish.
+
+  ``executor`` None: on this machine, ``parallel`` points at a time, each on its share of
+  the cores and accelerators (``slots``), in threads of this process. Else a submitit
+  executor (``submitit.AutoExecutor``): one job per point, at most ``parallel`` submitted
+  at a time. The sweep's workdir (the parent of every point's) is locked for the sweep
+  (``xlps.workdir_lock``), so a second sweep there stops at once.
+  """
+  root = jobs[0].workdir.parent
   root.mkdir(parents=True, exist_ok=True)
   with workdir_lock.hold(root, "launch.sweep"):
-    return _run(base, jobs, parallel)
+    if executor is not None:
+      return _run(jobs, [Slot(None, {})] * max(1, parallel), executor)
+    platform, count = ("cpu", 0) if all(map(is_done, jobs)) else local_devices()
+    free = slots(parallel, platform, count, os.environ)
+    if platform == "tpu" and parallel > 1:
+      print(f"sweep: TPU: one process holds this host's chips, so --parallel={parallel} runs "
+            "one point at a time", flush=True)
+    if len(free) > 1 and free[0].cores is None:
+      print("sweep: os.sched_setaffinity is not available on this platform; the parallel "
+            "points run without pinning to CPU cores", flush=True)
+    # Each point's commands start from a pool thread, which lives until the pool shuts
+    # down: Linux's PR_SET_PDEATHSIG follows the thread that started the process.
+    with concurrent.futures.ThreadPoolExecutor(len(free)) as pool:
+      return _run(jobs, free, pool)
 
 
-def _run(base: str, jobs: list[tuple], parallel: int) -> list[str]:
-  todo = [j for j in jobs if not is_done(j[3], j[2])]
-  platform, count = local_devices() if todo else ("cpu", 0)
-  free = slots(parallel, platform, count, os.environ)
-  running, failed, durations, width = {}, [], [], len(free)
-  total, t0 = len(todo), time.time()
+def _run(jobs: list[Job], free: list[Slot], executor) -> list[str]:
+  todo = [j for j in jobs if not is_done(j)]
+  done = {j.name for j in jobs} - {j.name for j in todo}
+  running, failed, lost, durations, width = {}, [], set(), [], len(free)
+  total, t0, last_line = len(todo), time.time(), 0.0
   print(f"sweep: {len(jobs)} points, {len(jobs) - total} already done, {total} to run, "
         f"{width} at a time", flush=True)
-  if platform == "tpu" and parallel > 1:
-    print(f"sweep: TPU: one process holds this host's chips, so --parallel={parallel} runs "
-          "one point at a time", flush=True)
-  if width > 1 and free[0].cores is None:
-    print("sweep: os.sched_setaffinity is not available on this platform; the parallel points "
-          "run without pinning to CPU cores", flush=True)
-  last_line = 0.0
+
+  def fail(job: Job, why: str) -> None:
+    failed.append(f"{job.name}: {why}")
+    lost.add(job.name)
+    print(f"sweep: point {failed[-1]}", flush=True)
+
   while todo or running:
-    while todo and free:
-      _, overrides, config, workdir = todo.pop(0)
+    for job in [j for j in todo if lost & set(j.after)]:
+      todo.remove(job)
+      fail(job, f"not run: it waits for {', '.join(sorted(lost & set(job.after)))}, which "
+                "did not finish")
+    for job in [j for j in todo if done >= set(j.after)][:len(free)]:
+      todo.remove(job)
       slot = free.pop()
-      workdir.mkdir(parents=True, exist_ok=True)
-      log = (workdir / "sweep.log").open("a")
-      log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {slot.describe()}\n")
-      log.flush()
-      proc = subprocess.Popen(command(base, workdir, overrides), stdout=log,
-                              stderr=subprocess.STDOUT,
-                              env={**os.environ, **slot.env, PARENT_ENV: str(os.getpid())})
-      if slot.cores is not None:
-        # Pinned right after the start, before JAX creates its thread pools (a preexec_fn
-        # would fork this process, whose JAX threads make forking unsafe).
-        os.sched_setaffinity(proc.pid, slot.cores)
-      running[proc] = (workdir, config.train.num_steps, slot, log, time.time())
-    for proc in [p for p in running if p.poll() is not None]:
-      workdir, num_steps, slot, log, start = running.pop(proc)
-      log.close()
+      running[executor.submit(execute, job, slot)] = (job, slot)
+    for future in [f for f in running if f.done()]:
+      job, slot = running.pop(future)
       free.append(slot)
-      step = reached_step(workdir) if proc.returncode == 0 else 0
-      if proc.returncode == 0 and step >= num_steps:
-        durations.append(time.time() - start)
-        done = workdir / DONE
-        (workdir / (DONE + ".tmp")).write_text(json.dumps(
-            {"wall_time_s": durations[-1], "finished": time.time(), "step": step}))
-        os.replace(workdir / (DONE + ".tmp"), done)
-      elif proc.returncode == 0:  # e.g. SIGTERM: it saved its step and exited cleanly
-        failed.append(os.fspath(workdir / "sweep.log"))
-        print(f"sweep: point {workdir.name} stopped at step {step} of {num_steps} (exit 0); "
-              f"not done: run the sweep again to continue it; log: {failed[-1]}", flush=True)
+      try:
+        out = future.result()
+      except Exception as e:  # noqa: BLE001 - a SLURM job that died, a bug: one line
+        lines = str(e).strip().splitlines() or [""]
+        fail(job, f"failed ({type(e).__name__}: {lines[-1]}); log: {job.log}")
+        continue
+      if out.returncode == 0 and out.step >= out.num_steps:
+        done.add(job.name)
+        durations.append(out.wall_time_s)
+      elif out.returncode == 0:  # e.g. SIGTERM: it saved its step and exited cleanly
+        fail(job, f"stopped at step {out.step} of {out.num_steps} (exit 0); not done: run "
+                  f"the sweep again to continue it; log: {job.log}")
       else:
-        failed.append(os.fspath(workdir / "sweep.log"))
-        print(f"sweep: point {workdir.name} failed (exit {proc.returncode}); log: "
-              f"{failed[-1]}", flush=True)
+        fail(job, f"failed (exit {out.returncode}); log: {job.log}")
     now = time.time()
     if now - last_line > 30 or not (todo or running):
-      done = total - len(todo) - len(running)
+      finished = total - len(todo) - len(running)
       eta = ""
       if durations:
         left = len(todo) + len(running) / 2
         eta = " | ETA " + time.strftime(
             "%H:%M:%S", time.gmtime(sum(durations) / len(durations) * left / width))
-      print(f"sweep: {done} done ({len(failed)} failed), {len(running)} running, "
+      print(f"sweep: {finished} done ({len(failed)} failed), {len(running)} running, "
             f"{len(todo)} left | {now - t0:.0f} s{eta}", flush=True)
       last_line = now
     time.sleep(0.2)
   return failed
 
 
-def collect(config: ml_collections.ConfigDict, point: Point, workdir: pathlib.Path) -> dict:
-  """One results row of a finished point: overrides, size, cost, eval metrics, speed."""
+def collect(config: ml_collections.ConfigDict, point: Point, workdir) -> dict:
+  """One results row of a finished point: its dict, size, cost, eval metrics, speed, and the
+  wall time ``DONE`` recorded (NaN for a point run outside the sweep)."""
   from xlps import metrics, models  # JAX: only when results are collected
   summary = models.summarize(models.spec_of(config), config.data.seq_len)
   rows = metrics.read_records(workdir)
   evals = [r for r in rows if "eval_loss" in r]
   speed = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
-  done = json.loads((workdir / DONE).read_text())
   row = {"point": point_name(point),
          "group": group_name(point), **point,
          "unique_params": summary["unique_params"], "applied_params": summary["applied_params"],
@@ -430,7 +582,9 @@ def collect(config: ml_collections.ConfigDict, point: Point, workdir: pathlib.Pa
       row[f"final_{key}"] = values[-1]
       if "loss" in key or "accuracy" in key:
         row[f"best_{key}"] = (min if "loss" in key else max)(values)
-  row["wall_time_s"] = done["wall_time_s"]
+  marked = workdir / DONE
+  row["wall_time_s"] = (json.loads(marked.read_text())["wall_time_s"] if marked.exists()
+                        else math.nan)
   row["tokens_per_sec"] = statistics.median(speed) if speed else math.nan
   return row
 
@@ -481,8 +635,42 @@ def markdown(groups: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(root: pathlib.Path, finished: Sequence[tuple[Point, pathlib.Path]],
-         groups: Sequence[dict]) -> None:
+def write_results(root, jobs: list[Job], experiment) -> int:
+  """results.csv, results.md, plots and the experiment's ``report`` from the points that
+  are done (``root`` local or gs://); returns how many."""
+  finished = [job for job in jobs if is_done(job)]
+  rows = [collect(job.load_config(), job.point, job.workdir) for job in finished]
+  if not rows:
+    return 0
+  write_csv(root / "results.csv", rows)
+  groups = aggregate(rows)
+  (root / "results.md").write_text(markdown(groups))
+  plot(root, [(job.point, job.workdir) for job in finished], groups)
+  if hasattr(experiment, "report"):
+    call(experiment, "report", root, rows)
+  print(f"sweep: {len(rows)} points in {root / 'results.csv'}, {root / 'results.md'}")
+  return len(rows)
+
+
+def write_csv(path, rows: Sequence[dict]) -> None:
+  """``rows`` as CSV at ``path`` (local or gs://), a column for every key of any row."""
+  text = io.StringIO()
+  writer = csv.DictWriter(text, list(dict.fromkeys(k for row in rows for k in row)))
+  writer.writeheader()
+  writer.writerows(rows)
+  path.write_text(text.getvalue())
+
+
+def save_figure(fig, path) -> None:
+  """``fig`` as a PNG at ``path`` (local or gs://, through epath), then closed."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
+  plt.close(fig)
+
+
+def plot(root, finished: Sequence[tuple[Point, Any]], groups: Sequence[dict]) -> None:
   """loss_vs_step.png (every point), final eval loss vs unique params and vs FLOPs/token."""
   import matplotlib
   matplotlib.use("Agg")
@@ -501,9 +689,7 @@ def plot(root: pathlib.Path, finished: Sequence[tuple[Point, pathlib.Path]],
   ax.set(xlabel="step", ylabel="train loss (nats/token)")
   if len(groups) <= 20:
     ax.legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(root / "loss_vs_step.png", dpi=100)
-  plt.close(fig)
+  save_figure(fig, root / "loss_vs_step.png")
   for x, label, name in (("unique_params", "unique parameters", "loss_vs_unique_params.png"),
                          ("flops_per_token", "applied training FLOPs per token",
                           "loss_vs_flops.png")):
@@ -515,6 +701,4 @@ def plot(root: pathlib.Path, finished: Sequence[tuple[Point, pathlib.Path]],
         ax.annotate(g["group"], (g[x], g[metric]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
     ax.set(xscale="log", xlabel=label, ylabel="final eval loss (mean +- std over seeds)")
-    fig.tight_layout()
-    fig.savefig(root / name, dpi=100)
-    plt.close(fig)
+    save_figure(fig, root / name)
