@@ -42,6 +42,7 @@ from xlps import models
 from xlps import partitioning
 from xlps import storage
 from xlps import workdir_lock
+from xlps.models import controllers
 from xlps.config import ConfigError, ModelSpec
 
 
@@ -161,26 +162,25 @@ def loss_and_metrics(logits: jax.Array, targets: jax.Array,
 
 def apply_model(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
                 **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Logits and the adaptive-depth statistics: with ACT (``model.spec.act``) ``ponder``,
-  the sum over stacks of the mean ``N(t) + R(t)`` over positions (the ``losses``
-  collection); with recursion routing ``router_loss``, its weighted auxiliary losses; with
-  routing or a looped model's early exit at inference, ``depth``, the mean core iterations
-  a position ran (over the scored positions when the batch has ``weights``)."""
-  spec, extras = model.spec, {}
-  exits = (spec.loop is not None and spec.loop.exit_threshold > 0
-           and kwargs.get("deterministic", True))
-  if spec.act is None and not exits and spec.routing is None:
-    return model.apply({"params": params}, batch, **kwargs), extras
-  logits, aux = model.apply({"params": params}, batch, mutable=["losses", "intermediates"],
-                            **kwargs)
-  if spec.act is not None:
-    extras["ponder"] = sum(jax.tree.leaves(aux["losses"]))
-  if spec.routing is not None:
-    extras["router_loss"] = sum(jax.tree.leaves(aux["losses"]))
-  if exits or spec.routing is not None:
-    depth = jax.tree.leaves(aux["intermediates"][spec.stacks[0].name]["depth"])[0]
-    weight = batch["weights"] if "weights" in batch else jnp.ones_like(depth)
-    extras["depth"] = (depth * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+  """Logits and what the depth controllers report (``xlps.models.controllers``): their
+  metrics (ACT: ``ponder``, the sum over stacks of the mean ``N(t) + R(t)``; routing:
+  ``router_loss`` and ``depth``, the mean core iterations a scored position ran; early exit
+  at inference: ``depth``) and ``aux_loss``, the sum of their terms of the training loss
+  (ACT: ``ponder_weight x ponder``; routing: its weighted auxiliary losses)."""
+  deterministic = kwargs.get("deterministic", True)
+  reporting = [c for c in controllers.active(model.spec, deterministic, decoding=False)
+               if c.metrics]
+  if not reporting:
+    return model.apply({"params": params}, batch, **kwargs), {}
+  logits, sown = model.apply({"params": params}, batch, mutable=["losses", "intermediates"],
+                             **kwargs)
+  extras, terms = {}, []
+  for c in reporting:
+    term, metrics = c.report(sown, batch)
+    extras.update(metrics)
+    terms += [] if term is None else [term]
+  if terms:
+    extras["aux_loss"] = sum(terms)
   return logits, extras
 
 
@@ -200,12 +200,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
     logits, extras = apply_model(model, params, batch, deterministic=False,
                                  rngs={"dropout": dropout_key})
     loss, metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])
-    if "ponder" in extras:  # ACT: loss + tau * ponder (Graves 2016)
-      loss = loss + model.spec.act.ponder_weight * extras["ponder"]
-      metrics["ponder"] = extras["ponder"]
-    if "router_loss" in extras:  # recursion routing: its weighted auxiliary losses
-      loss = loss + extras["router_loss"]
-      metrics.update(router_loss=extras["router_loss"], depth=extras["depth"])
+    if "aux_loss" in extras:  # the depth controllers' terms (e.g. ACT: + tau * ponder)
+      loss = loss + extras.pop("aux_loss")
+    metrics.update(extras)
     return loss, metrics
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -231,6 +228,7 @@ def eval_step(params: Any, batch: Mapping[str, jax.Array], iterations: jax.Array
   kwargs = {} if iterations is None else {"iterations": iterations}
   logits, extras = apply_model(model, params, batch, deterministic=True, **kwargs)
   metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])[1]
+  extras.pop("aux_loss", None)
   if extras:
     metrics.update(extras, batches=jnp.ones((), jnp.float32))
   return metrics
@@ -406,7 +404,7 @@ def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps, sequences: 
     if sequences:
       results[f"{prefix}_sequence_accuracy"] = float(sums["seq_correct"]) / max(
           float(sums["sequences"]), 1.0)
-    for key in ("ponder", "depth"):  # adaptive depth: batch means, averaged
+    for key in controllers.METRICS:  # adaptive depth: batch means, averaged
       if key in sums:
         results[f"{prefix}_{key}"] = float(sums[key]) / float(sums["batches"])
   return results
@@ -428,8 +426,8 @@ def train_record(m: Mapping[str, Any], steps: int) -> dict[str, float]:
             "train_accuracy": float(m["correct"]) / weighted,
             "grad_norm": float(m["grad_norm"]) / max(steps - nonfinite, 1.0),
             "nonfinite_steps": nonfinite}
-  for key in ("ponder", "router_loss", "depth"):  # adaptive depth: per-step means
-    if key in m:  # ponder: N + R per position, summed over stacks (ACT)
+  for key in controllers.METRICS:  # adaptive depth: per-step means
+    if key in m:  # e.g. ponder: N + R per position, summed over stacks (ACT)
       record[f"train_{key}"] = float(m[key]) / max(steps - nonfinite, 1.0)
   return record
 

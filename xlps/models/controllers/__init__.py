@@ -13,13 +13,16 @@ one ``nn.scan``:
 ``-> (x, state)``                           ``x_before`` is the state entering the block
 ``finish(x, state, ctx)``                   after the scan: the stack's output, the losses
 ``-> (x, losses, intermediates)``           and intermediates it sows
+``report(sown, batch) -> (term, metrics)``  after the model: its term of the training loss
+                                            (or None) and its ``metrics`` (batch means)
 ==========================================  ==============================================
 
 ``states`` maps each running controller's ``name`` to its state; a controller changes only
 its own and may read others' (routing and early exit read the loop's depth). ``step`` holds
 the scan inputs of the layer (``engine.slot_inputs``: ``index``, ``iteration``, ``starts``,
-``ends``, ...). Adding a depth method: a module here with a ``Controller`` subclass, one line
-in ``CONTROLLERS``, and its section in ``xlps.config.depth``.
+``ends``, ...). The trainer adds every term to the loss and logs every metric
+(``xlps.train.apply_model``). Adding a depth method: a module here with a ``Controller``
+subclass, one line in ``CONTROLLERS``, and its section in ``xlps.config.depth``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class Controller:
   plus whatever the call fixes (e.g. routing's top-k rule); traced values live in state."""
 
   name: ClassVar[str]
+  metrics: ClassVar[tuple[str, ...]] = ()   # what ``report`` gives (logged as train_/eval_)
   spec: ModelSpec
 
   @classmethod
@@ -77,6 +81,25 @@ class Controller:
   def finish(self, x: Array, state: Any,
              ctx: Context) -> tuple[Array, dict[str, Array], dict[str, Array]]:
     return x, {}, {}
+
+  def report(self, sown: Mapping[str, Any],
+             batch: Mapping[str, Array]) -> tuple[Array | None, dict[str, Array]]:
+    return None, {}
+
+
+def sown_sum(sown: Mapping[str, Any], collection: str, name: str) -> Array:
+  """The sum over stacks (in name order) of what they sowed as ``collection/name``."""
+  return sum(jax.tree.leaves({stack: values[name] for stack, values in sown[collection].items()
+                              if name in values}))
+
+
+def position_mean(sown: Mapping[str, Any], spec: ModelSpec, name: str,
+                  batch: Mapping[str, Array]) -> Array:
+  """The mean of the first stack's per-position intermediate ``name`` over the scored
+  positions (the batch's ``weights``; all positions without them)."""
+  value = jax.tree.leaves(sown["intermediates"][spec.stacks[0].name][name])[0]
+  weight = batch["weights"] if "weights" in batch else jnp.ones_like(value)
+  return (value * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
 def when(pred: Array, module: nn.Module, call: Callable[[nn.Module], Array],
@@ -101,3 +124,5 @@ from xlps.models.controllers import act, early_exit, loop, routing  # noqa: E402
 # Application order: enter runs first to last, leave last to first.
 CONTROLLERS: tuple[type[Controller], ...] = (loop.Loop, routing.Routing, early_exit.EarlyExit,
                                              act.ACT)
+# Every metric a controller reports (the trainer logs those present as train_ / eval_).
+METRICS: tuple[str, ...] = tuple(dict.fromkeys(m for c in CONTROLLERS for m in c.metrics))

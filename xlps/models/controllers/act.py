@@ -14,7 +14,7 @@ from flax import struct
 
 from xlps.config import ModelSpec
 from xlps.models import layers
-from xlps.models.controllers import Context, Controller
+from xlps.models.controllers import Context, Controller, sown_sum
 
 Array = jax.Array
 
@@ -93,6 +93,7 @@ class ACT(Controller):
   (``intermediates/ponder``) and its mean over the non-pad positions (``losses/ponder``)."""
 
   name = "act"
+  metrics = ("ponder",)
 
   @classmethod
   def make(cls, spec: ModelSpec, deterministic: bool, decoding: bool) -> "ACT | None":
@@ -120,3 +121,8 @@ class ACT(Controller):
     weight = jnp.ones_like(ponder) if ctx.valid is None else ctx.valid.astype(ponder.dtype)
     loss = (ponder * weight).sum() / jnp.maximum(weight.sum(), 1.0)
     return state.output, {"ponder": loss}, {"ponder": ponder}
+
+  def report(self, sown: Mapping, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Graves' loss term ``ponder_weight x ponder``; ponder summed over stacks."""
+    ponder = sown_sum(sown, "losses", "ponder")
+    return self.spec.act.ponder_weight * ponder, {"ponder": ponder}

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from xlps.config import ModelSpec
-from xlps.models.controllers import Context, Controller, loop
+from xlps.models.controllers import Context, Controller, loop, position_mean
 
 Array = jax.Array
 
@@ -32,6 +32,7 @@ class EarlyExit(Controller):
   """Per-position early exit (deterministic passes of a looped core with a threshold)."""
 
   name = "early_exit"
+  metrics = ("depth",)
 
   @classmethod
   def make(cls, spec: ModelSpec, deterministic: bool, decoding: bool) -> "EarlyExit | None":
@@ -55,3 +56,7 @@ class EarlyExit(Controller):
 
   def finish(self, x: Array, state: ExitState, ctx: Context) -> tuple[Array, dict, dict]:
     return x, {}, {"depth": state.depth}
+
+  def report(self, sown: Mapping, batch: Mapping[str, Array]) -> tuple[None, dict[str, Array]]:
+    """The mean core iterations run (no loss term: inference only)."""
+    return None, {"depth": position_mean(sown, self.spec, "depth", batch)}

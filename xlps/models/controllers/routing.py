@@ -19,7 +19,7 @@ from flax import struct
 
 from xlps.config import ModelSpec, RoutingSpec
 from xlps.models import layers
-from xlps.models.controllers import Context, Controller, loop, when
+from xlps.models.controllers import Context, Controller, loop, position_mean, sown_sum, when
 
 Array = jax.Array
 
@@ -71,6 +71,7 @@ class Routing(Controller):
   ``inference='top_k'``), else those whose router says > 0.5."""
 
   name = "routing"
+  metrics = ("router_loss", "depth")
   top_k: bool = True
 
   @classmethod
@@ -130,6 +131,11 @@ class Routing(Controller):
 
   def finish(self, x: Array, state: RouteState, ctx: Context) -> tuple[Array, dict, dict]:
     return x, {"router": state.aux}, {"depth": state.depth, "routed": state.routed}
+
+  def report(self, sown: Mapping, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """The weighted auxiliary losses (a loss term) and the mean core iterations run."""
+    aux = sown_sum(sown, "losses", "router")
+    return aux, {"router_loss": aux, "depth": position_mean(sown, self.spec, "depth", batch)}
 
 
 def route(logits: Array, state: RouteState, iteration: Array, starts: Array,
