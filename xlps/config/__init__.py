@@ -18,8 +18,9 @@ Importing it is light (ml_collections and the pure-Python sharing plans and fami
 config files import it without pulling in JAX, Flax, Orbax, grain, TFDS or ``xlps.data``.
 """
 
-from xlps.config.checks import (ConfigError, check_bool, check_choice, check_int, check_number,
-                                check_str, did_you_mean, parse_arg, then_valid, unknown_key)
+from xlps.config.checks import (ConfigError, check_bool, check_choice, check_int, check_keys,
+                                check_number, check_str, did_you_mean, parse_arg, then_valid,
+                                unknown_key)
 from xlps.config.data import (BYTE_VOCAB_SIZE, DATA_NAMES, NUM_SPECIAL, TASKS, TOKENIZERS,
                               check_data, data_config, max_lengths, seq2seq_length)
 from xlps.config.depth import (ACT_UPDATES, LOOP_DEPTHS, LOOP_INIT_STATES, LOOP_INJECTIONS,
@@ -40,8 +41,8 @@ from xlps.config.train import (NONFINITE, ON_MISMATCH, check_train, eval_iterati
 
 __all__ = [
     # checks
-    "ConfigError", "check_bool", "check_choice", "check_int", "check_number", "check_str",
-    "did_you_mean", "parse_arg", "then_valid", "unknown_key",
+    "ConfigError", "check_bool", "check_choice", "check_int", "check_keys", "check_number",
+    "check_str", "did_you_mean", "parse_arg", "then_valid", "unknown_key",
     # model
     "ACTIVATIONS", "ATTENTION_IMPLS", "DTYPES", "NORM_POSITIONS", "NORMS", "POSITIONS",
     "REMAT_POLICIES", "ModelSpec", "check_devices", "check_known_keys", "check_remat_group",

@@ -63,6 +63,14 @@ def unknown_key(field: str, key: str, known: Sequence[str], what: str,
                      f"valid keys: {valid}")
 
 
+def check_keys(section: Iterable[str], field: str, known: Sequence[str], what: str,
+               valid: str | None = None) -> None:
+  """Raises ``unknown_key`` for the first key of ``section`` that ``known`` lacks."""
+  for key in section:
+    if key not in known:
+      raise unknown_key(field, key, known, what, valid)
+
+
 def check_choice(field: str, value: object, valid: tuple) -> None:
   if value not in valid:
     raise ConfigError(f"{field}={value!r} is not valid; choose one of: "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ml_collections
 
 from xlps import families as families_lib
-from xlps.config.checks import ConfigError, check_choice, check_int, check_str, unknown_key
+from xlps.config.checks import ConfigError, check_choice, check_int, check_keys, check_str
 
 
 DATA_NAMES = ("stdlib", "algorithmic", "text_files", "tfds")
@@ -70,10 +70,8 @@ def max_lengths(task: str, max_len: int) -> tuple[int, int]:
 def check_data(config: ml_collections.ConfigDict, process_index: int = 0,
                process_count: int = 1) -> None:
   """The data section and what it must agree with (family, batch, processes)."""
-  d, known = config.data, data_config()
-  for key in d:
-    if key not in known:
-      raise unknown_key("data", key, tuple(known), "data")
+  d = config.data
+  check_keys(d, "data", tuple(data_config()), "data")
   check_choice("data.name", d.name, DATA_NAMES)
   check_choice("data.task", d.task, TASKS)
   check_choice("data.tokenizer", d.tokenizer, TOKENIZERS)

@@ -7,7 +7,7 @@ import math
 
 import ml_collections
 
-from xlps.config.checks import ConfigError, then_valid, unknown_key
+from xlps.config.checks import ConfigError, check_keys, then_valid
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -29,10 +29,7 @@ def mesh_config() -> ml_collections.ConfigDict:
 
 def check_mesh(cfg: ml_collections.ConfigDict) -> None:
   """The mesh section's keys and ``rules``: (logical axis, mesh axis | tuple of them | None)."""
-  known = mesh_config()
-  for key in cfg:
-    if key not in known:
-      raise unknown_key("mesh", key, tuple(known), "mesh")
+  check_keys(cfg, "mesh", tuple(mesh_config()), "mesh")
   rules = cfg.get("rules", ())
   example = "(('mlp', 'fsdp'), ('vocab', None))"
   if isinstance(rules, (str, bytes)) or not isinstance(rules, (tuple, list)):

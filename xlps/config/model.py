@@ -16,8 +16,8 @@ import ml_collections
 
 from xlps import families as families_lib
 from xlps import sharing as sharing_lib
-from xlps.config.checks import (ConfigError, check_bool, check_choice, check_int, check_number,
-                                unknown_key)
+from xlps.config.checks import (ConfigError, check_bool, check_choice, check_int, check_keys,
+                                check_number, unknown_key)
 from xlps.config.depth import (ActSpec, LoopSpec, LoraSpec, RoutingSpec, act_config,
                                kv_sharing_config, loop_config, lora_config, routing_config,
                                sharing_config)
@@ -262,10 +262,7 @@ def remat_group_size(size: int, num_layers: int) -> int:
 
 def check_known_keys(m: Mapping, field: str = "model") -> None:
   """Rejects keys that ``model_config()`` does not define (typos in experiment files)."""
-  known = model_config()
-  for key in m:
-    if key not in known:
-      raise unknown_key(field, key, sorted(known), "model")
+  check_keys(m, field, sorted(model_config()), "model")
   sections = (Mapping, ml_collections.ConfigDict)
   sharing = m.get("sharing")
   if isinstance(sharing, sections):  # xlps.sharing names bad keys too; here with a suggestion
@@ -276,14 +273,10 @@ def check_known_keys(m: Mapping, field: str = "model") -> None:
                           f"{', '.join(plan_keys)} and components "
                           f"{', '.join(sharing_lib.COMPONENTS)}")
       if key in sharing_lib.COMPONENTS and isinstance(sharing[key], sections):
-        for sub in sharing[key]:
-          if sub not in plan_keys:
-            raise unknown_key(f"{field}.sharing.{key}", sub, plan_keys, "sharing")
+        check_keys(sharing[key], f"{field}.sharing.{key}", plan_keys, "sharing")
   for name, schema in (("kv_sharing", kv_sharing_config()), ("act", act_config()),
                        ("loop", loop_config()), ("lora", lora_config()),
                        ("routing", routing_config())):
     section = m.get(name)
     if isinstance(section, sections):
-      for key in section:
-        if key not in schema:
-          raise unknown_key(f"{field}.{name}", key, tuple(schema), name)
+      check_keys(section, f"{field}.{name}", tuple(schema), name)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from xlps.config.checks import (ConfigError, check_bool, check_choice, check_int, check_number,
-                                check_str, unknown_key)
+                                check_keys, check_str)
 from xlps.config.model import ModelSpec
 
 
@@ -69,10 +69,7 @@ def eval_iterations(t: ml_collections.ConfigDict, spec: ModelSpec) -> tuple[int,
 
 
 def check_train(t: ml_collections.ConfigDict) -> None:
-  known = train_config()
-  for key in t:
-    if key not in known:
-      raise unknown_key("train", key, tuple(known), "train")
+  check_keys(t, "train", tuple(train_config()), "train")
   for key in ("num_steps", "batch_size", "log_every_steps", "eval_every_steps",
               "checkpoint_every_steps", "keep_checkpoints"):
     check_int(f"train.{key}", t[key], 1)
