@@ -49,8 +49,13 @@ def assert_scan_matches_unrolled(m, dropout=False):
   return params
 
 
+# Compile-bound scan-vs-unrolled checks: one per kind in the fast tier, the rest slow.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("order,num_unique", [
-    ("sequence", 3), ("cycle", 3), ("cycle_rev", 4), ("cycle", 1), ("sequence", 6),
+    ("sequence", 3), pytest.param("cycle", 3, marks=SLOW), ("cycle_rev", 4),
+    pytest.param("cycle", 1, marks=SLOW), pytest.param("sequence", 6, marks=SLOW),
 ])
 def test_orders(order, num_unique):
   params = assert_scan_matches_unrolled(tiny(sharing={"order": order, "num_unique": num_unique}))
@@ -69,7 +74,7 @@ def test_explicit_table_sandwich():
   assert layers["norms"]["attention"]["scale"].shape == (6, 16)
 
 
-@pytest.mark.parametrize("shared", ["attention", "mlp"])
+@pytest.mark.parametrize("shared", ["attention", pytest.param("mlp", marks=SLOW)])
 def test_albert_ablation_per_component(shared):
   # Share one component across all layers, keep the other unshared.
   other = "mlp" if shared == "attention" else "attention"
@@ -83,7 +88,7 @@ def test_albert_ablation_per_component(shared):
   assert layers[other]["out" if other == "attention" else "wo"]["kernel"].shape[0] == 6
 
 
-@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("tie", [pytest.param(False, marks=SLOW), True])
 def test_encoder_decoder(tie):
   m = tiny(family="encoder_decoder", num_layers=4, num_decoder_layers=6,
            position_embedding="sinusoidal", tie_encoder_decoder=tie,
@@ -145,6 +150,7 @@ def test_dropout_masks_per_layer_and_site(monkeypatch, scan_layers):
       assert not np.array_equal(residual[a], residual[b]), (a, b)
 
 
+@SLOW
 def test_remat_policies_agree():
   base = tiny(sharing={"num_unique": 2})
   spec = models.spec_of(base)
@@ -162,8 +168,9 @@ def test_remat_policies_agree():
 
 
 @pytest.mark.parametrize("family, group, policy", [
-    ("decoder_lm", 2, "none"), ("decoder_lm", -1, "full"), ("encoder_mlm", 3, "dots_saveable"),
-    ("encoder_decoder", -1, "none")])
+    pytest.param("decoder_lm", 2, "none", marks=SLOW), ("decoder_lm", -1, "full"),
+    pytest.param("encoder_mlm", 3, "dots_saveable", marks=SLOW),
+    pytest.param("encoder_decoder", -1, "none", marks=SLOW)])
 def test_two_level_remat_equals_one_level(family, group, policy):
   """Grouped (nested) scans run the same layers with the same dropout keys and slots."""
   base = tiny(family=family, dropout_rate=0.1, attention_dropout_rate=0.1,

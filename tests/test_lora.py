@@ -97,7 +97,8 @@ def effective_unshared(params, spec):
   return {**params, "decoder": {"layers": stacked}}
 
 
-@pytest.mark.parametrize("targets,bias", [("query,key,value,out,wi,wo", True), ("value,wo", False)])
+@pytest.mark.parametrize("targets,bias", [
+    pytest.param("query,key,value,out,wi,wo", True, marks=pytest.mark.slow), ("value,wo", False)])
 def test_each_applied_layer_uses_its_own_adapter(targets, bias):
   lora = lora_model(bias=bias)
   lora.lora.targets = targets
