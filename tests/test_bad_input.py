@@ -520,7 +520,10 @@ def test_rules_check_knows_every_logical_axis():
   assert names and names <= set(config_lib.LOGICAL_AXES), names
 
 
-@pytest.mark.parametrize("action,pattern", [pytest.param(a, p, id=i) for i, a, p in ROWS])
+# disk_full_mid_run trains in a process of its own: slow tier.
+@pytest.mark.parametrize("action,pattern", [
+    pytest.param(a, p, id=i, marks=pytest.mark.slow if i == "disk_full_mid_run" else ())
+    for i, a, p in ROWS])
 def test_bad_input(action, pattern, tmp_path, tiny_tfds, monkeypatch):
   ctx = Ctx(tmp_path, tiny_tfds, monkeypatch)
   try:

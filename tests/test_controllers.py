@@ -81,12 +81,12 @@ def setup(scan_layers=True):
 
 def test_a_registered_controller_runs_in_the_scan_and_reaches_the_trainer(gated):
   spec, batch = setup()
-  params = models.init_params(spec, length=8)
-  params = jax.tree.map(lambda b: b.value if hasattr(b, "value") else b, params,
-                        is_leaf=lambda b: hasattr(b, "value"))
+  model = models.build(spec)
+  # model.init, not models.init_params: that one's jit cache is keyed by the spec alone and
+  # would hand these parameters (or the plain ones) to other tests of the same spec.
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch)["params"])
   gate = params["decoder"]["layers"]["gate"]["scales"]  # in the block's scope, next to the layers
   np.testing.assert_array_equal(gate, 0.5)
-  model = models.build(spec)
   logits, sown = model.apply({"params": params}, batch, mutable=["losses", "intermediates"])
   assert int(sown["intermediates"]["decoder"]["gate_layers"][0]) == 4  # every applied layer
   # the unrolled reference: same parameters, same logits
@@ -125,6 +125,6 @@ def test_iteration_start_work_runs_under_a_cond():
   spec = models.spec_of(m)
   model = models.build(spec)
   batch = models.example_batch(spec, batch_size=1, length=8)
-  params = models.init_params(spec, length=8)
+  params = model.init(jax.random.PRNGKey(0), batch)["params"]
   jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, batch))(params))
   assert jaxpr.count("cond[") >= 2  # the adapter's and the router's

@@ -248,6 +248,7 @@ def test_unique_params_equal_transformers(variant):
   assert ours == theirs
 
 
+@pytest.mark.slow
 def test_weight_decay_step_equals_torch_adamw():
   """One xlps AdamW step (``train.make_optimizer``) equals ``torch.optim.AdamW`` with HF's
   parameter groups: no decay on biases and LayerNorms, decay on everything else.

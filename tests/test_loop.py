@@ -279,7 +279,7 @@ def _reference_looped_logits(params, tokens, r, k, inject):
   return _ln(x, params["final_norm"]) @ emb["embedding"].T
 
 
-@pytest.mark.parametrize("inject", ["none", "adapter"])
+@pytest.mark.parametrize("inject", ["none", pytest.param("adapter", marks=pytest.mark.slow)])
 def test_truncation_detaches_exactly_the_first_r_minus_k_iterations(inject):
   """k = 2 at r = 1, 2, 3 (r < k, r = k, r > k): every parameter's gradient equals the
   unrolled reference's, which detaches max(r - k, 0) iterations (none when r <= k: the

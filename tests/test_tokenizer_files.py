@@ -44,6 +44,7 @@ def hf_albert_dir(path, **overrides):
   return path
 
 
+@pytest.mark.slow
 def test_converted_albert_trains_on_its_sentencepiece_ids(tmp_path, data_dir):
   from xlps.interop import huggingface
   hf = hf_albert_dir(tmp_path / "hf")

@@ -55,7 +55,7 @@ def mlm_config():
 @pytest.mark.parametrize("make", [
     lambda: default.get_config("tied"),
     mlm_config,
-    lambda: transformer.get_config("tied,runlocal"),
+    pytest.param(lambda: transformer.get_config("tied,runlocal"), marks=pytest.mark.slow),
 ], ids=["decoder_lm", "encoder_mlm", "encoder_decoder"])
 def test_each_family_learns(make, tmp_path, data_dir):
   config = shrink(make(), data_dir, steps=30)
@@ -139,6 +139,7 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path, data_dir):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, data_dir):
   proc = subprocess.Popen(short_run(tmp_path / "wd", data_dir, 400), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -362,6 +363,7 @@ def test_mfu_counts_truncated_iterations_forward_only(tmp_path, data_dir):
   check_token_rates(config, records(tmp_path / "wd"), applied / result["peak_flops"])
 
 
+@pytest.mark.slow
 def test_continuing_a_finished_run_keeps_its_schedule(tmp_path, data_dir):
   """decay_steps = 0 follows num_steps of the run's first start: continuing a finished
   4-step run to 8, then 10 steps trains on at the final rate, with no jump at the resume
@@ -427,6 +429,7 @@ def test_shipped_variants_reach_their_peak_rate():
   config_lib.check_train(t)
 
 
+@pytest.mark.slow
 def test_rerun_with_fewer_steps_says_the_checkpoint_is_past_them(tmp_path, data_dir):
   """A finished 4-step run re-run with num_steps=2 is a one-line error naming the step it
   is at (it exited 0 silently); with num_steps=4 it trains nothing and says it is done."""

@@ -213,6 +213,7 @@ def hold_lock(workdir, holder: str = "pid 4242 on host elsewhere") -> int:
   return fd
 
 
+@pytest.mark.slow
 def test_a_second_run_in_a_workdir_is_refused_naming_the_first(tmp_path, data_dir):
   """Two runs in one workdir would both train and write every metrics row twice: the second
   stops before any work with one line naming the process that holds the workdir."""
