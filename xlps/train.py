@@ -169,7 +169,7 @@ def apply_model(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
   (ACT: ``ponder_weight x ponder``; routing: its weighted auxiliary losses)."""
   deterministic = kwargs.get("deterministic", True)
   reporting = [c for c in controllers.active(model.spec, deterministic, decoding=False)
-               if c.metrics]
+               if type(c).report is not controllers.Controller.report]
   if not reporting:
     return model.apply({"params": params}, batch, **kwargs), {}
   logits, sown = model.apply({"params": params}, batch, mutable=["losses", "intermediates"],
