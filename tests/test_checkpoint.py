@@ -420,6 +420,7 @@ def test_checksums_are_written_with_each_step(tmp_path):
     assert checkpoint_lib.Checkpointer(tmp_path).verify(step) == []
 
 
+@pytest.mark.slow
 def test_every_reader_falls_back_past_a_corrupt_step(tmp_path, data_dir, caplog):
   """launch.generate (prompts and --eval_split) and the conversion tools read through
   interop.read_checkpoint, launch.summary and configs/workdir.py through the stored config:

@@ -162,6 +162,7 @@ def test_unwritable_workdir_is_clear(tmp_path, data_dir):
     train.train_and_evaluate(config, blocker / "wd")
 
 
+@pytest.mark.slow
 def test_readme_main_job_summary(tmp_path, data_dir):
   out = run_command(short_run(tmp_path / "wd", data_dir, 6))
   assert out.returncode == 0, out.stderr[-3000:]
@@ -349,6 +350,7 @@ def test_ut_algorithmic_config_learns_to_copy():
   assert float(loss) < 0.5, float(loss)
 
 
+@pytest.mark.slow
 def test_mfu_counts_truncated_iterations_forward_only(tmp_path, data_dir):
   """A looped model at r = 2 iterations with k = 1: MFU counts the first iteration at
   forward cost (a third of a trained layer), not the FLOPs of every layer trained."""
