@@ -20,11 +20,16 @@ use the ids the model was trained on, even when the original file is gone.
 
 Batch layouts (the family's, ``xlps.families``; keys named there; leading dim = local batch):
 ``lm``: inputs, targets, segment_ids, positions, weights; ``mlm``: inputs, input_mask,
-token_types, targets, weights; ``seq2seq``: inputs, targets, weights.
+token_types, targets, weights; ``seq2seq``: inputs, targets, weights; ``puzzle`` (puzzle
+data): inputs, targets (the solution's tokens), weights (1 on scored cells), int32 / float32
+[B, L] with L = data.seq_len = the puzzle's length.
 Datasets: ``stdlib`` (the running Python's standard library; its contents and therefore
 the numbers differ between Python versions), ``algorithmic`` (copy / reverse / addition),
-``text_files`` (a glob of your files) and ``tfds`` (any TFDS dataset prepared as
-array_record). Nothing is downloaded.
+``text_files`` (a glob of your files), ``tfds`` (any TFDS dataset prepared as
+array_record) and the puzzles of ``xlps.data.puzzles`` (fixed token ids, no tokenizer:
+``data.tokenizer='none'``; ``pipeline.tokenizer`` is None): ``sudoku`` and ``maze``
+(generated from a fixed seed) and ``puzzle_files`` (HRM's Sudoku-Extreme / Maze-Hard CSVs
+or ARC-AGI task folders in ``data.puzzle_dir``). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -35,11 +40,12 @@ import ml_collections
 
 from xlps import config as config_lib
 from xlps import families
+from xlps.config.data import PUZZLE_NAMES
 from xlps.data import builders, sources
 from xlps.data import tokenizers as tok_lib
-from xlps.data.pipeline import Pipeline, sample_indices
+from xlps.data.pipeline import Pipeline, PuzzlePipeline, sample_indices
 
-__all__ = ["build", "Pipeline", "run_tokenizer", "keep_tokenizer"]
+__all__ = ["build", "Pipeline", "PuzzlePipeline", "run_tokenizer", "keep_tokenizer"]
 
 KEPT_TOKENIZER = "tokenizer"  # WORKDIR/tokenizer: the run's tokenizer files (absent for byte)
 
@@ -62,8 +68,11 @@ def _sentencepiece(splits: sources.Splits, vocab_size: int,
 
 def configured_tokenizer(config: ml_collections.ConfigDict) -> tok_lib.Tokenizer | None:
   """``config.data``'s tokenizer where it needs no data: byte, or the files at
-  ``data.tokenizer_path``; None for ``sentencepiece`` (``build`` trains it)."""
+  ``data.tokenizer_path``; None for ``sentencepiece`` (``build`` trains it) and for ``none``
+  (puzzle data has no tokenizer)."""
   d = config.data
+  if d.tokenizer == "none":
+    return None
   if d.tokenizer == "byte":
     return tok_lib.ByteTokenizer()
   if d.tokenizer == "sentencepiece":
@@ -88,7 +97,7 @@ def run_tokenizer(config: ml_collections.ConfigDict,
   """
   from etils import epath
   kept_dir = epath.Path(os.fspath(workdir)) / KEPT_TOKENIZER
-  if not kept_dir.exists():
+  if not kept_dir.exists() or config.data.tokenizer == "none":
     return configured_tokenizer(config)
   kept = tok_lib.load(kept_dir, field=f"the run's tokenizer {kept_dir}")
   d = config.data
@@ -109,12 +118,12 @@ def run_tokenizer(config: ml_collections.ConfigDict,
   return kept
 
 
-def keep_tokenizer(tokenizer: tok_lib.Tokenizer, workdir: str | os.PathLike) -> None:
+def keep_tokenizer(tokenizer: tok_lib.Tokenizer | None, workdir: str | os.PathLike) -> None:
   """Writes ``tokenizer``'s files to ``WORKDIR/tokenizer`` unless a tokenizer is kept there
-  already (the byte tokenizer has no files: nothing is written)."""
+  already (the byte tokenizer has no files, puzzle data no tokenizer: nothing is written)."""
   from etils import epath
   kept_dir = epath.Path(os.fspath(workdir)) / KEPT_TOKENIZER
-  if not tokenizer.files or kept_dir.exists():
+  if tokenizer is None or not tokenizer.files or kept_dir.exists():
     return
   staging = kept_dir.parent / f"{KEPT_TOKENIZER}.tmp{os.getpid()}"
   tokenizer.save(staging)
@@ -143,27 +152,18 @@ def build(config: ml_collections.ConfigDict, *, process_index: int = 0, process_
 
   ``config.train.batch_size`` is global; this process gets batch_size // process_count rows
   per batch, read from its own shard of the train split. ``tokenizer`` (e.g. a run's kept
-  one, ``run_tokenizer``) replaces the configured one.
+  one, ``run_tokenizer``) replaces the configured one. Puzzle data (``data.name`` sudoku,
+  maze, puzzle_files) gives a ``PuzzlePipeline`` and reads no tokenizer.
   """
   config_lib.check_data(config, process_index, process_count)
+  if config.data.name in PUZZLE_NAMES:
+    return _puzzle_pipeline(config, process_index, process_count)
   if tokenizer is None:
     tokenizer = configured_tokenizer(config)
   if tokenizer is not None:  # checked before any data is read
     check_tokenizer(config, tokenizer)
   d = config.data
-  data_dir = os.path.expanduser(d.data_dir or os.environ.get("TFDS_DATA_DIR", "")
-                                or "~/tensorflow_datasets")
-  if "://" not in data_dir:  # the first existing folder on the way must be a folder
-    existing = os.path.abspath(data_dir)
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-      existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-      why = ("it is a file" if existing == os.path.abspath(data_dir) else
-             f"{existing!r} is a file")
-      raise config_lib.ConfigError(
-          f"data.data_dir={d.data_dir or data_dir!r} cannot be used ({why}, not a directory); "
-          "valid: a directory for prepared datasets (created if missing), or '' for "
-          "$TFDS_DATA_DIR or ~/tensorflow_datasets")
+  data_dir = _data_dir(d)
   if d.name == "algorithmic":
     splits = sources.algorithmic(d, data_dir)
   elif d.name == "stdlib":
@@ -186,6 +186,44 @@ def build(config: ml_collections.ConfigDict, *, process_index: int = 0, process_
                   num_shards=d.num_shards or process_count, seed=config.seed,
                   mlm_probability=float(d.mlm_probability), eval_batches=d.eval_batches,
                   worker_count=d.worker_count)
+
+
+def _data_dir(d: ml_collections.ConfigDict) -> str:
+  """Where prepared datasets live (``data.data_dir``, else $TFDS_DATA_DIR or
+  ~/tensorflow_datasets); ConfigError if a file stands in the way."""
+  data_dir = os.path.expanduser(d.data_dir or os.environ.get("TFDS_DATA_DIR", "")
+                                or "~/tensorflow_datasets")
+  if "://" not in data_dir:  # the first existing folder on the way must be a folder
+    existing = os.path.abspath(data_dir)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      why = ("it is a file" if existing == os.path.abspath(data_dir) else
+             f"{existing!r} is a file")
+      raise config_lib.ConfigError(
+          f"data.data_dir={d.data_dir or data_dir!r} cannot be used ({why}, not a directory); "
+          "valid: a directory for prepared datasets (created if missing), or '' for "
+          "$TFDS_DATA_DIR or ~/tensorflow_datasets")
+  return data_dir
+
+
+def _puzzle_pipeline(config: ml_collections.ConfigDict, process_index: int,
+                     process_count: int) -> PuzzlePipeline:
+  """The ``PuzzlePipeline`` of puzzle data (config already checked)."""
+  d = config.data
+  if d.name == "sudoku":
+    splits = sources.sudoku(d, _data_dir(d))
+  elif d.name == "maze":
+    splits = sources.maze(d, _data_dir(d))
+  else:
+    splits = sources.puzzle_files(d)
+  if d.worker_count:
+    _mark_absl_flags_parsed()
+  return PuzzlePipeline(splits=splits, seq_len=d.seq_len, batch_size=config.train.batch_size,
+                        process_index=process_index, process_count=process_count,
+                        num_shards=d.num_shards or process_count, seed=config.seed,
+                        eval_batches=d.eval_batches, augment=d.augment,
+                        worker_count=d.worker_count)
 
 
 def _mark_absl_flags_parsed() -> None:

@@ -9,7 +9,11 @@
   relative path. Different Python versions ship different files, so the builder config
   is named after the exact Python version and a digest of its file list.
 
-Both are prepared as ``array_record`` (readable without TensorFlow via ``as_data_source``)
+* ``XlpsSudoku`` / ``XlpsMaze``: generated puzzles for recursive-reasoning models
+  (``xlps.data.puzzles``: tokens, generators, checkers), splits ``train`` and ``test``
+  (disjoint), from a fixed seed; the config name encodes every field.
+
+All are prepared as ``array_record`` (readable without TensorFlow via ``as_data_source``)
 on first use by ``prepare``, which holds an exclusive ``fcntl`` lock so that concurrent
 processes (pytest-xdist workers, several hosts' local processes) prepare once; TFDS itself
 writes into a temporary directory and renames it when complete.
@@ -33,8 +37,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from xlps.config import TASKS, ConfigError
+from xlps.data import puzzles
 
 _ALGORITHMIC_SEED = 20180710  # the Universal Transformer paper's arXiv date
+_PUZZLE_SEED = 20250626  # HRM's arXiv date
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests",
                                    "idle_test", "__pycache__"})
 VALIDATION_PERCENT = 5  # stdlib and text_files: share of files held out for validation
@@ -119,6 +125,93 @@ class XlpsAlgorithmic(tfds.core.GeneratorBasedBuilder):
     for i in range(num):
       source, target = algorithmic_example(task, int(rng.integers(min_len, max_len + 1)), rng)
       yield i, {"id": i, "source": source, "target": target}
+
+
+@dataclasses.dataclass
+class SudokuConfig(tfds.core.BuilderConfig):
+  """Generated Sudokus of one size and difficulty; the name encodes every field."""
+
+  size: int = 9
+  givens: int = 30
+  min_backtracks: int = 0
+  num_train_examples: int = 20000
+  num_eval_examples: int = 1000
+
+  @classmethod
+  def make(cls, size: int, givens: int, min_backtracks: int, num_train_examples: int,
+           num_eval_examples: int) -> "SudokuConfig":
+    name = (f"s{size}_givens{givens}_bt{min_backtracks}"
+            f"_n{num_train_examples}-{num_eval_examples}")
+    return cls(name=name, size=size, givens=givens, min_backtracks=min_backtracks,
+               num_train_examples=num_train_examples, num_eval_examples=num_eval_examples)
+
+
+class XlpsSudoku(tfds.core.GeneratorBasedBuilder):
+  """Generated Sudokus with unique solutions (``puzzles.sudoku_dataset``): uint8 tokens
+  ``inputs`` / ``labels`` [size*size], the solver's ``backtracks`` and the ``givens``."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Sudokus 4x4 / 6x6 / 9x9 with unique solutions."}
+  BUILDER_CONFIGS = [SudokuConfig.make(9, 30, 0, 20000, 1000)]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cells = self.builder_config.size ** 2
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "id": np.int64, "inputs": tfds.features.Tensor(shape=(cells,), dtype=np.uint8),
+        "labels": tfds.features.Tensor(shape=(cells,), dtype=np.uint8),
+        "backtracks": np.int64, "givens": np.int64}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    records = puzzles.sudoku_dataset(c.size, c.givens, c.min_backtracks, c.num_train_examples,
+                                     c.num_eval_examples, _PUZZLE_SEED)
+    return {split: self._generate_examples(rs) for split, rs in records.items()}
+
+  def _generate_examples(self, records: list[dict]):
+    for r in records:
+      yield r["id"], r
+
+
+@dataclasses.dataclass
+class MazeConfig(tfds.core.BuilderConfig):
+  """Generated mazes of one size; the name encodes every field."""
+
+  size: int = 30
+  num_train_examples: int = 20000
+  num_eval_examples: int = 1000
+
+  @classmethod
+  def make(cls, size: int, num_train_examples: int, num_eval_examples: int) -> "MazeConfig":
+    return cls(name=f"n{size}_n{num_train_examples}-{num_eval_examples}", size=size,
+               num_train_examples=num_train_examples, num_eval_examples=num_eval_examples)
+
+
+class XlpsMaze(tfds.core.GeneratorBasedBuilder):
+  """Generated mazes with a marked shortest path (``puzzles.maze_dataset``): uint8 tokens
+  ``inputs`` / ``labels`` [size*size] and the ``path_length`` in steps."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Mazes (DFS spanning tree plus loops), start and goal far apart."}
+  BUILDER_CONFIGS = [MazeConfig.make(30, 20000, 1000)]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cells = self.builder_config.size ** 2
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "id": np.int64, "inputs": tfds.features.Tensor(shape=(cells,), dtype=np.uint8),
+        "labels": tfds.features.Tensor(shape=(cells,), dtype=np.uint8),
+        "path_length": np.int64}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    c = self.builder_config
+    records = puzzles.maze_dataset(c.size, c.num_train_examples, c.num_eval_examples,
+                                   _PUZZLE_SEED)
+    return {split: self._generate_examples(rs) for split, rs in records.items()}
+
+  def _generate_examples(self, records: list[dict]):
+    for r in records:
+      yield r["id"], r
 
 
 def stdlib_root() -> pathlib.Path:

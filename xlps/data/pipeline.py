@@ -27,6 +27,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from xlps.data import puzzles
 from xlps.data import tokenizers as tok_lib
 
 _SHUFFLE_WINDOW_DOCS = 64          # packed rows are shuffled in windows of ~this many documents
@@ -331,3 +332,91 @@ class Pipeline:
             f"{self.vocab_size}); {self._layout} seq_len {self._seq_len}; batch "
             f"{self._global_batch} = {self._process_count} x {self._local_batch} (process "
             f"{self._process_index}){entropy}")
+
+
+def puzzle_features(record: Mapping[str, Any], puzzle: str, size: int,
+                    rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+  """Layout ``puzzle``: ``inputs`` / ``targets`` int32 [L] (puzzle and solution tokens) and
+  ``weights`` float32 [L], 1 on every scored cell (Sudoku and mazes: all; ARC: the non-pad
+  cells of the output canvas). With ``rng``, the puzzle's random augmentation first."""
+  inputs, labels = np.asarray(record["inputs"]), np.asarray(record["labels"])
+  if rng is not None and puzzle == "sudoku":
+    inputs, labels = puzzles.augment_sudoku(inputs, labels, size, rng)
+  elif rng is not None and puzzle == "arc":
+    inputs, labels = puzzles.augment_arc(inputs, labels, rng)
+  weights = labels != 0 if puzzle == "arc" else np.ones(labels.shape, bool)
+  return {"inputs": inputs.astype(np.int32), "targets": labels.astype(np.int32),
+          "weights": weights.astype(np.float32)}
+
+
+class PuzzlePipeline(Pipeline):
+  """Batches of layout ``puzzle`` from a puzzle dataset (``sources.Splits`` of kind
+  ``puzzle``), for one process of ``process_count``: the same interface, sharding, resume
+  and eval semantics as ``Pipeline``.
+
+  Training: the process's shards of the train split, shuffled anew each epoch (seeded by
+  ``config.seed``), repeated forever, each example augmented (``augment``) with a generator
+  derived from the seed and its position in the stream, so a resumed iterator continues
+  exactly. Evaluation: the ``test`` split, never augmented. No tokenizer (``tokenizer`` is
+  None) and no unigram baseline (``unigram_entropy`` is None).
+  """
+
+  def __init__(self, *, splits, seq_len: int, batch_size: int, process_index: int,
+               process_count: int, num_shards: int, seed: int, eval_batches: int,
+               augment: bool, worker_count: int = 0):
+    if splits.kind != "puzzle":
+      raise ValueError(f"PuzzlePipeline needs puzzle splits, not {splits.kind!r}")
+    self._splits = splits
+    self.tokenizer = None
+    self._layout = "puzzle"
+    self._seq_len = seq_len
+    self._split_lengths = {}
+    self._global_batch = batch_size
+    self._local_batch = batch_size // process_count
+    self._process_index = process_index
+    self._process_count = process_count
+    self._num_shards = num_shards
+    per_process = num_shards // process_count
+    self._shards = tuple(range(process_index * per_process, (process_index + 1) * per_process))
+    self._seed = seed % 2**32
+    self._eval_batches = eval_batches
+    self._worker_count = worker_count
+    self._augment = augment
+    self._shuffle_window = 0
+    self.vocab_size: int = splits.vocab_size
+    self.eval_splits: tuple[str, ...] = tuple(splits.evals)
+    self.unigram_entropy: float | None = None
+
+  def _rows(self, ds: grain.MapDataset, read_options: grain.ReadOptions | None = None,
+            split: str = "train") -> grain.IterDataset:
+    puzzle, size = self._splits.puzzle, self._splits.puzzle_size  # locals: pickled to workers
+    return ds.map(lambda r: puzzle_features(r, puzzle, size)).to_iter_dataset(read_options)
+
+  def _shard_batches(self, index: int) -> grain.IterDataset:
+    ds = grain.MapDataset.source(self._splits.train)
+    ds = shard(ds, index, self._num_shards, "the train split")
+    ds = ds.shuffle(seed=self._seed).repeat()
+    puzzle, size = self._splits.puzzle, self._splits.puzzle_size
+    if self._augment:
+      ds = ds.random_map(lambda r, rng: puzzle_features(r, puzzle, size, rng),
+                         seed=self._seed + 1 + index)
+    else:
+      ds = ds.map(lambda r: puzzle_features(r, puzzle, size))
+    batches = ds.to_iter_dataset().batch(self._global_batch // self._num_shards,
+                                         drop_remainder=True)
+    if self._worker_count:
+      batches = batches.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._worker_count)).map(
+              lambda batch: {k: np.array(v) for k, v in batch.items()})
+    return batches
+
+  def _padding_row(self, split: str) -> dict[str, np.ndarray]:
+    return {"inputs": np.zeros(self._seq_len, np.int32),
+            "targets": np.zeros(self._seq_len, np.int32),
+            "weights": np.zeros(self._seq_len, np.float32)}
+
+  def describe(self) -> str:
+    return (f"data: {self._splits.summary}; {self._splits.puzzle} tokens (vocab "
+            f"{self.vocab_size}){', augmented' if self._augment else ''}; puzzle seq_len "
+            f"{self._seq_len}; batch {self._global_batch} = {self._process_count} x "
+            f"{self._local_batch} (process {self._process_index})")

@@ -1,7 +1,8 @@
 """Random-access record sources per ``data.name``, before tokenization.
 
 Text sources yield records with a text feature (str or bytes: one document each);
-seq2seq sources yield ``{"source", "target"}`` byte strings. Every source is a sequence
+seq2seq sources yield ``{"source", "target"}`` byte strings; puzzle sources yield
+``{"inputs", "labels"}`` uint8 token arrays (``xlps.data.puzzles``). Every source is a sequence
 (``len`` + ``__getitem__``) so grain can shard and shuffle it by index.
 """
 
@@ -15,17 +16,20 @@ import os
 import platform
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from xlps.config import ConfigError
-from xlps.data import builders
+from xlps.data import builders, puzzles
+
+_SUBSAMPLE_SEED = 1000  # puzzle_files: the fixed choice of data.puzzle_subsample examples
 
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
   """The train split and the eval splits of one dataset."""
 
-  kind: str                          # "text" | "seq2seq"
+  kind: str                          # "text" | "seq2seq" | "puzzle"
   train: Sequence[Mapping]
   evals: dict[str, Sequence[Mapping]]
   text_key: str                      # text: the feature holding a document
@@ -34,6 +38,26 @@ class Splits:
   # seq2seq: the longest operand length of each split ("train" and the eval splits), so rows
   # are padded to what the split needs, not to data.seq_len
   longest: dict[str, int] = dataclasses.field(default_factory=dict)
+  # puzzle: "sudoku" | "maze" | "arc", the Sudoku / maze side, the token vocabulary
+  puzzle: str = ""
+  puzzle_size: int = 0
+  vocab_size: int = 0
+
+
+class PuzzleArrays(Sequence):
+  """Puzzle records ``{"id", "inputs", "labels"}`` over two token arrays [examples, L]."""
+
+  def __init__(self, inputs, labels):
+    self._inputs, self._labels = inputs, labels
+
+  def __len__(self) -> int:
+    return len(self._inputs)
+
+  def __getitem__(self, index):
+    index = operator.index(index)
+    if not -len(self) <= index < len(self):
+      raise IndexError(f"puzzle record {index} is out of range ({len(self)} records)")
+    return {"id": index % len(self), "inputs": self._inputs[index], "labels": self._labels[index]}
 
 
 class CheckedSource(Sequence):
@@ -236,3 +260,91 @@ def tfds_prepared(d, data_dir: str) -> Splits:
                 cache_key=f"tfds_{name}_{d.train_split}_{len(train)}",
                 summary=(f"tfds {d.tfds_name} ({d.train_split}: {len(train)} / "
                          f"{d.eval_split}: {len(val)} records)"))
+
+
+def _puzzle_splits(d, train, test, cache_key: str, summary: str, puzzle: str) -> Splits:
+  size = ARC_SIDE if puzzle == "arc" else d.puzzle_size
+  vocab = {"sudoku": puzzles.sudoku_vocab_size(size) if puzzle == "sudoku" else 0,
+           "maze": puzzles.MAZE_VOCAB_SIZE, "arc": puzzles.ARC_VOCAB_SIZE}[puzzle]
+  return Splits(kind="puzzle", train=train, evals={"test": test}, text_key="",
+                cache_key=cache_key, summary=summary, puzzle=puzzle, puzzle_size=size,
+                vocab_size=vocab)
+
+
+ARC_SIDE = puzzles.ARC_MAX
+
+
+def sudoku(d, data_dir: str) -> Splits:
+  """Generated Sudokus of ``config.data`` (prepared on first use)."""
+  config = builders.SudokuConfig.make(d.puzzle_size, d.puzzle_givens, d.puzzle_min_backtracks,
+                                      d.num_train_examples, d.num_eval_examples)
+  try:
+    builder = builders.prepare(builders.XlpsSudoku, config, data_dir)
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"data.puzzle_givens={d.puzzle_givens} / data.puzzle_min_backtracks="
+                      f"{d.puzzle_min_backtracks}: {e}") from None
+  read = lambda split: _checked(builder.as_data_source(split=split),  # noqa: E731
+                                f"data.name='sudoku' split {split!r}", _rebuild_fix(builder))
+  s = d.puzzle_size
+  return _puzzle_splits(d, read("train"), read("test"), f"sudoku_{config.name}",
+                        f"sudoku {s}x{s} ({d.puzzle_givens or 'minimal'} givens, >= "
+                        f"{d.puzzle_min_backtracks} backtracks; {d.num_train_examples} train / "
+                        f"{d.num_eval_examples} test)", "sudoku")
+
+
+def maze(d, data_dir: str) -> Splits:
+  """Generated mazes of ``config.data`` (prepared on first use)."""
+  config = builders.MazeConfig.make(d.puzzle_size, d.num_train_examples, d.num_eval_examples)
+  try:
+    builder = builders.prepare(builders.XlpsMaze, config, data_dir)
+  except ValueError as e:
+    if isinstance(e, ConfigError):
+      raise
+    raise ConfigError(f"data.puzzle_size={d.puzzle_size} / data.num_eval_examples="
+                      f"{d.num_eval_examples}: {e}") from None
+  read = lambda split: _checked(builder.as_data_source(split=split),  # noqa: E731
+                                f"data.name='maze' split {split!r}", _rebuild_fix(builder))
+  n = d.puzzle_size
+  return _puzzle_splits(d, read("train"), read("test"), f"maze_{config.name}",
+                        f"maze {n}x{n} ({d.num_train_examples} train / {d.num_eval_examples} "
+                        "test)", "maze")
+
+
+def puzzle_files(d) -> Splits:
+  """The public puzzle files in ``data.puzzle_dir`` (``data.puzzle_format``): HRM's
+  ``train.csv`` / ``test.csv`` (Sudoku-Extreme, Maze-Hard) or ARC-AGI's ``data/`` folder;
+  every row validated (ConfigError naming the file, the row and the problem)."""
+  folder = os.path.expanduser(d.puzzle_dir)
+  if not os.path.isdir(folder):
+    raise ConfigError(f"data.puzzle_dir={d.puzzle_dir!r} is not a directory; valid: the folder "
+                      "of train.csv and test.csv (sudoku_csv, maze_csv) or ARC-AGI's data/ "
+                      "folder with training/ and evaluation/ (arc)")
+  try:
+    if d.puzzle_format == "arc":
+      loaded = puzzles.load_arc_dir(folder)
+    else:
+      load = (puzzles.load_sudoku_csv if d.puzzle_format == "sudoku_csv"
+              else puzzles.load_maze_csv)
+      loaded = {}
+      for split in ("train", "test"):
+        path = os.path.join(folder, f"{split}.csv")
+        if not os.path.isfile(path):
+          raise ValueError(f"{path}: missing (data.puzzle_dir holds train.csv and test.csv)")
+        loaded[split] = load(path, d.puzzle_size)
+  except ValueError as e:
+    raise ConfigError(f"data.puzzle_dir={d.puzzle_dir!r} (puzzle_format={d.puzzle_format!r}): "
+                      f"{e}") from None
+  inputs, labels = loaded["train"]
+  total = len(inputs)
+  if d.puzzle_subsample and d.puzzle_subsample < total:
+    keep = np.sort(np.random.default_rng(_SUBSAMPLE_SEED).choice(total, d.puzzle_subsample,
+                                                                 replace=False))
+    inputs, labels = inputs[keep], labels[keep]
+  train, test = PuzzleArrays(inputs, labels), PuzzleArrays(*loaded["test"])
+  puzzle = {"sudoku_csv": "sudoku", "maze_csv": "maze", "arc": "arc"}[d.puzzle_format]
+  digest = hashlib.sha256(f"{os.path.abspath(folder)}:{total}:{len(test)}".encode())
+  return _puzzle_splits(d, train, test, f"puzzle_files_{digest.hexdigest()[:16]}",
+                        f"{d.puzzle_format} {d.puzzle_dir!r} ({len(train)} of {total} train / "
+                        f"{len(test)} test examples)", puzzle)
