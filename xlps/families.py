@@ -38,15 +38,18 @@ BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids", "input
 BLOCK = ("attention", "mlp", "norms")
 # Batch layouts the data pipeline makes (xlps.data.pipeline) and the dataset kinds each can
 # be made from: "text" corpora (documents) and "seq2seq" (source / target pairs).
-LAYOUT_DATASETS = {"lm": ("text", "seq2seq"), "mlm": ("text",), "seq2seq": ("seq2seq",)}
+LAYOUT_DATASETS = {"lm": ("text", "seq2seq"), "mlm": ("text",), "seq2seq": ("seq2seq",),
+                   "puzzle": ("puzzle",)}
 # Tokens of each layout's batches: batch key whose positions the model runs on (processed
 # tokens, padding included) -> batch key whose non-zero entries mark the useful (non-pad)
 # ones. lm: ``segment_ids`` (0 after the last packed segment, or after ``source EOS
 # target`` in a seq2seq row); mlm: ``input_mask``; seq2seq: the source ``inputs`` and the
 # ``targets`` themselves (0 = padding; a decoder position is useful when it predicts a
-# token). A batch without the marking key has no padding.
+# token); puzzle: grid cells (0 = padding outside the grid). A batch without the marking
+# key has no padding.
 LAYOUT_TOKENS = {"lm": {"inputs": "segment_ids"}, "mlm": {"inputs": "input_mask"},
-                 "seq2seq": {"inputs": "inputs", "targets": "targets"}}
+                 "seq2seq": {"inputs": "inputs", "targets": "targets"},
+                 "puzzle": {"inputs": "inputs"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +73,10 @@ class Family:
   optional_inputs: tuple[str, ...]          # batch keys the module reads when present
   stacks: Callable[[Mapping], tuple[StackSpec, ...]]  # from the model config section
   generates: str | None = None              # the stack decoding runs with a K/V cache
+  # A module with the family's own ``train_step`` / ``eval_step`` (the signatures of
+  # xlps.train's), used where ``uses_steps(spec)`` holds for the ModelSpec; else xlps.train's.
+  steps: str | None = None
+  uses_steps: Callable[[Any], bool] = lambda spec: False
 
 
 def _encoder_decoder_stacks(m: Mapping) -> tuple[StackSpec, ...]:
@@ -100,6 +107,13 @@ FAMILIES: dict[str, Family] = {
         module="xlps.models.transformer:EncoderDecoder", layout="seq2seq",
         inputs=("inputs", "targets"), optional_inputs=("decoder_inputs",),
         stacks=_encoder_decoder_stacks, generates="decoder"),
+    # Non-causal net over a fixed grid, one answer token per cell (Sudoku, mazes, ARC); with
+    # model.recursion, TRM / HRM latent recursion trained by deep supervision.
+    "puzzle": Family(
+        module="xlps.models.transformer:PuzzleNet", layout="puzzle", inputs=("inputs",),
+        optional_inputs=(), stacks=lambda m: (StackSpec("net", m["num_layers"], BLOCK),),
+        steps="xlps.models.controllers.recursion",
+        uses_steps=lambda spec: spec.recursion is not None),
 }
 
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import itertools
 import json
 import math
 import os
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -42,7 +43,7 @@ from xlps import models
 from xlps import partitioning
 from xlps import storage
 from xlps import workdir_lock
-from xlps.models import controllers
+from xlps.models import controllers, losses
 from xlps.config import ConfigError, ModelSpec
 
 
@@ -89,11 +90,44 @@ def make_schedule(t: ml_collections.ConfigDict, decay_steps: int | None = None) 
 
 def make_optimizer(t: ml_collections.ConfigDict,
                    decay_steps: int | None = None) -> optax.GradientTransformation:
-  """AdamW on ``make_schedule(t, decay_steps)`` with global-norm clipping."""
+  """AdamW on ``make_schedule(t, decay_steps)`` with global-norm clipping (and, with
+  ``t.ema_decay``, the parameters' moving average: ``ema_params``)."""
   chain = [optax.clip_by_global_norm(t.grad_clip_norm)] if t.grad_clip_norm > 0 else []
   chain.append(optax.adamw(make_schedule(t, decay_steps), t.b1, t.b2,
                            weight_decay=t.weight_decay, mask=decay_mask))
+  if t.ema_decay > 0:
+    chain.append(params_ema(t.ema_decay))
   return optax.chain(*chain)
+
+
+class ParamsEmaState(NamedTuple):
+  """The moving average of the parameters (a tree like them, sharded like them)."""
+
+  ema: Any
+
+
+def params_ema(decay: float) -> optax.GradientTransformation:
+  """Keeps ``ema <- decay ema + (1 - decay) new_params`` after every update, starting at the
+  initial parameters (TRM's EMA helper); the last link of a chain, it leaves the updates
+  as they are. Living in the optimizer state, it is checkpointed and sharded with it."""
+  def init(params):
+    return ParamsEmaState(jax.tree.map(jnp.asarray, params))
+
+  def update(updates, state, params):
+    new = optax.apply_updates(params, updates)
+    return updates, ParamsEmaState(jax.tree.map(
+        lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), state.ema, new))
+
+  return optax.GradientTransformation(init, update)
+
+
+def eval_params(state: "TrainState") -> Any:
+  """The parameters to evaluate: their moving average with ``train.ema_decay``, else
+  ``state.params``."""
+  found = [s.ema for s in jax.tree.leaves(state.opt_state,
+                                          is_leaf=lambda s: isinstance(s, ParamsEmaState))
+           if isinstance(s, ParamsEmaState)]
+  return found[0] if found else state.params
 
 
 def recorded_horizon(metadata: Mapping | None, step: int) -> int | None:
@@ -144,11 +178,12 @@ def applied_updates(opt_state: Any) -> int:
               if isinstance(s, optax.ScaleByScheduleState))
 
 
-def loss_and_metrics(logits: jax.Array, targets: jax.Array,
-                     weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted mean cross-entropy, plus metric sums (loss, tokens, correct, sequences)."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+def loss_and_metrics(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                     loss: str = "softmax_cross_entropy") -> tuple[jax.Array,
+                                                                  dict[str, jax.Array]]:
+  """Weighted mean cross-entropy (``train.loss``: under softmax or stablemax), plus metric
+  sums (loss, tokens, correct, sequences)."""
+  nll = losses.token_nll(logits, targets, loss)
   weights = weights.astype(jnp.float32)
   total = weights.sum()
   loss = (nll * weights).sum() / jnp.maximum(total, 1.0)
@@ -185,8 +220,8 @@ def apply_model(model: nn.Module, params: Any, batch: Mapping[str, jax.Array],
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               optimizer: optax.GradientTransformation, skip_nonfinite: bool = False,
+               loss: str = "softmax_cross_entropy") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step; dropout keys depend only on ``(state.rng, state.step)``.
 
   ``metrics["nonfinite"]`` is 1 when the loss or the gradients hold NaN/Inf. With
@@ -199,17 +234,17 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   def loss_fn(params):
     logits, extras = apply_model(model, params, batch, deterministic=False,
                                  rngs={"dropout": dropout_key})
-    loss, metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])
+    value, metrics = loss_and_metrics(logits, batch["targets"], batch["weights"], loss)
     if "aux_loss" in extras:  # the depth controllers' terms (e.g. ACT: + tau * ponder)
-      loss = loss + extras.pop("aux_loss")
+      value = value + extras.pop("aux_loss")
     metrics.update(extras)
-    return loss, metrics
+    return value, metrics
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+  finite = jnp.isfinite(value) & jnp.isfinite(metrics["grad_norm"])
   if skip_nonfinite:
     keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
     params = jax.tree.map(keep, params, state.params)
@@ -302,26 +337,40 @@ class Steps:
       return self.eval_depth_fn(params, batch, jnp.int32(iterations))
 
 
+def family_steps(spec: ModelSpec) -> tuple[Callable, Callable]:
+  """``(train_step, eval_step)`` of ``spec``: its family's own where it has them
+  (``xlps.families``: the puzzle family's deep supervision), else this module's."""
+  family = families.FAMILIES[spec.family]
+  if family.steps and family.uses_steps(spec):
+    module = importlib.import_module(family.steps)
+    return module.train_step, module.eval_step
+  return train_step, eval_step
+
+
 def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: int,
-               mesh: jax.sharding.Mesh, rules, skip_nonfinite: bool = False) -> Steps:
+               mesh: jax.sharding.Mesh, rules, skip_nonfinite: bool = False,
+               loss: str = "softmax_cross_entropy") -> Steps:
   """``jax.jit`` with in/out shardings and donation: what ``pjit`` used to be."""
   model = models.build(spec)
   state, state_sharding = sharded_init(spec, optimizer, seed, mesh, rules)
   batch_sharding = partitioning.batch_sharding(mesh, rules)
-  train_fn = jit_train_step(model, optimizer, state_sharding, batch_sharding, skip_nonfinite)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(state_sharding.params, batch_sharding))
-  eval_depth_fn = jax.jit(functools.partial(eval_step, model=model),
-                          in_shardings=(state_sharding.params, batch_sharding, None))
+  train_fn = jit_train_step(model, optimizer, state_sharding, batch_sharding, skip_nonfinite,
+                            loss)
+  evaluate = functools.partial(family_steps(spec)[1], model=model)
+  eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding))
+  eval_depth_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding, None))
   return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn, eval_depth_fn, mesh,
                rules)
 
 
 def jit_train_step(model: nn.Module, optimizer: optax.GradientTransformation, state_sharding,
-                   batch_sharding, skip_nonfinite: bool = False):
-  """``train_step`` of ``model`` and ``optimizer``, jitted with shardings and donation."""
-  return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
-                                   skip_nonfinite=skip_nonfinite),
+                   batch_sharding, skip_nonfinite: bool = False,
+                   loss: str = "softmax_cross_entropy"):
+  """The train step of ``model`` (``family_steps``) and ``optimizer``, jitted with shardings
+  and donation."""
+  return jax.jit(functools.partial(family_steps(model.spec)[0], model=model,
+                                   optimizer=optimizer, skip_nonfinite=skip_nonfinite,
+                                   loss=loss),
                  in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, None), donate_argnums=0)
 
@@ -534,7 +583,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   mesh = partitioning.make_mesh(config.mesh)
   rules = partitioning.rules_of(config.mesh)
   setup = make_steps(spec, make_optimizer(t), config.seed, mesh, rules,
-                     skip_nonfinite=t.nonfinite == "skip")
+                     skip_nonfinite=t.nonfinite == "skip", loss=t.loss)
   state = setup.state
 
   ckpt = checkpoint_lib.Checkpointer(workdir / "checkpoints", max_to_keep=t.keep_checkpoints,
@@ -576,7 +625,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
   if horizon != (t.decay_steps or t.num_steps):  # the schedule the run started with
     setup.train_fn = jit_train_step(models.build(spec), make_optimizer(t, horizon),
                                     setup.state_sharding, setup.batch_sharding,
-                                    t.nonfinite == "skip")
+                                    t.nonfinite == "skip", t.loss)
   note = schedule_note(t, recorded, step)
   if note and is_main:
     logging.warning("%s", note)
@@ -631,8 +680,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         if is_main:
           logging.info("evaluating at step %d", step)
         with throughput.paused():
-          last_eval = evaluate(state.params, pipeline, setup,
-                               sequences=config.data.name == "algorithmic",
+          last_eval = evaluate(eval_params(state), pipeline, setup,
+                               sequences=(config.data.name == "algorithmic"
+                                          or families.FAMILIES[spec.family].layout == "puzzle"),
                                iterations=config_lib.eval_iterations(t, spec))
         record.update(last_eval)
       if record:  # the rate of the last update applied

@@ -24,10 +24,11 @@ from xlps.config.checks import (ConfigError, check_bool, check_choice, check_int
 from xlps.config.data import (BYTE_VOCAB_SIZE, DATA_NAMES, NUM_SPECIAL, TASKS, TOKENIZERS,
                               check_data, data_config, max_lengths, seq2seq_length)
 from xlps.config.depth import (ACT_UPDATES, LOOP_DEPTHS, LOOP_INIT_STATES, LOOP_INJECTIONS,
-                               LORA_TARGETS, ROUTING_GATINGS, ROUTINGS, ActSpec, LoopSpec,
-                               LoraSpec, RoutingSpec, act_config, check_loop_kv,
+                               LORA_TARGETS, RECURSION_GRADIENTS, RECURSION_HALTINGS,
+                               ROUTING_GATINGS, ROUTINGS, ActSpec, LoopSpec, LoraSpec,
+                               RecursionSpec, RoutingSpec, act_config, check_loop_kv,
                                kv_sharing_config, lora_config, lora_full_ranks, loop_config,
-                               routing_config, sharing_config)
+                               recursion_config, routing_config, sharing_config)
 from xlps.config.experiment import (RENAMED_MODEL_KEYS, SAVED_BEFORE_DEFAULTS, base_config,
                                     from_saved, upgrade_saved_model, validate)
 from xlps.config.flags import check_override, config_flag_error, parse_config_flags
@@ -49,9 +50,10 @@ __all__ = [
     "model_config", "remat_group_size",
     # depth
     "ACT_UPDATES", "LOOP_DEPTHS", "LOOP_INIT_STATES", "LOOP_INJECTIONS", "LORA_TARGETS",
-    "ROUTING_GATINGS", "ROUTINGS", "ActSpec", "LoopSpec", "LoraSpec", "RoutingSpec",
+    "RECURSION_GRADIENTS", "RECURSION_HALTINGS", "ROUTING_GATINGS", "ROUTINGS", "ActSpec",
+    "LoopSpec", "LoraSpec", "RecursionSpec", "RoutingSpec",
     "act_config", "check_loop_kv", "kv_sharing_config", "lora_config", "lora_full_ranks",
-    "loop_config", "routing_config", "sharing_config",
+    "loop_config", "recursion_config", "routing_config", "sharing_config",
     # data
     "BYTE_VOCAB_SIZE", "DATA_NAMES", "NUM_SPECIAL", "TASKS", "TOKENIZERS", "check_data",
     "data_config", "max_lengths", "seq2seq_length",

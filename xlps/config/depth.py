@@ -363,3 +363,107 @@ class RoutingSpec:
                           "iteration r - 1 can be kept at r)")
     return cls(r["kind"], capacity, float(r["aux_weight"]), float(r["balance_weight"]),
                float(r["z_weight"]), r["inference"], r["gating"], float(r["alpha"]))
+
+
+RECURSION_GRADIENTS = ("last_cycle", "one_step")
+RECURSION_HALTINGS = ("none", "bce", "q_learning")
+
+
+def recursion_config() -> ml_collections.ConfigDict:
+  """Latent recursion with deep supervision (TRM, Jolicoeur-Martineau 2025; HRM, Wang et al.
+  2025): one small net updates a latent z from (z, y, x) ``latent_steps`` times, then the
+  answer y from (y, z); ``cycles`` such cycles make one supervision step; each example gets
+  up to ``supervision_steps`` of them with the carry (y, z) detached in between
+  (xlps.models.controllers.recursion). ``model.num_layers`` is derived:
+  cycles x (latent_steps + 1) x net_layers applied layers."""
+  r = ml_collections.ConfigDict()
+  r.net_layers = 0             # layers of the recursed net (TRM: 2); 0 = no recursion
+  r.latent_steps = 6           # n: z <- net(z + y + x) per cycle (TRM: 6; HRM: L_cycles)
+  r.cycles = 3                 # T: cycles per supervision step (TRM: 3; HRM: H_cycles)
+  r.gradient = "last_cycle"    # last_cycle (TRM: the first T - 1 cycles run without gradient)
+                               # | one_step (HRM: only the last z and y updates train)
+  r.separate_nets = False      # HRM: y updates run their own net (H), z updates theirs (L)
+  r.supervision_steps = 16     # N_sup: supervision steps per example, one optimizer update each
+  r.eval_supervision_steps = 0  # at evaluation (may exceed training's); 0 = supervision_steps
+  r.halting = "bce"            # none | bce (TRM: BCE(q_halt, answer exactly right)) |
+                               # q_learning (HRM: halt / continue Q-values, bootstrapped target)
+  r.halt_exploration = 0.1     # training: share of examples that run at least a random 2..N_sup
+  r.halt_loss_weight = 0.5     # weight of the halting head's loss (TRM / HRM: 0.5)
+  r.eval_halting = True        # evaluation answers at the halting head's step (else the last)
+  return r
+
+
+@dataclasses.dataclass(frozen=True)
+class RecursionSpec:
+  """Validated ``model.recursion`` (present only when ``net_layers > 0``)."""
+
+  net_layers: int
+  latent_steps: int
+  cycles: int
+  gradient: str
+  separate_nets: bool
+  supervision_steps: int
+  eval_supervision_steps: int
+  halting: str
+  halt_exploration: float
+  halt_loss_weight: float
+  eval_halting: bool
+
+  @property
+  def num_layers(self) -> int:
+    """Applied layers of one supervision step."""
+    return self.cycles * (self.latent_steps + 1) * self.net_layers
+
+  @property
+  def no_grad_layers(self) -> int:
+    """The leading applied layers that train no gradient (a static prefix)."""
+    applications = self.cycles * (self.latent_steps + 1)
+    trained = self.latent_steps + 1 if self.gradient == "last_cycle" else min(2, applications)
+    return (applications - trained) * self.net_layers
+
+  def sharing(self) -> dict:
+    """The slot table: layer j of every application reads slot j; with ``separate_nets``
+    the y updates read slots net_layers + j (HRM's H net)."""
+    n, k = self.latent_steps + 1, self.net_layers
+    slots = [i % k + (k if self.separate_nets and (i // k) % n == n - 1 else 0)
+             for i in range(self.num_layers)]
+    return {"num_unique": 0, "order": "table", "table": " ".join(map(str, slots))}
+
+  @classmethod
+  def from_config(cls, m: Mapping, field: str) -> "RecursionSpec | None":
+    r = m["recursion"]
+    for key, lo in (("net_layers", 0), ("latent_steps", 1), ("cycles", 1),
+                    ("supervision_steps", 1), ("eval_supervision_steps", 0)):
+      check_int(f"{field}.{key}", r[key], lo)
+    check_choice(f"{field}.gradient", r["gradient"], RECURSION_GRADIENTS)
+    check_choice(f"{field}.halting", r["halting"], RECURSION_HALTINGS)
+    check_bool(f"{field}.separate_nets", r["separate_nets"])
+    check_bool(f"{field}.eval_halting", r["eval_halting"])
+    check_number(f"{field}.halt_exploration", r["halt_exploration"], 0, 1)
+    check_number(f"{field}.halt_loss_weight", r["halt_loss_weight"], 0)
+    if r["net_layers"] == 0:
+      default = recursion_config()
+      changed = [k for k in r if r[k] != default[k]]
+      if changed:
+        raise ConfigError(f"{field}.{changed[0]}={r[changed[0]]!r} is only read with latent "
+                          f"recursion, and {field}.net_layers=0 (none): set net_layers > 0 "
+                          f"(TRM: 2), or leave {field}.{changed[0]} at its default")
+      return None
+    if m["family"] != "puzzle":
+      raise ConfigError(f"{field}.net_layers={r['net_layers']} needs model.family='puzzle' "
+                        f"(family is {m['family']!r})")
+    spec = cls(r["net_layers"], r["latent_steps"], r["cycles"], r["gradient"],
+               bool(r["separate_nets"]), r["supervision_steps"],
+               r["eval_supervision_steps"] or r["supervision_steps"], r["halting"],
+               float(r["halt_exploration"]), float(r["halt_loss_weight"]),
+               bool(r["eval_halting"]))
+    if m["num_layers"] != spec.num_layers:
+      raise ConfigError(f"model.num_layers={m['num_layers']} is not what {field} applies per "
+                        f"supervision step: cycles {spec.cycles} x (latent_steps "
+                        f"{spec.latent_steps} + 1) x net_layers {spec.net_layers} = "
+                        f"{spec.num_layers}; valid: model.num_layers={spec.num_layers}")
+    default = sharing_config()
+    if any(m["sharing"][k] != default[k] for k in ("num_unique", "order", "table")):
+      raise ConfigError(f"{field}.net_layers={r['net_layers']} defines the sharing table (one "
+                        "net applied at every step); leave model.sharing at its defaults")
+    return spec

@@ -18,7 +18,8 @@ from xlps import families as families_lib
 from xlps import sharing as sharing_lib
 from xlps.config.checks import (ConfigError, check_bool, check_choice, check_int, check_keys,
                                 check_number, unknown_key)
-from xlps.config.depth import (ActSpec, LoopSpec, LoraSpec, RoutingSpec, act_config,
+from xlps.config.depth import (ActSpec, LoopSpec, LoraSpec, RecursionSpec, RoutingSpec,
+                               act_config, recursion_config,
                                kv_sharing_config, loop_config, lora_config, routing_config,
                                sharing_config)
 
@@ -79,6 +80,7 @@ def model_config() -> ml_collections.ConfigDict:
   m.loop = loop_config()
   m.lora = lora_config()
   m.routing = routing_config()
+  m.recursion = recursion_config()
   return m
 
 
@@ -121,6 +123,7 @@ class ModelSpec:
   loop: "LoopSpec | None"          # prelude / iterated core / coda; None = plain depth
   lora: "LoraSpec | None"          # per-applied-layer adapters; None = plain tying
   routing: "RoutingSpec | None"    # per-position recursion routing of a looped core
+  recursion: "RecursionSpec | None"  # latent recursion with deep supervision (puzzle family)
   # Each stack's applied depth: per component, its sharing plan and parameter group.
   stacks: tuple[sharing_lib.StackPlan, ...]
 
@@ -188,7 +191,13 @@ class ModelSpec:
                         f"(family is {m['family']!r})")
 
     loop = LoopSpec.from_config(m, f("loop"))
-    plan_sharing = m["sharing"] if loop is None else loop.sharing()
+    recursion = RecursionSpec.from_config(m, f("recursion"))
+    if recursion is not None and (loop is not None or m["act"]["enabled"]):
+      raise ConfigError(f"{f('recursion.net_layers')}={recursion.net_layers} and "
+                        f"{f('loop.core' if loop else 'act.enabled')}: latent recursion chooses "
+                        "the depth itself; leave model.loop and model.act off")
+    plan_sharing = (loop.sharing() if loop is not None else
+                    recursion.sharing() if recursion is not None else m["sharing"])
     try:  # xlps.sharing is plain Python: its errors are ValueErrors
       stacks = tuple(sharing_lib.stack_plan(st.name, st.num_layers, st.components, st.groups,
                                             plan_sharing, f("sharing"), m["kv_sharing"])
@@ -219,7 +228,7 @@ class ModelSpec:
         attention_impl=impl, init_std=float(m["init_std"]), dtype=m["dtype"],
         scan_layers=bool(m["scan_layers"]),
         remat_policy=m["remat_policy"], remat_group_size=m["remat_group_size"], act=act, loop=loop,
-        lora=lora, routing=routing, stacks=stacks)
+        lora=lora, routing=routing, recursion=recursion, stacks=stacks)
 
 
 def check_devices(spec: ModelSpec) -> None:

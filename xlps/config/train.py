@@ -14,6 +14,9 @@ NONFINITE = ("stop", "skip")
 ON_MISMATCH = ("refuse", "restart")
 
 
+LOSSES = ("softmax_cross_entropy", "stablemax_cross_entropy")
+
+
 def train_config() -> ml_collections.ConfigDict:
   """Every training key with its default."""
   t = ml_collections.ConfigDict()
@@ -29,6 +32,10 @@ def train_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9                       # Adam beta1
   t.b2 = 0.98                      # Adam beta2
   t.grad_clip_norm = 1.0           # global-norm clipping; 0 = off
+  t.loss = "softmax_cross_entropy"  # softmax_cross_entropy | stablemax_cross_entropy (Prieto
+                                   # et al. 2025; TRM's option for small puzzle data)
+  t.ema_decay = 0.0                # evaluate an exponential moving average of the parameters
+                                   # (kept in the optimizer state; TRM: 0.999); 0 = off
   t.log_every_steps = 50           # progress line + metrics.jsonl train entry (and at the end)
   t.eval_every_steps = 500         # evaluation on every eval split (and at the end)
   t.eval_iterations = ""           # looped models: also evaluate at these core iterations,
@@ -84,6 +91,8 @@ def check_train(t: ml_collections.ConfigDict) -> None:
   check_number("train.end_lr_factor", t.end_lr_factor, 0, 1)
   check_number("train.weight_decay", t.weight_decay, 0)
   check_number("train.grad_clip_norm", t.grad_clip_norm, 0)
+  check_choice("train.loss", t.loss, LOSSES)
+  check_number("train.ema_decay", t.ema_decay, 0, 1, open_hi=True)
   check_number("train.peak_flops_per_device", t.peak_flops_per_device, 0)
   for key in ("b1", "b2"):
     check_number(f"train.{key}", t[key], 0, 1, open_hi=True)

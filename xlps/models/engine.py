@@ -214,7 +214,8 @@ class Stack(nn.Module):
                cache: Mapping[str, Array] | None = None,
                positions: Array | None = None,
                iterations: Array | int | None = None,
-               valid: Array | None = None) -> Array | tuple[Array, dict]:
+               valid: Array | None = None,
+               carried: Mapping[str, Any] | None = None) -> Array | tuple[Array, dict]:
     s = self.spec
     uses = tuple((comp, group, p.num_unique) for comp, group, p in plan.uses)
     controllers = controllers_lib.active(s, deterministic, decoding=cache is not None)
@@ -231,7 +232,7 @@ class Stack(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     ctx = controllers_lib.Context(deterministic, lambda: self.make_rng("dropout"), iterations,
-                                  valid, positions)
+                                  valid, positions, carried or {})
     states = {c.name: c.start(x, ctx) for c in controllers}
 
     def layer(blk: Block, carry: tuple, step: Mapping[str, Array]) -> tuple[tuple, None]:
@@ -241,9 +242,18 @@ class Stack(nn.Module):
       policy = None if s.remat_policy == "full" else getattr(jax.checkpoint_policies,
                                                              s.remat_policy)
       layer = nn.remat(layer, policy=policy, prevent_cse=not s.scan_layers)
+    # Leading layers that train no gradient run apart, and the carry is detached after them.
+    prefix = max((c.no_grad_layers() for c in controllers), default=0)
+
+    def detach(carry: tuple) -> tuple:
+      x, kv, states = carry
+      return (jax.lax.stop_gradient(x), jax.tree.map(jax.lax.stop_gradient, kv),
+              {c.name: c.detach(states[c.name]) for c in controllers})
+
     carry = (x, kv, states)
     if not s.scan_layers:
       for i in range(plan.num_layers):
+        carry = detach(carry) if i == prefix > 0 else carry
         carry, _ = layer(block, carry, jax.tree.map(lambda a: a[i], steps))
     else:
       def scan(fn):
@@ -254,6 +264,10 @@ class Stack(nn.Module):
         inner = scan(layer)
         layer = nn.remat(lambda blk, c, group: inner(blk, c, group), prevent_cse=False)
         steps = jax.tree.map(lambda a: a.reshape(plan.num_layers // k, k), steps)
+      if prefix:
+        carry, _ = scan(layer)(block, carry, jax.tree.map(lambda a: a[:prefix], steps))
+        carry = detach(carry)
+        steps = jax.tree.map(lambda a: a[prefix:], steps)
       carry, _ = scan(layer)(block, carry, steps)
     x, kv, states = carry
     for c in controllers:
@@ -262,4 +276,7 @@ class Stack(nn.Module):
         self.sow("intermediates", name, value)
       for name, value in losses.items():
         self.sow("losses", name, value)
+    if carried is not None:
+      return x, {c.name: c.carried(states[c.name]) for c in controllers
+                 if c.carried(states[c.name]) is not None}
     return x if cache is None else (x, kv)

@@ -1,4 +1,4 @@
-"""The three model families over one depth engine: decoder LM, encoder MLM, encoder-decoder.
+"""The model families over one depth engine: decoder LM, encoder MLM, encoder-decoder, puzzle.
 
 Each module takes a batch (keys: ``xlps.families``, which registers the families) and
 returns logits. Extra outputs are sown into the ``intermediates`` collection (pass
@@ -207,6 +207,52 @@ class EncoderMLM(FamilyModule):
                                      dtype=s.dtype, name="pooler")(x[:, 0]))
       self.sow("intermediates", "pooled", pooled)
     return OutputHead(s, mlm=True, name="head")(x, embedder)
+
+
+class PuzzleNet(FamilyModule):
+  """Non-causal net over a fixed-size grid, one answer token per cell (Sudoku, mazes, ARC).
+
+  Without ``model.recursion`` it returns logits (a plain encoder of ``num_layers``). With
+  it, the stack's depth is TRM / HRM latent recursion (``xlps.models.controllers.recursion``)
+  and the call takes the previous supervision step's ``carried`` (y, z) ({} = a fresh
+  start) and returns ``(logits, q, carried)``: the answer's logits from ``y``, the halting
+  head's ``q`` [batch, 2] (halt, continue) from the mean of ``y`` over positions, and the
+  new carry. The halting head starts at zero weights and bias -5 (TRM: "do not halt").
+  """
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Array], deterministic: bool = True,
+               carried: Mapping | None = None) -> Array | tuple[Array, Array, dict]:
+    s = self.spec
+    valid = batch["inputs"] != 0
+    mask = layers.make_attention_mask(jnp.ones_like(valid), valid)
+    embedder = Embedder(s, name="embedder")
+    x = embedder(batch["inputs"], None, None, self._embed_key(deterministic))
+    net = self._stacks()["net"]
+    if s.recursion is None:
+      x = self._final_norm(net(x, mask=mask, deterministic=deterministic, valid=valid),
+                           "final_norm")
+      return OutputHead(s, name="head")(x, embedder)
+    y, carried = net(x, mask=mask, deterministic=deterministic, valid=valid,
+                     carried={} if carried is None else carried)
+    y = self._final_norm(y, "final_norm")
+    pooled = (y * valid[..., None]).sum(1) / jnp.maximum(valid.sum(1, keepdims=True), 1)
+    q = HaltingHead(name="halting_head")(pooled)
+    return OutputHead(s, name="head")(y, embedder), q, carried
+
+
+class HaltingHead(nn.Module):
+  """(q_halt, q_continue) logits in float32 from a pooled state; starts at zero weights and
+  bias -5 (TRM / HRM: every example goes on at first)."""
+
+  @nn.compact
+  def __call__(self, pooled: Array) -> Array:
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                               ("embed", None)),
+                        (pooled.shape[-1], 2))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.constant(-5.0),
+                                                           (None,)), (2,))
+    return pooled.astype(jnp.float32) @ kernel + bias
 
 
 def shift_right(targets: Array) -> Array:

@@ -17,6 +17,13 @@ one ``nn.scan``:
                                             (or None) and its ``metrics`` (batch means)
 ==========================================  ==============================================
 
+Two optional parts, for methods with a state that outlives one stack call (latent
+recursion's (y, z) between supervision steps): ``carried(state)`` gives what the stack
+returns to its caller (who passes it back in as ``Context.carried`` next call), and
+``no_grad_layers()`` a static count of leading layers that train no gradient: the stack
+runs them as a scan of their own and ``detach``\ es the carry after it, so their backward
+pass is never built.
+
 ``states`` maps each running controller's ``name`` to its state; a controller changes only
 its own and may read others' (routing and early exit read the loop's depth). ``step`` holds
 the scan inputs of the layer (``engine.slot_inputs``: ``index``, ``iteration``, ``starts``,
@@ -44,13 +51,15 @@ Array = jax.Array
 class Context:
   """What a stack call tells its controllers: the mode, a key source (``rng()`` draws the
   stack's next dropout key; training only), the core iterations asked for, the non-pad
-  positions and the token positions."""
+  positions, the token positions and what the caller carried in from the previous call
+  (controller name -> its ``carried``; empty for a fresh start)."""
 
   deterministic: bool
   rng: Callable[[], Array]
   iterations: Array | int | None
   valid: Array | None
   positions: Array
+  carried: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +95,18 @@ class Controller:
              batch: Mapping[str, Array]) -> tuple[Array | None, dict[str, Array]]:
     return None, {}
 
+  def carried(self, state: Any) -> Any:
+    """What outlives the stack call (returned to the caller), or None."""
+    return None
+
+  def no_grad_layers(self) -> int:
+    """Leading applied layers that train no gradient (static)."""
+    return 0
+
+  def detach(self, state: Any) -> Any:
+    """``state`` after the no-grad layers: what must not carry their gradient cut."""
+    return state
+
 
 def sown_sum(sown: Mapping[str, Any], collection: str, name: str) -> Array:
   """The sum over stacks (in name order) of what they sowed as ``collection/name``."""
@@ -119,10 +140,10 @@ def active(spec: ModelSpec, deterministic: bool, decoding: bool) -> tuple[Contro
   return tuple(c for c in made if c is not None)
 
 
-from xlps.models.controllers import act, early_exit, loop, routing  # noqa: E402
+from xlps.models.controllers import act, early_exit, loop, recursion, routing  # noqa: E402
 
 # Application order: enter runs first to last, leave last to first.
 CONTROLLERS: tuple[type[Controller], ...] = (loop.Loop, routing.Routing, early_exit.EarlyExit,
-                                             act.ACT)
+                                             act.ACT, recursion.Recursion)
 # Every metric a controller reports (the trainer logs those present as train_ / eval_).
 METRICS: tuple[str, ...] = tuple(dict.fromkeys(m for c in CONTROLLERS for m in c.metrics))
