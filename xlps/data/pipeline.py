@@ -15,6 +15,9 @@ size only, not on the process count, and cover the split once; each process read
 shards behind its own rows (with at least as many records as the global batch: its
 contiguous 1/process_count of the split). Processes can run out of rows at different
 batches; the caller keeps them in step with ``padding_batch()`` (``train._eval`` does).
+
+Puzzles (``PuzzlePipeline``, layout ``puzzle``): one row per puzzle (no packing), augmented
+at train time per position in the stream; evaluation as above on the ``test`` split.
 """
 
 from __future__ import annotations
