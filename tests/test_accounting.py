@@ -162,3 +162,38 @@ def test_truncation_expectation_over_sampled_depths():
   assert depth["expected_no_grad_iterations"] == pytest.approx(1, rel=2e-2)
   assert depth["expected_train_flops_per_token"] == pytest.approx(
       3 * LAYER + 2 * LAYER + 2 * FORWARD + OUTPUT, rel=2e-3)
+
+
+# Latent recursion by hand (tiny puzzle net, vocab 6, seq 8): one net layer applied
+# T 2 x (n 2 + 1) = 6 times per supervision step. LAYER / FORWARD as above; untied output
+# head 16 x 6 and halting head 16 x 2 kernels (counted per token): 6 x (96 + 32) = 768.
+# last_cycle trains the last cycle's 3 applications (3 run forward only); one_step the
+# last z and y updates (4 forward only). q_learning adds a forward pass (no gradient) of
+# the whole step for its Q target: a third of flops_per_token.
+HEADS = 768
+
+
+@pytest.mark.parametrize("gradient,halting,step", [
+    ("last_cycle", "bce", 3 * LAYER + 3 * FORWARD + HEADS),
+    ("one_step", "bce", 2 * LAYER + 4 * FORWARD + HEADS),
+    ("one_step", "q_learning", 2 * LAYER + 4 * FORWARD + HEADS + (6 * LAYER + HEADS) // 3),
+])
+def test_recursion_supervision_step_flops(gradient, halting, step):
+  model = tiny("puzzle", 6, vocab_size=6, tie_embeddings=False, norm_position="post",
+               norm="rmsnorm")
+  model.recursion.update({"net_layers": 1, "latent_steps": 2, "cycles": 2,
+                          "gradient": gradient, "halting": halting, "supervision_steps": 3,
+                          "eval_supervision_steps": 5})
+  summary = models.summarize(model, seq_len=8)
+  spec = models.spec_of(model)
+  assert models.layer_flops(spec, spec.stacks[0], 8) == LAYER
+  assert summary["flops_per_token"] == 6 * LAYER + HEADS  # every applied layer at 6x
+  r = summary["recursion"]
+  assert r["applied_layers_per_step"] == 6
+  assert r["no_grad_layers"] == {"last_cycle": 3, "one_step": 4}[gradient]
+  assert r["layer_flops_per_token"] == LAYER
+  assert r["step_flops_per_token"] == step
+  assert r["supervision_steps"] == 3 and r["train_flops_per_token"] == 3 * step
+  assert models.train_flops_per_token(summary) == 3 * step  # a whole train step, at most
+  assert r["eval_flops_per_token"] == 5 * (6 * LAYER + HEADS) // 3
+  assert models.summarize(tiny("decoder_lm"), seq_len=8)["recursion"] is None

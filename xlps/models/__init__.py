@@ -21,7 +21,7 @@ from xlps.config import ModelSpec
 from xlps.models.controllers import loop as loop_controller
 
 __all__ = ["build", "spec_of", "example_batch", "init_params", "param_shapes", "summarize",
-           "kv_cache_bytes", "train_flops_per_token"]
+           "kv_cache_bytes", "train_flops_per_token", "recursion_accounting"]
 
 
 def spec_of(config: Mapping | ModelSpec) -> ModelSpec:
@@ -167,18 +167,62 @@ def adaptive_depth(spec: ModelSpec, flops_per_token: int, seq_len: int) -> dict 
   return result
 
 
+def recursion_accounting(spec: ModelSpec, flops_per_token: int, seq_len: int) -> dict | None:
+  """FLOPs of latent recursion with deep supervision (``model.recursion``; None without).
+
+  One supervision step applies ``applied_layers_per_step`` = T x (n + 1) x net_layers
+  layers (``flops_per_token`` counts them all at training cost, 6x their matmul
+  parameters plus attention scores). The first ``no_grad_layers`` of them run detached,
+  forward only: a third of their ``layer_flops``. So one supervision step trains at
+  ``step_flops_per_token`` = ``flops_per_token - no_grad_layers x (layer_flops -
+  layer_flops / 3)``, plus, with ``halting='q_learning'``, the forward pass (no gradient)
+  that bootstraps the Q target: ``halting_forward_flops_per_token`` = ``flops_per_token /
+  3`` (every layer and the head, forward). A train step runs up to ``supervision_steps``
+  supervision steps, each re-running the batch: ``train_flops_per_token`` =
+  ``supervision_steps x step_flops_per_token`` at most (early halting runs fewer; the train
+  step logs ``supervision_steps``, the mean steps run). ``eval_flops_per_token``:
+  ``eval_supervision_steps`` forward passes (``flops_per_token / 3`` each).
+  """
+  r = spec.recursion
+  if r is None:
+    return None
+  stack = spec.stacks[0]
+  layer = layer_flops(spec, stack, seq_len)
+  forward = flops_per_token // 3  # 6x / 12x counts: a forward pass is exactly a third
+  halting_forward = forward if r.halting == "q_learning" else 0
+  step = flops_per_token - r.no_grad_layers * (layer - layer // 3) + halting_forward
+  return {"applied_layers_per_step": r.num_layers, "no_grad_layers": r.no_grad_layers,
+          "gradient": r.gradient, "layer_flops_per_token": layer,
+          "halting_forward_flops_per_token": halting_forward,
+          "step_flops_per_token": step, "supervision_steps": r.supervision_steps,
+          "train_flops_per_token": r.supervision_steps * step,
+          "eval_supervision_steps": r.eval_supervision_steps,
+          "eval_flops_per_token": r.eval_supervision_steps * forward}
+
+
 def train_flops_per_token(summary: Mapping) -> float:
   """The model FLOPs of a train step per (target) token, what MFU counts: ``summarize``'s
   ``expected_train_flops_per_token`` where the depth distribution is known before training
   (a looped model's sampler and truncated backprop, expert-choice capacities), else
-  ``flops_per_token`` (every applied layer; ACT and token-choice depths are measured)."""
+  ``flops_per_token`` (every applied layer; ACT and token-choice depths are measured).
+
+  Latent recursion (``summary["recursion"]``): the FLOPs of a whole train step at the
+  *maximum* ``supervision_steps`` (each supervision step re-runs the batch, its no-grad
+  layers forward only). Early halting ends a batch's supervision steps sooner, so the real
+  number is smaller by the ratio of the ``supervision_steps`` the train step reports (the
+  mean steps run) to the maximum: MFU computed from this is an upper bound."""
+  recursion = summary.get("recursion")
+  if recursion:
+    return recursion["train_flops_per_token"]
   depth = summary.get("adaptive_depth") or {}
   return depth.get("expected_train_flops_per_token", summary["flops_per_token"])
 
 
 def summarize(config: Mapping | ModelSpec, seq_len: int | None = None) -> dict:
-  """Unique / applied parameters, training FLOPs per token, slot tables and, for generating
-  families, decode cache bytes (:func:`kv_cache_bytes`).
+  """Unique / applied parameters, training FLOPs per token, slot tables, for generating
+  families decode cache bytes (:func:`kv_cache_bytes`), under adaptive depth its expected
+  work (:func:`adaptive_depth`) and with latent recursion the FLOPs of a supervision step
+  and of a train step (:func:`recursion_accounting`).
 
   Attention-score FLOPs follow PaLM's count (``12 x layers x d_attn x seq_len`` per token,
   no causal discount). For encoder_decoder, FLOPs are per target token with the source
@@ -198,4 +242,5 @@ def summarize(config: Mapping | ModelSpec, seq_len: int | None = None) -> dict:
   result["slots"] = slot_tables(spec)
   result["kv_cache"] = kv_cache_bytes(spec)
   result["adaptive_depth"] = adaptive_depth(spec, result["flops_per_token"], seq_len)
+  result["recursion"] = recursion_accounting(spec, result["flops_per_token"], seq_len)
   return result
