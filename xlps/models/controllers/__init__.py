@@ -21,8 +21,8 @@ Two optional parts, for methods with a state that outlives one stack call (laten
 recursion's (y, z) between supervision steps): ``carried(state)`` gives what the stack
 returns to its caller (who passes it back in as ``Context.carried`` next call), and
 ``no_grad_layers()`` a static count of leading layers that train no gradient: the stack
-runs them as a scan of their own and ``detach``\ es the carry after it, so their backward
-pass is never built.
+runs them as a scan of their own and detaches the carry after them (``detach``), so their
+backward pass is never built.
 
 ``states`` maps each running controller's ``name`` to its state; a controller changes only
 its own and may read others' (routing and early exit read the loop's depth). ``step`` holds
