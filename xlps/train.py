@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 from etils import epath
@@ -257,12 +258,13 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
 
 def eval_step(params: Any, batch: Mapping[str, jax.Array], iterations: jax.Array | None = None,
-              *, model: nn.Module) -> dict[str, jax.Array]:
-  """Metric sums of one batch; a looped model runs ``iterations`` core iterations (traced:
-  one compile for every depth; None = its ``eval_iterations``)."""
+              *, model: nn.Module, loss: str = "softmax_cross_entropy") -> dict[str, jax.Array]:
+  """Metric sums of one batch (the loss: ``train.loss``'s); a looped model runs
+  ``iterations`` core iterations (traced: one compile for every depth; None = its
+  ``eval_iterations``)."""
   kwargs = {} if iterations is None else {"iterations": iterations}
   logits, extras = apply_model(model, params, batch, deterministic=True, **kwargs)
-  metrics = loss_and_metrics(logits, batch["targets"], batch["weights"])[1]
+  metrics = loss_and_metrics(logits, batch["targets"], batch["weights"], loss)[1]
   extras.pop("aux_loss", None)
   if extras:
     metrics.update(extras, batches=jnp.ones((), jnp.float32))
@@ -356,7 +358,7 @@ def make_steps(spec: ModelSpec, optimizer: optax.GradientTransformation, seed: i
   batch_sharding = partitioning.batch_sharding(mesh, rules)
   train_fn = jit_train_step(model, optimizer, state_sharding, batch_sharding, skip_nonfinite,
                             loss)
-  evaluate = functools.partial(family_steps(spec)[1], model=model)
+  evaluate = functools.partial(family_steps(spec)[1], model=model, loss=loss)
   eval_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding))
   eval_depth_fn = jax.jit(evaluate, in_shardings=(state_sharding.params, batch_sharding, None))
   return Steps(state, state_sharding, batch_sharding, train_fn, eval_fn, eval_depth_fn, mesh,
@@ -425,7 +427,9 @@ def _check_workdir(workdir: epath.Path) -> None:
 def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps, sequences: bool,
              iterations: tuple[int, ...] = ()) -> dict[str, float]:
   """Loss, token accuracy, perplexity (and exact-sequence accuracy) per eval split; for a
-  looped model also the loss at each of ``iterations`` core iterations (``..._iter{r}``).
+  looped model also the loss at each of ``iterations`` core iterations (``..._iter{r}``);
+  for a puzzle model the exact-solve accuracy after each test-time supervision step
+  (``..._sequence_accuracy_step{s}``).
 
   Each process reads only its shards of a split and can run out of rows before the others,
   but the step is a collective: before each batch the processes agree whether any still has
@@ -456,6 +460,10 @@ def evaluate(params: Any, pipeline: data_lib.Pipeline, steps: Steps, sequences: 
     for key in controllers.METRICS:  # adaptive depth: batch means, averaged
       if key in sums:
         results[f"{prefix}_{key}"] = float(sums[key]) / float(sums["batches"])
+    if "exact_by_step" in sums:  # puzzles: exact-solve accuracy after each supervision step
+      sequences = max(float(sums["sequences"]), 1.0)
+      for s, exact in enumerate(np.asarray(sums["exact_by_step"]), 1):
+        results[f"{prefix}_sequence_accuracy_step{s}"] = float(exact) / sequences
   return results
 
 

@@ -160,7 +160,8 @@ def train_step(state: Any, batch: Mapping[str, Array], *, model: nn.Module,
                loss: str = "softmax_cross_entropy") -> tuple[Any, dict[str, Array]]:
   """One batch of deep supervision: up to ``supervision_steps`` optimizer updates (see the
   module docstring). Metric sums as ``xlps.train.train_step``'s, over every (example,
-  supervision step) that ran; ``supervision_steps``: the mean steps an example ran."""
+  supervision step) that ran (``useful_tokens``: the batch's cells, once);
+  ``supervision_steps``: the mean steps an example ran."""
   r = model.spec.recursion
   rows = batch["inputs"].shape[0]
   key = jax.random.fold_in(state.rng, state.step)
@@ -187,7 +188,7 @@ def train_step(state: Any, batch: Mapping[str, Array], *, model: nn.Module,
     total = (per_example * on).sum() / jnp.maximum(on.sum(), 1.0)
     stats = {"loss_sum": (nll.sum(-1) * on).sum(), "tokens": (cells * on).sum(),
              "correct": (right * on).sum(), "seq_correct": (exact * on).sum(),
-             "sequences": ((cells > 0) * on).sum(), "useful_tokens": (nonpad * on).sum(),
+             "sequences": ((cells > 0) * on).sum(),
              "halt_accuracy": ((halts(q, "bce" if r.halting == "none" else r.halting)
                                 == exact) * on).sum()}
     return total, (stats, jax.lax.stop_gradient(new), jax.lax.stop_gradient(q))
@@ -213,8 +214,8 @@ def train_step(state: Any, batch: Mapping[str, Array], *, model: nn.Module,
             steps_run + active.astype(jnp.float32))
 
   zeros = {k: jnp.zeros((), jnp.float32) for k in (
-      "loss_sum", "tokens", "correct", "seq_correct", "sequences", "useful_tokens",
-      "halt_accuracy", "grad_norm", "nonfinite")}
+      "loss_sum", "tokens", "correct", "seq_correct", "sequences", "halt_accuracy",
+      "grad_norm", "nonfinite")}
   has_cells = weights.sum(-1) > 0
   fresh = {Recursion.name: initial_carry((*batch["inputs"].shape, model.spec.d_model),
                                          model.spec.dtype)}
@@ -227,18 +228,20 @@ def train_step(state: Any, batch: Mapping[str, Array], *, model: nn.Module,
   metrics["nonfinite"] = jnp.minimum(sums["nonfinite"], 1.0)
   metrics["halt_accuracy"] = sums["halt_accuracy"] / jnp.maximum(sums["sequences"], 1.0)
   metrics["supervision_steps"] = steps_run.sum() / jnp.maximum(has_cells.sum(), 1)
+  # Throughput counts the batch's cells once per train step (its FLOPs: every step's).
+  metrics["useful_tokens"] = nonpad.sum()
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(params: Any, batch: Mapping[str, Array], iterations: Array | None = None, *,
-              model: nn.Module) -> dict[str, Array]:
+              model: nn.Module, loss: str = "softmax_cross_entropy") -> dict[str, Array]:
   """Metric sums of one batch after ``eval_supervision_steps`` supervision steps (a scan:
   compiled once). With ``eval_halting`` (and a halting head) each example answers at the
   step its head halts (else at the last); ``supervision_steps`` is the mean step it
   answered at, ``halt_accuracy`` how often the head's halt / go-on matched the answer
   being exact. ``exact_by_step`` / ``cells_by_step`` [S]: exactly solved examples and
   right cells after each step s = 1..S, without halting (accuracy against test-time
-  steps)."""
+  steps). The loss is ``train.loss``'s."""
   if iterations is not None:
     raise ValueError("a puzzle model evaluates model.recursion.eval_supervision_steps "
                      "supervision steps; train.eval_iterations is for looped models")
@@ -266,7 +269,7 @@ def eval_step(params: Any, batch: Mapping[str, Array], iterations: Array | None 
   (_, answer, answered_at, _, agree, _), (exact_by_step, cells_by_step) = jax.lax.scan(
       body, start, None, length=r.eval_supervision_steps)
   weights = batch["weights"].astype(jnp.float32)
-  nll = token_nll(answer, batch["targets"]) * weights
+  nll = token_nll(answer, batch["targets"], loss) * weights
   cells, right, exact = _cells(answer, batch)
   counted = (cells > 0).astype(jnp.float32)
   sequences = counted.sum()
