@@ -51,6 +51,7 @@ def reference(spec, params, batch, y, z):
   valid = batch["inputs"] != 0
   mask = transformer.layers.make_attention_mask(jnp.ones_like(valid), valid)
   embed = transformer.Embedder(spec).apply({"params": params["embedder"]}, batch["inputs"])
+  embed = embed * math.sqrt(spec.d_model / 2)  # TRM's input scale
 
   def net(p, h, y_update):
     layers = p["net"]["layers"]
@@ -226,3 +227,39 @@ def test_recursion_config_errors_name_the_field():
   config = puzzle_config(halting="maybe")
   with pytest.raises(config_lib.ConfigError, match="model.recursion.halting"):
     models.spec_of(config)
+
+
+@pytest.mark.slow
+def test_trm_run_resumes_exactly_and_shards_like_one_device(tmp_path, data_dir):
+  """A 4x4 Sudoku TRM run (deep supervision, halting, EMA in the optimizer state): stopped
+  at step 2 and resumed to 4, it logs the losses of the straight run and ends with its
+  state, bitwise; on a data x fsdp = 4 x 2 mesh it logs the one-device losses."""
+  from configs import puzzle
+  from helpers import logged_losses
+
+  config = puzzle.get_config("size=4,runlocal")
+  m, d, t = config.model, config.data, config.train
+  m.d_model, m.num_heads, m.d_ff = 16, 2, 32
+  m.recursion.update(latent_steps=1, cycles=2, supervision_steps=3)
+  m.num_layers = 2 * 2 * 2
+  d.data_dir, d.num_train_examples, d.num_eval_examples = str(data_dir), 64, 16
+  t.update(batch_size=8, num_steps=4, decay_steps=4, warmup_steps=1, log_every_steps=1,
+           eval_every_steps=4, checkpoint_every_steps=2, async_checkpoints=False)
+  config.mesh.data = 1
+  full = train.train_and_evaluate(config, tmp_path / "full")
+  t.num_steps = 2
+  train.train_and_evaluate(config, tmp_path / "split")
+  t.num_steps = 4
+  resumed = train.train_and_evaluate(config, tmp_path / "split")
+  assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "split")
+  for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
+    np.testing.assert_array_equal(a, b)
+  assert train.eval_params(full["state"]) is not full["state"].params  # the EMA was kept
+  config.mesh.data, config.mesh.fsdp = 4, 2
+  sharded = train.train_and_evaluate(config, tmp_path / "sharded")
+  want = logged_losses(tmp_path / "full")
+  got = logged_losses(tmp_path / "sharded")
+  assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+  np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=2e-4)
+  np.testing.assert_allclose(sharded["last_eval"]["eval_accuracy"],
+                             full["last_eval"]["eval_accuracy"], atol=1e-6)

@@ -572,10 +572,14 @@ def collect(config: ml_collections.ConfigDict, point: Point, workdir) -> dict:
          "unique_params": summary["unique_params"], "applied_params": summary["applied_params"],
          "flops_per_token": summary["flops_per_token"],
          "steps": rows[-1]["step"] if rows else 0}
-  # Adaptive depth adds eval_loss_iter{r} (looped models at each evaluated depth) and the
-  # mean ponder / depth used (final values only: lower is not better for them).
+  # Adaptive depth adds eval_loss_iter{r} (looped models at each evaluated depth), puzzle
+  # models eval_sequence_accuracy_step{s} (after s supervision steps), and the mean ponder /
+  # depth / supervision steps used and the halting head's agreement (final values only:
+  # lower is not better for them).
   adaptive = sorted({k for r in evals for k in r
-                     if k.startswith("eval_loss_iter") or k.endswith(("_ponder", "_depth"))})
+                     if k.startswith(("eval_loss_iter", "eval_sequence_accuracy_step"))
+                     or k.endswith(("_ponder", "_depth", "_supervision_steps",
+                                    "_halt_accuracy"))})
   for key in (*METRICS, *adaptive):
     values = [r[key] for r in evals if key in r]
     if values:

@@ -202,7 +202,11 @@ class Stack(nn.Module):
   enables (``xlps.models.controllers``): their states travel in the carry too, and after
   the scan each gives the stack's output and sows its losses and intermediates.
   ``iterations`` (a looped core's depth), ``valid`` (non-pad positions) and ``positions``
-  are theirs to read.
+  are theirs to read. A controller may keep state across calls (latent recursion's (y, z)
+  between supervision steps): with ``carried`` given ({} for a fresh start) the call
+  returns ``(x, carried)``, each such controller's ``carried(state)`` by name. Leading
+  layers that a controller says train no gradient (``no_grad_layers``) run as a scan of
+  their own, and the carry is detached after it.
   """
 
   spec: ModelSpec

@@ -218,6 +218,10 @@ class PuzzleNet(FamilyModule):
   start) and returns ``(logits, q, carried)``: the answer's logits from ``y``, the halting
   head's ``q`` [batch, 2] (halt, continue) from the mean of ``y`` over positions, and the
   new carry. The halting head starts at zero weights and bias -5 (TRM: "do not halt").
+  The input embedding is scaled by sqrt(d_model / 2) as TRM scales it (configs set
+  ``init_std`` = 1 / sqrt(d_model) and ``scale_embeddings=False``): without it the
+  re-injected input is a fraction of y and z, and deep supervision stalls (the study's
+  README has the pilots).
   """
 
   @nn.compact
@@ -233,6 +237,9 @@ class PuzzleNet(FamilyModule):
       x = self._final_norm(net(x, mask=mask, deterministic=deterministic, valid=valid),
                            "final_norm")
       return OutputHead(s, name="head")(x, embedder)
+    # TRM's input scale: (tokens + positions) x sqrt(d / 2), so that with embeddings drawn at
+    # init_std = 1 / sqrt(d) the injected input is on the scale of the post-norm y and z.
+    x = x * jnp.sqrt(s.d_model / 2.0).astype(x.dtype)
     y, carried = net(x, mask=mask, deterministic=deterministic, valid=valid,
                      carried={} if carried is None else carried)
     y = self._final_norm(y, "final_norm")
