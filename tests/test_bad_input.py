@@ -259,7 +259,7 @@ ROWS = [
      r"num_unique, order, table"),
     ("choice_typo", validated(("model.family", "decoder-lm")),
      r"^model\.family='decoder-lm' is not valid; choose one of: decoder_lm, encoder_mlm, "
-     r"encoder_decoder; did you mean decoder_lm\?"),
+     r"encoder_decoder, puzzle; did you mean decoder_lm\?"),
     # -- config: types
     ("str_for_int", validated(("train.num_steps", "100")),
      r"^train\.num_steps='100' must be an integer >= 1"),
@@ -372,7 +372,7 @@ ROWS = [
     # -- data
     ("data_name_typo", built(("data.name", "text_file")),
      r"^data\.name='text_file' is not valid; choose one of: stdlib, algorithmic, text_files, "
-     r"tfds; did you mean text_files\?"),
+     r"tfds, sudoku, maze, puzzle_files; did you mean text_files\?"),
     ("data_dir_is_a_file", built(("data.data_dir", lambda ctx: str(blocker(ctx) / "tfds"))),
      r"^data\.data_dir='.*a_file/tfds' cannot be used \('.*a_file' is a file, not a "
      r"directory\); valid: a directory"),

@@ -18,13 +18,15 @@ from xlps.models import layers, transformer
 
 FITTING_DATA = {"lm": dict(name="stdlib"), "mlm": dict(name="stdlib"),
                 "seq2seq": dict(name="algorithmic", train_max_len=8, test_max_len=12,
-                                num_train_examples=64, num_eval_examples=16)}
+                                num_train_examples=64, num_eval_examples=16),
+                "puzzle": dict(name="sudoku", puzzle_size=4, puzzle_givens=6, seq_len=16,
+                               tokenizer="none", num_train_examples=64, num_eval_examples=16)}
 
 
 def full_config(model, data_dir, **data_overrides):
   config = config_lib.base_config()
   config.model = model
-  config.data.update(data_dir=str(data_dir), seq_len=32, **data_overrides)
+  config.data.update({"data_dir": str(data_dir), "seq_len": 32, **data_overrides})
   config.model.max_len = 32
   config.train.batch_size = 8
   return config
