@@ -14,7 +14,7 @@ from xlps import config as config_lib
 from xlps import families
 from xlps import data as data_lib
 from xlps.config.checks import ConfigError
-from xlps.data import builders, puzzles, sources
+from xlps.data import builders, puzzles
 
 HERE = os.path.join(os.path.dirname(__file__), "data", "puzzles")
 GIVENS = {4: 6, 6: 12, 9: 30}

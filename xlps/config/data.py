@@ -114,7 +114,7 @@ def _check_puzzles(d: ml_collections.ConfigDict) -> None:
                       f"cells of a {d.puzzle_size}x{d.puzzle_size} Sudoku; valid: 0 (as few as "
                       f"uniqueness allows) .. {d.puzzle_size ** 2}")
   if d.augment and kind in ("maze", "maze_csv"):
-    raise ConfigError(f"data.augment=True: mazes have no augmentation here (HRM's default); "
+    raise ConfigError("data.augment=True: mazes have no augmentation here (HRM's default); "
                       "valid: data.augment=False")
   if d.name == "puzzle_files" and not d.puzzle_dir:
     raise ConfigError(f"data.puzzle_dir='' is empty; with data.name='puzzle_files' and "
