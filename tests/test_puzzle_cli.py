@@ -2,14 +2,17 @@
 accuracy-vs-steps table (test-time steps beyond training's included)."""
 
 import re
+import sys
 
 import pytest
-from absl import flags
-from absl.testing import flagsaver
 
-from launch import puzzle
 from xlps import config as config_lib
 from xlps import train
+
+from helpers import run_command
+
+# launch.puzzle runs in processes of its own: importing it here would define its absl flags
+# (--workdir, ...) in this pytest worker, where launch.train's are defined too.
 
 
 def _tiny_sudoku_run(workdir, data_dir):
@@ -28,15 +31,13 @@ def _tiny_sudoku_run(workdir, data_dir):
 
 
 @pytest.mark.slow
-def test_puzzle_cli_shows_grids_verdicts_and_accuracy_by_step(tmp_path, capsys):
+def test_puzzle_cli_shows_grids_verdicts_and_accuracy_by_step(tmp_path):
   workdir = tmp_path / "run"
   _tiny_sudoku_run(workdir, tmp_path / "data")
-  capsys.readouterr()
-  with flagsaver.flagsaver():
-    flags.FLAGS(["launch.puzzle", f"--workdir={workdir}", "--num=2", "--index=1", "--steps=3",
-                 "--eval_examples=0", "--batch_size=4"])
-    puzzle.main(["launch.puzzle"])
-  out = capsys.readouterr().out
+  proc = run_command([sys.executable, "-m", "launch.puzzle", f"--workdir={workdir}", "--num=2",
+                      "--index=1", "--steps=3", "--eval_examples=0", "--batch_size=4"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
   assert "step 4, sudoku 4x4, EMA params" in out and "3 test-time steps (eval default 2)" in out
   verdicts = re.findall(r"--- test example (\d+) \(id \d+\): (RIGHT|WRONG)", out)
   assert [int(i) for i, _ in verdicts] == [1, 2]
@@ -54,7 +55,12 @@ def test_puzzle_cli_shows_grids_verdicts_and_accuracy_by_step(tmp_path, capsys):
 
 
 def test_puzzle_cli_rendering():
-  assert puzzle.grid_lines([1, 2, 3, 4] * 4, "sudoku", 4, [0, 1] + [0] * 14)[:3] == [
-      ".  1* | 2  3", ".  1  | 2  3", "------+------"]
-  assert puzzle.grid_lines([1, 2, 3, 4, 5] * 5, "maze", 5)[0] == "#   S G o"
-  assert puzzle.cell_text(0, "sudoku") == "?" and puzzle.cell_text(12, "arc") == "?"
+  check = """
+from launch import puzzle
+assert puzzle.grid_lines([1, 2, 3, 4] * 4, "sudoku", 4, [0, 1] + [0] * 14)[:3] == [
+    ".  1* | 2  3", ".  1  | 2  3", "------+------"]
+assert puzzle.grid_lines([1, 2, 3, 4, 5] * 5, "maze", 5)[0] == "#   S G o"
+assert puzzle.cell_text(0, "sudoku") == "?" and puzzle.cell_text(12, "arc") == "?"
+"""
+  proc = run_command([sys.executable, "-c", check])
+  assert proc.returncode == 0, proc.stderr[-3000:]
