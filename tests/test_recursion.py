@@ -237,7 +237,7 @@ def test_recursion_config_errors_name_the_field():
 
 
 @pytest.mark.slow
-def test_trm_run_resumes_exactly_and_shards_like_one_device(tmp_path, data_dir):
+def test_trm_run_resumes_exactly_and_shards_like_data_parallel(tmp_path, data_dir):
   """A 4x4 Sudoku TRM run (deep supervision, halting, EMA in the optimizer state): stopped
   at step 2 and resumed to 4, it logs the losses of the straight run and ends with its
   state, bitwise; with its parameters and optimizer state sharded (data x fsdp = 2 x 4
