@@ -728,17 +728,7 @@ def sudoku_dataset(size: int, givens: int, min_backtracks: int, num_train: int, 
     return ({"inputs": sudoku_tokens(puzzle), "labels": sudoku_tokens(solution),
              "backtracks": backtracks, "givens": int((puzzle > 0).sum())}, solution.tobytes())
 
-  rng = np.random.default_rng([seed, size, 0])
-  train = [draw(rng) for _ in range(num_train)]
-  taken = {key for _, key in train}
-  rng = np.random.default_rng([seed, size, 1])
-  test = _disjoint_split(lambda: draw(rng), num_eval, taken, f"{size}x{size} Sudoku",
-                         20 * num_eval + 1000)
-  records = {"train": [r for r, _ in train], "test": test}
-  for split in records.values():
-    for i, r in enumerate(split):
-      r["id"] = i
-  return records
+  return _train_and_test(draw, size, num_train, num_eval, seed, f"{size}x{size} Sudoku")
 
 
 def maze_dataset(size: int, num_train: int, num_eval: int, seed: int) -> dict[str, list[dict]]:
@@ -750,12 +740,19 @@ def maze_dataset(size: int, num_train: int, num_eval: int, seed: int) -> dict[st
     return ({"inputs": inputs, "labels": labels,
              "path_length": int((labels == MAZE_PATH).sum()) + 1}, inputs.tobytes())
 
+  return _train_and_test(draw, size, num_train, num_eval, seed, f"{size}x{size} maze")
+
+
+def _train_and_test(draw, size: int, num_train: int, num_eval: int, seed: int,
+                    what: str) -> dict[str, list[dict]]:
+  """Train records from ``draw(rng)`` (a ``(record, key)`` pair) on stream ``[seed, size,
+  0]``, test records on stream ``[seed, size, 1]`` whose key no train record has; ids from 0
+  in each split."""
   rng = np.random.default_rng([seed, size, 0])
   train = [draw(rng) for _ in range(num_train)]
   taken = {key for _, key in train}
-  rng = np.random.default_rng([seed, size, 1])
-  test = _disjoint_split(lambda: draw(rng), num_eval, taken, f"{size}x{size} maze",
-                         20 * num_eval + 1000)
+  test_rng = np.random.default_rng([seed, size, 1])
+  test = _disjoint_split(lambda: draw(test_rng), num_eval, taken, what, 20 * num_eval + 1000)
   records = {"train": [r for r, _ in train], "test": test}
   for split in records.values():
     for i, r in enumerate(split):
